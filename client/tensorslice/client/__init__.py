@@ -1,0 +1,63 @@
+"""The tensorslice client: slice tensors held by a tensorslice server, with PyTorch's
+own indexing.
+
+    from tensorslice.client import Client
+
+    with Client("127.0.0.1:50051") as c:
+        acts = c.tensor("acts")
+        acts[0:10, [1, 3, 5]]          # exactly what a local tensor would return
+"""
+
+from tensorslice.client._client import Client, RemoteTensor
+from tensorslice.client._errors import (
+    DeadlineExceeded,
+    InternalServerError,
+    InvalidSelection,
+    ResultTooLarge,
+    SelectionOutOfRange,
+    ServerUnavailable,
+    TensorNotFound,
+    TensorSliceError,
+    Unauthenticated,
+)
+from tensorslice.client._results import PlanStep, SlicePlan, TensorInfo, WhereResult
+from tensorslice.client._selection import (
+    Combine,
+    Ellipsis_,
+    Full,
+    Index,
+    Indices,
+    Mask,
+    NewAxis,
+    Range,
+    Selection,
+    Threshold,
+)
+
+__all__ = [
+    "Client",
+    "Combine",
+    "DeadlineExceeded",
+    "Ellipsis_",
+    "Full",
+    "Index",
+    "Indices",
+    "InternalServerError",
+    "InvalidSelection",
+    "Mask",
+    "NewAxis",
+    "PlanStep",
+    "Range",
+    "RemoteTensor",
+    "ResultTooLarge",
+    "Selection",
+    "SelectionOutOfRange",
+    "ServerUnavailable",
+    "SlicePlan",
+    "TensorInfo",
+    "TensorNotFound",
+    "TensorSliceError",
+    "Threshold",
+    "Unauthenticated",
+    "WhereResult",
+]

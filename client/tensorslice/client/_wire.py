@@ -1,0 +1,302 @@
+"""The wire codec: safetensors headers and `SliceChunk` frames, by hand.
+
+A `Slice` response is a stream of `SliceChunk { bytes data = 1; }` messages whose payloads,
+concatenated, form one safetensors file. Both sides frame and unframe the message themselves
+(wire-compatible with the generated protobuf class) so that the payload is never parsed or
+copied by protobuf. The client writes every payload into one preallocated buffer and builds
+its tensors on that buffer with `torch.frombuffer`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from tensorslice.client._errors import InvalidSelection, TensorSliceError
+
+__all__ = [
+    "DTYPE_NAMES",
+    "Assembler",
+    "TensorEntry",
+    "decode_chunk",
+    "dtype_from_name",
+    "encode_chunk",
+    "safetensors_header",
+]
+
+# torch dtype <-> safetensors dtype code
+_ST_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _code in (
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+):
+    if hasattr(torch, _name):
+        _ST_CODES[getattr(torch, _name)] = _code
+_FROM_ST = {code: dt for dt, code in _ST_CODES.items()}
+
+DTYPE_NAMES: dict[str, torch.dtype] = {str(dt).removeprefix("torch."): dt for dt in _ST_CODES}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """The torch dtype for a name such as ``"float16"``; InvalidSelection when unknown."""
+    try:
+        return DTYPE_NAMES[name.removeprefix("torch.")]
+    except KeyError:
+        raise InvalidSelection(
+            f"unknown dtype {name!r}; expected one of {', '.join(sorted(DTYPE_NAMES))}"
+        ) from None
+
+
+def dtype_from_code(code: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype code such as ``"BF16"``."""
+    return _FROM_ST.get(code)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: name, dtype, shape and byte range in the data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def safetensors_header(
+    tensors: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+    metadata: Mapping[str, str] | None = None,
+) -> tuple[bytes, list[TensorEntry]]:
+    """The 8-byte length plus JSON header of a safetensors file holding these tensors, in
+    this order, and their byte ranges within the data that follows the header."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    entries = []
+    offset = 0
+    for name, dtype, shape in tensors:
+        if dtype not in _ST_CODES:
+            raise InvalidSelection(f"dtype {dtype_name(dtype)} has no safetensors encoding")
+        n = 1
+        for s in shape:
+            n *= s
+        nbytes = n * dtype.itemsize
+        entries.append(TensorEntry(name, dtype, tuple(shape), offset, offset + nbytes))
+        header[name] = {
+            "dtype": _ST_CODES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, entries
+
+
+# ---------------------------------------------------------------------------- framing
+
+_TAG_DATA = 0x0A  # field 1, wire type 2 (length-delimited)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def encode_chunk(*parts: bytes | memoryview) -> bytes:
+    """One serialized `SliceChunk` whose `data` is the concatenation of `parts`
+    (the parts are copied once, straight into the frame)."""
+    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    if size == 0:
+        return b""
+    return b"".join((bytes((_TAG_DATA,)), _varint(size), *parts))
+
+
+def decode_chunk(frame: bytes) -> memoryview:
+    """The `data` of a serialized `SliceChunk`, as a view of `frame` (no copy)."""
+    view = memoryview(frame)
+    data = view[0:0]
+    pos = 0
+    end = len(frame)
+    while pos < end:
+        key, pos = _read_varint(frame, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 2:
+            size, pos = _read_varint(frame, pos)
+            if pos + size > end:
+                raise TensorSliceError("truncated SliceChunk frame")
+            if field == 1:
+                data = view[pos : pos + size]
+            pos += size
+        elif wire == 0:
+            _, pos = _read_varint(frame, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise TensorSliceError(f"malformed SliceChunk frame (wire type {wire})")
+    return data
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if pos >= len(buf):
+            raise TensorSliceError("truncated varint in SliceChunk frame")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+# ---------------------------------------------------------------------------- assembly
+
+
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_bytes_address = ctypes.pythonapi.PyBytes_AsString
+_bytes_address.restype = ctypes.c_void_p
+_bytes_address.argtypes = (ctypes.py_object,)
+
+
+def _fresh_bytes(n: int) -> tuple[bytes, memoryview]:
+    """A new, not yet shared `bytes` object of n bytes and a writable view of its storage.
+
+    The C API allows filling a bytes object created from NULL before anyone else sees it;
+    this lets `slice_bytes` return the assembled file as `bytes` without a second copy.
+    """
+    obj: bytes = _new_bytes(None, n)
+    if n == 0:
+        return obj, memoryview(bytearray())
+    storage = (ctypes.c_char * n).from_address(_bytes_address(obj))
+    return obj, memoryview(storage).cast("B")
+
+
+class Assembler:
+    """Collects the payloads of a stream into one preallocated buffer.
+
+    The total size is read from the safetensors header at the start of the stream; each
+    payload is copied once, into its place. `tensors()` builds tensors on that buffer;
+    with ``as_bytes=True`` the buffer is a `bytes` object, for `file_bytes()`.
+    """
+
+    def __init__(self, *, as_bytes: bool = False) -> None:
+        self._as_bytes = as_bytes
+        self._head = bytearray()
+        self._buf: bytearray | bytes | None = None
+        self._view: memoryview | None = None
+        self._pos = 0
+        self._data_start = 0
+        self.entries: list[TensorEntry] = []
+        self.metadata: dict[str, str] = {}
+
+    def feed(self, payload: bytes | memoryview) -> None:
+        if self._view is None:
+            self._head += payload
+            self._try_header()
+            return
+        n = len(payload)
+        if self._pos + n > len(self._view):
+            raise TensorSliceError(
+                f"stream holds more bytes than its header announces ({len(self._view)})"
+            )
+        self._view[self._pos : self._pos + n] = payload
+        self._pos += n
+
+    def _try_header(self) -> None:
+        if len(self._head) < 8:
+            return
+        (hlen,) = struct.unpack_from("<Q", self._head)
+        if len(self._head) < 8 + hlen:
+            return
+        try:
+            header = json.loads(bytes(self._head[8 : 8 + hlen]))
+        except ValueError as exc:
+            raise TensorSliceError(f"malformed safetensors header: {exc}") from None
+        self.metadata = dict(header.pop("__metadata__", None) or {})
+        total_data = 0
+        for name, info in header.items():
+            dtype = _FROM_ST.get(info["dtype"])
+            if dtype is None:
+                raise TensorSliceError(f"unsupported safetensors dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            self.entries.append(TensorEntry(name, dtype, tuple(info["shape"]), start, end))
+            total_data = max(total_data, end)
+        self.entries.sort(key=lambda e: e.start)
+        self._data_start = 8 + hlen
+        total = self._data_start + total_data
+        if self._as_bytes:
+            self._buf, self._view = _fresh_bytes(total)
+        else:
+            self._buf = bytearray(total)
+            self._view = memoryview(self._buf)
+        head = bytes(self._head)
+        self._head = bytearray()
+        self._view[: len(head)] = head
+        self._pos = len(head)
+
+    @property
+    def complete(self) -> bool:
+        return self._view is not None and self._pos == len(self._view)
+
+    def _check(self) -> tuple[bytearray | bytes, memoryview]:
+        if self._buf is None or self._view is None or not self.complete:
+            got = self._pos if self._view is not None else len(self._head)
+            want = len(self._view) if self._view is not None else "an unknown number of"
+            raise TensorSliceError(f"stream ended early: {got} of {want} bytes received")
+        return self._buf, self._view
+
+    def file_bytes(self) -> bytes:
+        """The whole safetensors file (the buffer itself, not a copy)."""
+        buf = self._check()[0]
+        return buf if isinstance(buf, bytes) else bytes(buf)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the file, built on the buffer without a copy."""
+        buf, view = self._check()
+        target: bytearray | memoryview = buf if isinstance(buf, bytearray) else view
+        out: dict[str, torch.Tensor] = {}
+        for e in self.entries:
+            count = (e.end - e.start) // e.dtype.itemsize
+            if count == 0:
+                out[e.name] = torch.empty(e.shape, dtype=e.dtype)
+                continue
+            flat = torch.frombuffer(
+                target, dtype=e.dtype, count=count, offset=self._data_start + e.start
+            )
+            out[e.name] = flat.view(e.shape)
+        return out

@@ -1,0 +1,177 @@
+"""The `tensorslice` command: serve, ls, get, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from tensorslice.client import Client, Combine, TensorSliceError
+from tensorslice.client._parse import parse_index
+from tensorslice.client._selection import Selection, outer_selectors, selectors_from_index
+from tensorslice.server._service import ServerConfig, create_server
+from tensorslice.server._store import DEMO_DIM_NAMES, DEMO_NAME, TensorStore, demo_tensor
+
+log = logging.getLogger("tensorslice.server")
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def _split_tensor_arg(arg: str) -> tuple[str, Path, str | None]:
+    """NAME=PATH[:KEY]; a PATH that exists as a file is taken whole (it may hold ':')."""
+    name, sep, rest = arg.partition("=")
+    if not sep or not name or not rest:
+        raise SystemExit(f"--tensor wants NAME=PATH[:KEY]; got {arg!r}")
+    if Path(rest).is_file() or ":" not in rest:
+        return name, Path(rest), None
+    path, _, key = rest.rpartition(":")
+    return name, Path(path), key or None
+
+
+def build_store(args: argparse.Namespace) -> TensorStore:
+    store = TensorStore(device=args.device)
+    progress = not args.no_progress
+    for arg in args.tensor or []:
+        name, path, key = _split_tensor_arg(arg)
+        store.load_file(path, key, name, progress=progress)
+    for d in args.dir or []:
+        store.load_dir(d, progress=progress)
+    if len(store) == 0:
+        store.add(DEMO_NAME, demo_tensor(), dim_names=DEMO_DIM_NAMES, source="generated demo")
+    return store
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        store = build_store(args)
+    except TensorSliceError as exc:
+        print(f"tensorslice: {exc}", file=sys.stderr)
+        return 2
+    config = ServerConfig(max_result_bytes=_parse_bytes(args.max_result_bytes))
+    server, port = create_server(store, f"{args.host}:{args.port}", config)
+    server.start()
+    address = f"{args.host}:{port}"
+    print(f"tensorslice serving {len(store)} tensor(s) on {address} ({store.device})", flush=True)
+    for e in store.entries():
+        print(f"  {e.meta.name}: {list(e.meta.shape)} {e.meta.dtype} ({e.source})", flush=True)
+    if [e.meta.name for e in store.entries()] == [DEMO_NAME]:
+        print(f"no tensors given: serving a generated demo tensor. Try:\n"
+              f"  tensorslice ls {address}\n"
+              f"  tensorslice get {address} {DEMO_NAME} '0:2, [1, 3], ..., 0'", flush=True)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: object) -> None:
+        print(f"tensorslice: {signal.Signals(signum).name} received, shutting down", flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    stop.wait()
+    server.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+    server.stop(grace=5).wait()
+    print("tensorslice: stopped", flush=True)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with Client(args.address, timeout=args.timeout) as c:
+        infos = c.list_tensors()
+    rows = [("NAME", "SHAPE", "DTYPE", "DEVICE", "BYTES", "DIMS")]
+    for i in infos:
+        rows.append((i.name, str(list(i.shape)), str(i.dtype).removeprefix("torch."), i.device,
+                     str(i.nbytes), ",".join(i.dim_names) or "-"))
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    index = parse_index(args.index)
+    combine = Combine.OUTER if args.oindex else Combine.VECTORIZED
+    sels = outer_selectors(index) if args.oindex else selectors_from_index(index)
+    selection = Selection(sels, combine, args.dtype, 0)
+    with Client(args.address, timeout=args.timeout) as c:
+        plan = c.explain(args.name, selection)
+        if args.output:
+            data = c.slice_bytes(args.name, index, combine=combine, dtype=args.dtype)
+            Path(args.output).write_bytes(data)
+        values = c.slice(args.name, selection)["values"]
+    print(f"shape: {list(values.shape)}")
+    print(f"dtype: {str(values.dtype).removeprefix('torch.')}")
+    print(f"plan:  {plan}")
+    if values.numel():
+        v = values.double()
+        print(f"summary: min {v.min().item():.6g}  max {v.max().item():.6g}  "
+              f"mean {v.mean().item():.6g}  elements {values.numel()}")
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tensorslice.server._demo import run_demo
+
+    return run_demo(quick=args.quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tensorslice", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve tensors")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--tensor", action="append", metavar="NAME=PATH[:KEY]",
+                   help="serve one tensor of a safetensors file (repeatable)")
+    s.add_argument("--dir", action="append", metavar="DIR",
+                   help="serve every tensor of every .safetensors file in DIR")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    s.add_argument("--max-result-bytes", default="64GiB",
+                   help="refuse larger results (RESOURCE_EXHAUSTED); default 64GiB")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars while loading")
+    s.set_defaults(fn=cmd_serve)
+
+    ls = sub.add_parser("ls", help="list the tensors a server holds")
+    ls.add_argument("address")
+    ls.add_argument("--timeout", type=float, default=30.0)
+    ls.set_defaults(fn=cmd_ls)
+
+    g = sub.add_parser("get", help="fetch a slice: tensorslice get ADDR NAME '0:10, [1, 3]'")
+    g.add_argument("address")
+    g.add_argument("name")
+    g.add_argument("index", nargs="?", default="",
+                   help="NumPy-style index, e.g. '0:10, [1,3], ...'")
+    g.add_argument("-o", "--output", help="write the result as a safetensors file")
+    g.add_argument("--oindex", action="store_true",
+                   help="combine index lists orthogonally (x[b][:, c]) instead of like PyTorch")
+    g.add_argument("--dtype", default=None, help="cast the result, e.g. float16")
+    g.add_argument("--timeout", type=float, default=60.0)
+    g.set_defaults(fn=cmd_get)
+
+    d = sub.add_parser("demo", help="run a server and a client in one process")
+    d.add_argument("--quick", action="store_true", help="a smaller tensor")
+    d.set_defaults(fn=cmd_demo)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.fn(args))
+    except TensorSliceError as exc:
+        print(f"tensorslice: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

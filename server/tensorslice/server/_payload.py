@@ -1,0 +1,158 @@
+"""Payloads: the tensors of a result, produced slab by slab as bytes for the wire.
+
+A payload never builds a full-size copy it does not need: a contiguous tensor is read
+straight from its own memory, a strided view is copied slab by slab into a reused buffer,
+and a row gather writes each slab of rows straight into a reused buffer. Device tensors
+cross to the host through pinned staging buffers (`_staging`).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+
+import torch
+
+__all__ = [
+    "BufferPool",
+    "ContiguousPayload",
+    "Payload",
+    "RowGatherPayload",
+    "StridedPayload",
+]
+
+
+class BufferPool:
+    """Reusable byte buffers, so that requests do not pay fresh page faults on every slab."""
+
+    def __init__(self, max_cached: int = 16) -> None:
+        self._free: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self._max = max_cached
+        self.allocations = 0  # how many buffers were ever created (for tests)
+
+    def acquire(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        key = (str(device), nbytes)
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+            self.allocations += 1
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def release(self, buf: torch.Tensor) -> None:
+        key = (str(buf.device), buf.numel())
+        with self._lock:
+            free = self._free.setdefault(key, [])
+            if len(free) < self._max:
+                free.append(buf)
+
+
+DEFAULT_POOL = BufferPool()
+
+
+class Payload:
+    """One named tensor of a result. `slabs()` yields contiguous tensors whose bytes,
+    concatenated, are the tensor's bytes; a slab is valid until the next one is asked for."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.name = name
+        self.shape = tuple(shape)
+        self.dtype = dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def slabs(self, slab_bytes: int, pool: BufferPool) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+
+class ContiguousPayload(Payload):
+    """A contiguous tensor, streamed from its own memory."""
+
+    def __init__(self, name: str, tensor: torch.Tensor) -> None:
+        assert tensor.is_contiguous()
+        super().__init__(name, tuple(tensor.shape), tensor.dtype)
+        self.tensor = tensor
+
+    def slabs(self, slab_bytes: int, pool: BufferPool) -> Iterator[torch.Tensor]:
+        if self.tensor.numel():
+            yield self.tensor
+
+
+class StridedPayload(Payload):
+    """A strided view (or one to cast), copied slab by slab into a reused buffer."""
+
+    def __init__(self, name: str, view: torch.Tensor, cast: torch.dtype | None = None) -> None:
+        super().__init__(name, tuple(view.shape), cast or view.dtype)
+        self.view = view
+
+    def slabs(self, slab_bytes: int, pool: BufferPool) -> Iterator[torch.Tensor]:
+        if self.view.numel() == 0:
+            return
+        buf = pool.acquire(slab_bytes, self.view.device)
+        try:
+            yield from self._copy(self.view.unsqueeze(0) if self.view.ndim == 0 else self.view,
+                                  buf, slab_bytes)
+        finally:
+            pool.release(buf)
+
+    def _copy(self, v: torch.Tensor, buf: torch.Tensor, slab_bytes: int) -> Iterator[torch.Tensor]:
+        item = self.dtype.itemsize
+        row_bytes = math.prod(v.shape[1:]) * item
+        if row_bytes > slab_bytes and v.ndim > 1:
+            for i in range(v.shape[0]):
+                yield from self._copy(v[i], buf, slab_bytes)
+            return
+        if v.ndim == 1 and v.shape[0] * item > slab_bytes:
+            step = max(1, slab_bytes // item)
+        else:
+            step = max(1, slab_bytes // max(row_bytes, 1))
+        for a in range(0, v.shape[0], step):
+            part = v[a : a + step]
+            out = buf[: part.numel() * item].view(self.dtype).view(part.shape)
+            out.copy_(part)
+            yield out
+
+
+class RowGatherPayload(Payload):
+    """Rows of a (rows, row) source picked by flat row numbers, gathered slab by slab
+    straight into a reused buffer: the whole result is never built in one piece."""
+
+    def __init__(
+        self,
+        name: str,
+        src: torch.Tensor,
+        flat: torch.Tensor,
+        shape: tuple[int, ...],
+        cast: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(name, shape, cast or src.dtype)
+        self.src = src
+        self.flat = flat
+        self.cast = cast
+
+    def slabs(self, slab_bytes: int, pool: BufferPool) -> Iterator[torch.Tensor]:
+        n = self.flat.numel()
+        if n == 0 or self.src.shape[1] == 0:
+            return
+        row_bytes = self.src.shape[1] * self.src.dtype.itemsize
+        if row_bytes >= slab_bytes:
+            # Large rows are contiguous in the source: stream them from its memory.
+            for r in self.flat.tolist():
+                row = self.src[r]
+                yield row if self.cast is None else row.to(self.cast)
+            return
+        rows = max(1, slab_bytes // row_bytes)
+        buf = pool.acquire(rows * row_bytes, self.src.device)
+        try:
+            for a in range(0, n, rows):
+                idx = self.flat[a : a + rows]
+                out = buf[: idx.numel() * row_bytes].view(self.src.dtype).view(idx.numel(), -1)
+                torch.index_select(self.src, 0, idx, out=out)
+                yield out if self.cast is None else out.to(self.cast)
+        finally:
+            pool.release(buf)
+

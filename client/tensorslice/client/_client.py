@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import torch
+
 from tensorslice.client._errors import InvalidSelection, map_rpc_errors
 from tensorslice.client._results import SlicePlan, TensorInfo, WhereResult
 from tensorslice.client._selection import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from tensorslice.client._wire import dtype_from_name
 from tensorslice.v1 import tensorslice_pb2 as _pb
 

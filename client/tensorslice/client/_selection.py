@@ -14,6 +14,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 import torch
+
 from tensorslice.client._errors import InvalidSelection
 from tensorslice.v1 import tensorslice_pb2 as _pb
 

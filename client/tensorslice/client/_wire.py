@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+
 from tensorslice.client._errors import InvalidSelection, TensorSliceError
 
 __all__ = [

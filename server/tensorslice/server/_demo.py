@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import torch
+
 from tensorslice.client import Client
 from tensorslice.client._selection import Combine, Selection, outer_selectors
 from tensorslice.server._service import create_server

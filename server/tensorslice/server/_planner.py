@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+
 from tensorslice.client._errors import InvalidSelection, ResultTooLarge, SelectionOutOfRange
 from tensorslice.client._selection import (
     Combine,

@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health as _health
 from grpc_health.v1 import health_pb2 as _health_pb2
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
+
 from tensorslice.client._errors import TensorSliceError
 from tensorslice.client._selection import selection_from_proto
 from tensorslice.client._wire import dtype_name

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
+
 from tensorslice.client._errors import InvalidSelection, TensorNotFound
 from tensorslice.client._wire import DTYPE_NAMES, dtype_from_code
 from tensorslice.server._planner import TensorMeta
-from tqdm import tqdm
 
 __all__ = ["DEMO_DIM_NAMES", "DEMO_NAME", "Entry", "TensorStore", "demo_tensor"]
 

@@ -1,0 +1,290 @@
+"""The one place that knows the tensorslice API; everything else calls these functions.
+
+If ``tensorslice.client`` cannot be imported, ``AVAILABLE`` is False, ``UNAVAILABLE_REASON``
+says why, and the service rows are reported as unavailable while the peers still run.
+
+To integrate with the service, the functions to check are :func:`_build_server` (the server
+factory), :func:`_planner_gather` (the planner, used by :func:`server_gather` when it gives
+the right answer) and, if the client API moves, :func:`connect`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.connection
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench._common import HOST, Child, gbps, median
+from bench._gather import row_gather
+from bench._payload import check_pattern, pattern_tensor
+from bench._rss import control_loop
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _import_client() -> tuple[Any, str]:
+    """``tensorslice.client.Client``, falling back to the source tree (protos/, client/,
+    server/ are the package's dev-mode directories) when the package is not installed."""
+    try:
+        from tensorslice.client import Client
+
+        return Client, ""
+    except ImportError:
+        pass
+    for sub in ("protos", "client", "server"):
+        path = str(_REPO / sub)
+        if path not in sys.path:
+            sys.path.append(path)
+    try:
+        from tensorslice.client import Client
+
+        return Client, ""
+    except Exception as e:  # anything at import time means "not usable yet"
+        return None, f"import tensorslice.client failed: {e!r}"
+
+
+Client, UNAVAILABLE_REASON = _import_client()
+AVAILABLE = Client is not None
+
+
+# --- the server side ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A served tensor, built inside the server process (never pickled across processes).
+    Its flat element ``i`` is ``i % 65521`` (see ``bench._payload.pattern_tensor``)."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _build_server(tensors: dict[str, torch.Tensor]) -> tuple[Any, int]:
+    """Create and start a tensorslice server on 127.0.0.1, any free port: (server, port).
+
+    GUESS until the factory is final: ``TensorStore().add(name, tensor)`` and
+    ``create_server(store, "127.0.0.1:0") -> (server, port)``. Fix this one function.
+    """
+    from tensorslice.server import TensorStore, create_server
+
+    store = TensorStore()
+    for name, tensor in tensors.items():
+        store.add(name, tensor)
+    server, port = create_server(store, f"{HOST}:0")
+    server.start()
+    return server, int(port)
+
+
+def _server_main(ctrl: multiprocessing.connection.Connection, specs: dict[str, TensorSpec]) -> None:
+    try:
+        _import_client()  # the same sys.path fallback in the child
+        tensors = {
+            name: pattern_tensor(s.shape, getattr(torch, s.dtype)) for name, s in specs.items()
+        }
+        server, port = _build_server(tensors)
+    except Exception as e:
+        ctrl.send(RuntimeError(f"{e!r}\n{traceback.format_exc()}"))
+        return
+    ctrl.send(port)
+    control_loop(ctrl)
+    server.stop(None)
+
+
+def start_tensorslice_server(specs: dict[str, TensorSpec]) -> tuple[Child, int]:
+    """Start a server process serving ``specs``; returns (process handle, port). The handle
+    answers ``("rss_reset",)`` / ``("rss_peak",)`` and stops on close."""
+    child = Child(_server_main, specs)
+    return child, int(child.ready)
+
+
+def _planner_gather(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The server's own path for ``oindex[b, c]``: plan the selection, then produce the
+    payload slab by slab into the server's reused buffers (what the service streams)."""
+    from tensorslice.client._selection import Combine, Indices, Selection
+    from tensorslice.server import TensorMeta, execute, plan
+    from tensorslice.server._payload import BufferPool
+    from tensorslice.server._stream import SLAB_BYTES
+
+    meta = TensorMeta("g", tuple(x.shape), x.dtype)
+    p = plan(meta, Selection((Indices(b), Indices(c)), Combine.OUTER))
+    pool = _POOL.setdefault("pool", BufferPool())
+    for payload in execute(p, x):
+        yield from payload.slabs(SLAB_BYTES, pool)
+
+
+_POOL: dict[str, Any] = {}
+
+
+def _stand_in_gather(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Stand-in: the row gather of ``bench._gather`` into one reused buffer."""
+    key = f"out{b.numel()}x{c.numel()}"
+    out = _POOL.get(key)
+    if out is None:
+        out = _POOL[key] = torch.empty((b.numel(), c.numel(), *x.shape[2:]), dtype=x.dtype)
+    yield row_gather(x, b, c, out)
+
+
+def _pick_server_gather() -> tuple[Callable[..., Iterator[torch.Tensor]], str]:
+    try:
+        x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+        b, c = torch.tensor([1]), torch.tensor([0, 2])
+        got = torch.cat([s.reshape(-1).view(torch.uint8) for s in _planner_gather(x, b, c)])
+        if torch.equal(got.view(torch.float32).view(1, 2, 2, 2), x[b][:, c]):
+            return _planner_gather, "planner (plan + payload slabs)"
+        reason = "planner gave a wrong result"
+    except Exception as e:
+        reason = f"planner unavailable: {e!r}"
+    return _stand_in_gather, f"stand-in: row gather ({reason[:120]})"
+
+
+_SERVER_GATHER, SERVER_GATHER_KIND = _pick_server_gather()
+SERVER_GATHER_IS_STAND_IN = _SERVER_GATHER is _stand_in_gather
+
+
+def server_gather(
+    x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, sink: torch.Tensor | None = None
+) -> int:
+    """The service's gather of samples ``b`` × channels ``c`` done on the server, in-process:
+    the server's planner where it can be used, else the stand-in row gather. Returns the bytes
+    produced; with ``sink`` (contiguous, the result's size) the bytes are also copied there,
+    for checking only (the timed calls pass no sink, as the server sends the slabs as is)."""
+    done = 0
+    flat = sink.view(-1).view(torch.uint8) if sink is not None else None
+    for slab in _SERVER_GATHER(x, b, c):
+        n = slab.numel() * slab.element_size()
+        if flat is not None:
+            flat[done : done + n] = slab.reshape(-1).view(torch.uint8)
+        done += n
+    return done
+
+
+# --- the client side ----------------------------------------------------------------------
+
+
+def connect(port: int) -> Any:
+    """An open client (``Client`` is a context manager; call ``close`` via ``__exit__``)."""
+    if Client is None:
+        raise RuntimeError(UNAVAILABLE_REASON)
+    c = Client(f"{HOST}:{port}")
+    c.__enter__()
+    return c
+
+
+def disconnect(c: Any) -> None:
+    c.__exit__(None, None, None)
+
+
+def slice_throughput(port: int, name: str, rows: int, row_elems: int, reps: int) -> float:
+    """Median GB/s of ``t[0:rows]`` end to end (a torch.Tensor in this process)."""
+    c = connect(port)
+    try:
+        t = c.tensor(name)
+        y = t[0:rows]
+        if not isinstance(y, torch.Tensor) or tuple(y.shape[:1]) != (rows,):
+            shape = getattr(y, "shape", "")
+            raise AssertionError(f"t[0:{rows}] returned {type(y).__name__} {shape}")
+        check_pattern(y)
+        nbytes = y.numel() * y.element_size()
+        del y
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            y = t[0:rows]
+            times.append(time.perf_counter() - t0)
+            del y
+    finally:
+        disconnect(c)
+    return gbps(nbytes, median(times))
+
+
+def gather_throughput(
+    port: int, name: str, b: torch.Tensor, c_idx: torch.Tensor, want: torch.Tensor, reps: int
+) -> float:
+    """Median GB/s of ``t.oindex[b, c]`` end to end; checked once against ``want``."""
+    c = connect(port)
+    try:
+        t = c.tensor(name)
+        bl, cl = b.tolist(), c_idx.tolist()
+        y = t.oindex[bl, cl]
+        if not torch.equal(y, want):
+            raise AssertionError("t.oindex[b, c] disagrees with x[b][:, c]")
+        nbytes = want.numel() * want.element_size()
+        del y
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            y = t.oindex[bl, cl]
+            times.append(time.perf_counter() - t0)
+            del y
+    finally:
+        disconnect(c)
+    return gbps(nbytes, median(times))
+
+
+def small_slice_figures(
+    port: int, name: str, count: int, max_seconds: float, threads: int = 8
+) -> tuple[float, float]:
+    """(p50 seconds, QPS with ``threads`` threads sharing one client) of 4 KiB ``t[i:i+1]``."""
+    from bench._grpc_raw import latency_p50, qps
+
+    c = connect(port)
+    try:
+        t = c.tensor(name)
+        y = t[1:2]
+        if y.numel() * y.element_size() != 4096:
+            raise AssertionError(f"t[1:2] is {y.numel() * y.element_size()} bytes, not 4096")
+        check_pattern(y, flat_start=y.numel())
+
+        def call() -> object:
+            return t[1:2]
+
+        p50 = latency_p50(call, count, max_seconds)
+        rate = qps(call, threads, count * 4, max_seconds)
+    finally:
+        disconnect(c)
+    return p50, rate
+
+
+def huge_slice_works(port: int, name: str, rows: int) -> tuple[bool, str]:
+    """Whether ``t[0:rows]`` (4 GiB) arrives whole and correct."""
+    c = connect(port)
+    try:
+        t0 = time.perf_counter()
+        y = c.tensor(name)[0:rows]
+        dt = time.perf_counter() - t0
+        check_pattern(y)
+        return True, f"{y.numel() * y.element_size() / 2**30:.2f} GiB in {dt:.1f} s"
+    except Exception as e:
+        return False, repr(e)[:200]
+    finally:
+        disconnect(c)
+
+
+# RSS client hooks (see bench._rss.ClientSpec): the served tensor "x" has 1 MiB rows.
+ROW_BYTES = 1 << 20
+
+
+def rss_setup(port: int, nbytes: int) -> tuple[Any, Any, int]:
+    c = connect(port)
+    t = c.tensor("x")
+    t[0:1]
+    return c, t, nbytes // ROW_BYTES
+
+
+def rss_receive(state: tuple[Any, Any, int]) -> None:
+    _, t, rows = state
+    check_pattern(t[0:rows])

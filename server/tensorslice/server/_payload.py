@@ -78,8 +78,11 @@ class ContiguousPayload(Payload):
         self.tensor = tensor
 
     def slabs(self, slab_bytes: int, pool: BufferPool) -> Iterator[torch.Tensor]:
-        if self.tensor.numel():
-            yield self.tensor
+        n = self.tensor.numel()
+        if n:
+            # Flat and stride 1: a tensor torch calls contiguous may still carry any
+            # stride on dimensions of size 1 (x[4:5, 0]), which a byte view refuses.
+            yield self.tensor.as_strided((n,), (1,))
 
 
 class StridedPayload(Payload):

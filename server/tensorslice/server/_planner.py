@@ -267,8 +267,14 @@ def _as_range(g: _Gather) -> _Range | None:
     return _Range(g.dim, first, first + step * (n - 1) + 1, step, n)
 
 
+def _positions(r: _Range) -> torch.Tensor:
+    """The positions a range selects, in order (empty ranges included, whatever the sign
+    of the step: `torch.arange` refuses bounds that disagree with the step)."""
+    return r.start + r.step * torch.arange(r.length, dtype=torch.int64)
+
+
 def _negative_to_gather(r: _Range) -> _Gather:
-    return _Gather(r.dim, torch.arange(r.start, r.stop, r.step, dtype=torch.int64))
+    return _Gather(r.dim, _positions(r))
 
 
 # ---------------------------------------------------------------------------- planning
@@ -371,7 +377,9 @@ def _plan_bound(
             )
         else:
             mode = "select"
-            shape = [_sel_len(b) for b in bound if not isinstance(b, _New)]
+            # Each index_select sees the view with the gathers not yet run at full size.
+            shape = [meta.shape[b.dim] if isinstance(b, _Gather) else _sel_len(b)
+                     for b in bound if not isinstance(b, _New)]
             for g in sorted(gathers, key=lambda g: g.index.numel() / max(meta.shape[g.dim], 1)):
                 shape[g.dim] = g.index.numel()
                 nbytes = math.prod(shape) * item
@@ -406,6 +414,7 @@ def _sel_len(b: _Bound) -> int:
 
 def _out_shape(meta: TensorMeta, bound: Sequence[_Bound], mode: str) -> tuple[int, ...]:
     if mode == "torch":
+        _check_broadcast(bound)
         # Dimension placement follows PyTorch exactly: ask it, on a meta tensor.
         probe = torch.empty(meta.shape, dtype=meta.dtype, device="meta")
         return tuple(probe[_torch_index(meta, bound, "meta")].shape)
@@ -422,6 +431,24 @@ def _out_shape(meta: TensorMeta, bound: Sequence[_Bound], mode: str) -> tuple[in
         else:  # pragma: no cover - other kinds plan elsewhere
             raise AssertionError(b)
     return tuple(shape)
+
+
+def _check_broadcast(bound: Sequence[_Bound]) -> None:
+    """Index lists and masks of a VECTORIZED request must broadcast together (a k-D mask
+    counts as k index lists of its number of true entries), as in PyTorch."""
+    shapes = [
+        tuple(b.index.shape) if isinstance(b, _Gather) else (int(b.mask.sum()),)
+        for b in bound
+        if isinstance(b, (_Gather, _MaskND))
+    ]
+    try:
+        torch.broadcast_shapes(*shapes)  # type: ignore[no-untyped-call]
+    except RuntimeError:
+        listed = ", ".join(str(list(s)) for s in shapes)
+        raise InvalidSelection(
+            f"shape mismatch: indexing tensors could not be broadcast together with shapes "
+            f"{listed}"
+        ) from None
 
 
 def _view_is_contiguous(meta: TensorMeta, bound: Sequence[_Bound]) -> bool:
@@ -456,7 +483,9 @@ def _torch_index(
         elif isinstance(b, _Gather):
             out.append(b.index.to(device))
         elif isinstance(b, _MaskND):
-            out.append(b.mask.to(device))
+            # A k-D mask is k index lists of its true positions (what PyTorch does itself);
+            # computed on the host, so a meta probe gets real shapes.
+            out.extend(i.to(device) for i in b.mask.nonzero(as_tuple=True))
     return tuple(out)
 
 
@@ -606,7 +635,7 @@ def _row_source(p: Plan, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     flat = torch.zeros((), dtype=torch.int64)
     for b in dims[: lead + 1]:
         if isinstance(b, _Range):
-            pos = torch.arange(b.start, b.stop, b.step, dtype=torch.int64)
+            pos = _positions(b)
         elif isinstance(b, _Index):
             pos = torch.tensor([b.index], dtype=torch.int64)
         else:
@@ -636,14 +665,15 @@ def _run_torch(p: Plan, tensor: torch.Tensor) -> torch.Tensor:
     v = tensor
     flips = [b.dim for b in p.bound if isinstance(b, _Range) and b.step < 0]
     if flips:
-        pre = tuple(
-            slice(b.start + (b.length - 1) * b.step, b.start + 1, -b.step)
-            if isinstance(b, _Range) and b.step < 0 and b.length
-            else slice(0, 0) if isinstance(b, _Range) and b.step < 0
-            else slice(None)
-            for b in p.bound if not isinstance(b, _New)
-        )
-        v = v[pre].flip(flips)
+        # One entry per source dimension (a k-D mask covers k of them).
+        pre: list[slice] = [slice(None)] * tensor.ndim
+        for b in p.bound:
+            if isinstance(b, _Range) and b.step < 0:
+                pre[b.dim] = (
+                    slice(b.start + (b.length - 1) * b.step, b.start + 1, -b.step)
+                    if b.length else slice(0, 0)
+                )
+        v = v[tuple(pre)].flip(flips)
     return v[_torch_index(p.meta, p.bound, tensor.device)]
 
 

@@ -38,7 +38,8 @@ def _split_tensor_arg(arg: str) -> tuple[str, Path, str | None]:
 
 
 def build_store(args: argparse.Namespace) -> TensorStore:
-    store = TensorStore(device=args.device)
+    budget = None if args.max_device_memory is None else _parse_bytes(args.max_device_memory)
+    store = TensorStore(device=args.device, max_device_memory=budget)
     progress = not args.no_progress
     for arg in args.tensor or []:
         name, path, key = _split_tensor_arg(arg)
@@ -61,6 +62,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server.start()
     address = f"{args.host}:{port}"
     print(f"tensorslice serving {len(store)} tensor(s) on {address} ({store.device})", flush=True)
+    if store.max_device_memory is not None:
+        print(f"  device memory: {store.device_memory_used} of {store.max_device_memory} "
+              f"bytes used", flush=True)
     for e in store.entries():
         print(f"  {e.meta.name}: {list(e.meta.shape)} {e.meta.dtype} ({e.source})", flush=True)
     if [e.meta.name for e in store.entries()] == [DEMO_NAME]:
@@ -137,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dir", action="append", metavar="DIR",
                    help="serve every tensor of every .safetensors file in DIR")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    s.add_argument("--max-device-memory", default=None, metavar="BYTES",
+                   help="refuse loads beyond this many bytes on the device (RESOURCE_EXHAUSTED);"
+                        " default on cuda: what is free minus max(1GiB, 10%%); cpu: no limit")
     s.add_argument("--max-result-bytes", default="64GiB",
                    help="refuse larger results (RESOURCE_EXHAUSTED); default 64GiB")
     s.add_argument("--no-progress", action="store_true", help="no progress bars while loading")

@@ -6,19 +6,27 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from tensorslice.client._errors import InvalidSelection, TensorNotFound
+from tensorslice.client._errors import InvalidSelection, ResultTooLarge, TensorNotFound
 from tensorslice.client._wire import DTYPE_NAMES, dtype_from_code
 from tensorslice.server._planner import TensorMeta
 
-__all__ = ["DEMO_DIM_NAMES", "DEMO_NAME", "Entry", "TensorStore", "demo_tensor"]
+__all__ = [
+    "DEMO_DIM_NAMES",
+    "DEMO_NAME",
+    "Entry",
+    "TensorStore",
+    "default_device_budget",
+    "demo_tensor",
+]
 
 log = logging.getLogger("tensorslice.server")
 
@@ -26,6 +34,17 @@ DEMO_NAME = "demo"
 DEMO_DIM_NAMES = ("N", "C", "H", "W")
 _PROGRESS_MIN_BYTES = 64 << 20
 _LOAD_SLAB_BYTES = 64 << 20
+_GiB = 1 << 30
+
+
+def default_device_budget(device: torch.device) -> int | None:
+    """The default `max_device_memory`: on a CUDA device, what is free on it now minus a
+    margin of 1 GiB or 10% of its memory, whichever is larger (room for gathers, statistics
+    and staging); elsewhere no budget (None)."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, free - max(_GiB, total // 10))
 
 
 @dataclass(frozen=True)
@@ -60,15 +79,41 @@ def _dim_names_from(metadata: dict[str, str] | None, key: str, ndim: int) -> tup
 
 
 class TensorStore:
-    """Named tensors resident on one device."""
+    """Named tensors resident on one device, within a budget of device memory.
 
-    def __init__(self, device: str | torch.device = "cpu") -> None:
+    `max_device_memory` (bytes) caps what the store's tensors may occupy together: a load
+    that would exceed it is refused with `ResultTooLarge` before anything is allocated, and
+    the store stays as it was. It applies to any device when given; when None, a CUDA
+    store takes `default_device_budget` and a CPU store has no budget.
+    """
+
+    def __init__(
+        self, device: str | torch.device = "cpu", *, max_device_memory: int | None = None
+    ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InvalidSelection(f"device {self.device} requested but CUDA is not available")
+        if max_device_memory is not None and max_device_memory < 0:
+            raise InvalidSelection(f"max_device_memory must be >= 0; got {max_device_memory}")
+        self.max_device_memory = (
+            max_device_memory if max_device_memory is not None
+            else default_device_budget(self.device)
+        )
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
         self._version = 0
+        self._used = 0  # bytes of the held tensors plus loads in progress
+
+    @property
+    def device_memory_used(self) -> int:
+        """Bytes the store's tensors (and loads in progress) occupy on its device."""
+        with self._lock:
+            return self._used
+
+    def _device_label(self) -> str:
+        if self.device.type == "cuda" and self.device.index is None:
+            return f"cuda:{torch.cuda.current_device()}"
+        return str(self.device)
 
     # ------------------------------------------------------------------ access
     def get(self, name: str) -> Entry:
@@ -104,16 +149,42 @@ class TensorStore:
             raise InvalidSelection(
                 f"tensor {name!r} has {tensor.ndim} dimensions but {len(names)} names"
             )
-        self._reserve(name, tensor.numel() * tensor.element_size())
-        t = tensor.to(self.device).contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        self._reserve(name, nbytes)
+        try:
+            if _same_device(tensor.device, self.device) and tensor.is_contiguous():
+                t = tensor
+            else:  # one allocation on the device, filled straight from the source's layout
+                t = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
+                t.copy_(tensor)
+        except BaseException:
+            self._unreserve(nbytes)
+            raise
         return self._put(name, t, names, source)
 
     def _reserve(self, name: str, nbytes: int) -> None:
-        """Refuse a tensor the device cannot hold (overridden by device accounting)."""
-        del name, nbytes
+        """Count `nbytes` against the device budget, or refuse them (ResultTooLarge) when
+        the tensors held plus the loads in progress would exceed it."""
+        with self._lock:
+            budget = self.max_device_memory
+            if budget is not None and self._used + nbytes > budget:
+                free = max(0, budget - self._used)
+                raise ResultTooLarge(
+                    f"loading {name!r} needs {nbytes} bytes on {self._device_label()} but only "
+                    f"{free} of the {budget}-byte budget are free"
+                )
+            self._used += nbytes
+
+    def _unreserve(self, nbytes: int) -> None:
+        with self._lock:
+            self._used -= nbytes
 
     def _put(self, name: str, t: torch.Tensor, names: tuple[str, ...], source: str) -> Entry:
+        """Hold `t` (its bytes already reserved), replacing any tensor of that name."""
         with self._lock:
+            old = self._entries.get(name)
+            if old is not None:
+                self._used -= old.meta.nbytes
             self._version += 1
             meta = TensorMeta(
                 name=name,
@@ -148,7 +219,7 @@ class TensorStore:
             if key not in keys:
                 raise TensorNotFound(f"{path} holds no tensor {key!r}; it holds: {', '.join(keys)}")
             meta = f.metadata()
-            t = self._read(f, key, f"{name or key}", progress)
+            t = self._read(f, key, f"{name or key}", progress)  # reserves its bytes
         names = _dim_names_from(meta, key, t.ndim)
         return self._put(name or key, t, names, f"{path}:{key}")
 
@@ -174,7 +245,8 @@ class TensorStore:
         return out
 
     def _read(self, f: object, key: str, label: str, progress: bool) -> torch.Tensor:
-        """Read a tensor slab by slab straight into a tensor on the store's device."""
+        """Read a tensor slab by slab (at most `_LOAD_SLAB_BYTES` of host memory at a time)
+        straight into a tensor on the store's device, its bytes reserved in the budget."""
         sl = f.get_slice(key)  # type: ignore[attr-defined]
         shape = tuple(sl.get_shape())
         dtype = dtype_from_code(sl.get_dtype())
@@ -182,19 +254,53 @@ class TensorStore:
             raise InvalidSelection(f"tensor {key!r} has unsupported dtype {sl.get_dtype()}")
         nbytes = math.prod(shape) * dtype.itemsize
         self._reserve(label, nbytes)
-        if not shape or shape[0] == 0:
-            return f.get_tensor(key).to(self.device).contiguous()  # type: ignore[attr-defined,no-any-return]
-        out = torch.empty(shape, dtype=dtype, device=self.device)
-        row = max(1, nbytes // shape[0])
-        step = max(1, _LOAD_SLAB_BYTES // row)
-        bar = tqdm(
-            total=nbytes, unit="B", unit_scale=True, desc=f"loading {label}",
-            disable=not progress or nbytes < _PROGRESS_MIN_BYTES, mininterval=0.5,
-        )
-        with bar:
-            for a in range(0, shape[0], step):
-                piece = sl[a : a + step]
-                out[a : a + piece.shape[0]].copy_(piece)
-                bar.update(piece.numel() * dtype.itemsize)
-        return out
+        try:
+            if not shape:
+                t: torch.Tensor = f.get_tensor(key)  # type: ignore[attr-defined]
+                return t.to(self.device)
+            out = torch.empty(shape, dtype=dtype, device=self.device)
+            if nbytes == 0:
+                return out
+            bar = tqdm(
+                total=nbytes, unit="B", unit_scale=True, desc=f"loading {label}",
+                disable=not progress or nbytes < _PROGRESS_MIN_BYTES, mininterval=0.5,
+            )
+            with bar:
+                _read_into(sl, out, (), _LOAD_SLAB_BYTES, bar.update)
+            return out
+        except BaseException:
+            self._unreserve(nbytes)
+            raise
 
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or (a.index is not None and b.index is not None):
+        return a == b
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (
+        b.index if b.index is not None else current)
+
+
+def _read_into(
+    sl: Any, out: torch.Tensor, prefix: tuple[slice, ...], slab_bytes: int,
+    done: Callable[[int], object],
+) -> None:
+    """Copy the region `prefix` of a safetensors slice into the same region of `out`, in
+    reads of at most `slab_bytes` (down to one innermost run where a run is larger): the
+    host never holds more than one slab, whatever the shape."""
+    d = len(prefix)
+    shape = out.shape
+    row = math.prod(shape[d + 1 :]) * out.element_size()
+    if row > slab_bytes and d + 1 < len(shape):
+        for i in range(shape[d]):
+            _read_into(sl, out, (*prefix, slice(i, i + 1)), slab_bytes, done)
+        return
+    step = max(1, slab_bytes // max(row, 1))
+    for a in range(0, shape[d], step):
+        idx = (*prefix, slice(a, min(a + step, shape[d])))
+        piece = sl[idx]
+        target = out[idx]
+        target.copy_(piece.reshape(target.shape))
+        done(piece.numel() * piece.element_size())

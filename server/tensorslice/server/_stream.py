@@ -1,4 +1,5 @@
-"""A result's payloads as the frames of a `Slice` response: one safetensors file."""
+"""A result's payloads as one safetensors file: raw pieces (for the bulk data plane) or
+`SliceChunk` frames (for the gRPC stream)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,45 @@ from tensorslice.client._wire import encode_chunk, safetensors_header
 from tensorslice.server._payload import DEFAULT_POOL, BufferPool, Payload
 from tensorslice.server._staging import host_chunks
 
-__all__ = ["CHUNK_BYTES", "SLAB_BYTES", "frames"]
+__all__ = ["CHUNK_BYTES", "SLAB_BYTES", "file_size", "frames", "pieces"]
 
 CHUNK_BYTES = 1 << 20
-"""Payload bytes per `SliceChunk` (see README, "Chunk size")."""
+"""Payload bytes per `SliceChunk` (see README, "Transport")."""
 SLAB_BYTES = 4 << 20
 """Bytes a strided copy or a row gather writes per step into its reused buffer."""
 _COALESCE = 64 << 10  # pieces smaller than this share a frame with their neighbours
+
+
+def _ordered(payloads: Sequence[Payload]) -> list[Payload]:
+    # Largest item size first, so that every tensor starts 8-byte aligned.
+    return sorted(payloads, key=lambda p: -p.dtype.itemsize)
+
+
+def _header(payloads: Sequence[Payload], metadata: Mapping[str, str]) -> bytes:
+    header, _ = safetensors_header(((p.name, p.dtype, p.shape) for p in payloads), metadata)
+    return header
+
+
+def file_size(payloads: Sequence[Payload], metadata: Mapping[str, str]) -> int:
+    """Bytes of the safetensors file these payloads make."""
+    ordered = _ordered(payloads)
+    return len(_header(ordered, metadata)) + sum(p.nbytes for p in ordered)
+
+
+def pieces(
+    payloads: Sequence[Payload],
+    metadata: Mapping[str, str],
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+    slab_bytes: int = SLAB_BYTES,
+    pool: BufferPool = DEFAULT_POOL,
+) -> Iterator[bytes | memoryview]:
+    """The bytes of the file, in order: the header, then each tensor's bytes read from its
+    own memory (or a reused slab buffer). A memoryview is valid until the next piece."""
+    ordered = _ordered(payloads)
+    yield _header(ordered, metadata)
+    for p in ordered:
+        yield from host_chunks(p.slabs(slab_bytes, pool), chunk_bytes)
 
 
 def frames(
@@ -25,23 +58,20 @@ def frames(
     slab_bytes: int = SLAB_BYTES,
     pool: BufferPool = DEFAULT_POOL,
 ) -> Iterator[bytes]:
-    """Serialized `SliceChunk` messages whose payloads concatenate to one safetensors file.
+    """Serialized `SliceChunk` messages whose payloads concatenate to the file.
 
-    Tensors are written largest item size first, so every tensor starts 8-byte aligned.
     Small pieces (the header, small results) are gathered into one frame; large pieces
     are copied once, from the tensor's memory (or a reused slab buffer) into the frame.
     """
-    ordered = sorted(payloads, key=lambda p: -p.dtype.itemsize)
-    header, _ = safetensors_header(((p.name, p.dtype, p.shape) for p in ordered), metadata)
-    small = bytearray(header)
-    for p in ordered:
-        for piece in host_chunks(p.slabs(slab_bytes, pool), chunk_bytes):
-            if len(piece) < _COALESCE and len(small) + len(piece) <= chunk_bytes:
-                small += piece
-                continue
-            if small:
-                yield encode_chunk(bytes(small))
-                small = bytearray()
-            yield encode_chunk(piece)
+    small = bytearray()
+    for piece in pieces(payloads, metadata, chunk_bytes=chunk_bytes, slab_bytes=slab_bytes,
+                        pool=pool):
+        if len(piece) < _COALESCE and len(small) + len(piece) <= chunk_bytes:
+            small += piece
+            continue
+        if small:
+            yield encode_chunk(bytes(small))
+            small = bytearray()
+        yield encode_chunk(piece)
     if small:
         yield encode_chunk(bytes(small))

@@ -26,7 +26,7 @@ from tensorslice.client import (
     SelectionOutOfRange,
     TensorSliceError,
 )
-from tensorslice.server import TensorStore, create_server
+from tensorslice.server import ServerConfig, TensorStore, create_server
 
 SHAPES: dict[int, tuple[int, ...]] = {
     1: (6,),
@@ -77,7 +77,9 @@ def sem_client(tensors: dict[str, torch.Tensor], device: str) -> Iterator[Client
     store = TensorStore(device=device)
     for name, t in tensors.items():
         store.add(name, t)
-    srv, port = create_server(store, "127.0.0.1:0")
+    # Results over 512 bytes take the bulk data plane, smaller ones come inline: the
+    # property tests cover both transports.
+    srv, port = create_server(store, "127.0.0.1:0", ServerConfig(unary_max_bytes=512))
     srv.start()
     try:
         with Client(f"127.0.0.1:{port}", timeout=30) as c:

@@ -8,7 +8,9 @@ own indexing.
         acts[0:10, [1, 3, 5]]          # exactly what a local tensor would return
 """
 
+from tensorslice.client._async import AsyncClient, AsyncRemoteTensor
 from tensorslice.client._client import Client, RemoteTensor
+from tensorslice.client._dataset import RemoteTensorDataset, RemoteTensorIterableDataset
 from tensorslice.client._errors import (
     DeadlineExceeded,
     InternalServerError,
@@ -35,6 +37,8 @@ from tensorslice.client._selection import (
 )
 
 __all__ = [
+    "AsyncClient",
+    "AsyncRemoteTensor",
     "Client",
     "Combine",
     "DeadlineExceeded",
@@ -49,6 +53,8 @@ __all__ = [
     "PlanStep",
     "Range",
     "RemoteTensor",
+    "RemoteTensorDataset",
+    "RemoteTensorIterableDataset",
     "ResultTooLarge",
     "Selection",
     "SelectionOutOfRange",

@@ -1,62 +1,65 @@
-"""The synchronous client: `Client`, and `RemoteTensor`, which indexes like a torch.Tensor."""
+"""The synchronous client: `Client`, and `RemoteTensor`, which indexes like a torch.Tensor.
+
+Requests, validation and results come from `_base` (shared with `AsyncClient`); this
+module only runs the calls, with blocking gRPC.
+"""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import grpc
 import torch
 
-from tensorslice.client._errors import InvalidSelection, map_rpc_errors
-from tensorslice.client._results import SlicePlan, TensorInfo, WhereResult
-from tensorslice.client._selection import (
-    Combine,
-    Full,
-    Selection,
-    Selector,
-    Threshold,
-    outer_selectors,
-    selection_to_proto,
-    selectors_from_index,
+from tensorslice.client._base import (
+    DEFAULT,
+    BaseClient,
+    BaseRemoteTensor,
+    Indexer,
+    Stream,
+    Timeout,
+    Unary,
+    bulk_host,
+    channel_options,
+    receive_fetched,
+    where_result,
 )
-from tensorslice.client._wire import Assembler, decode_chunk
-from tensorslice.v1 import tensorslice_pb2 as _pb
+from tensorslice.client._errors import FailedPrecondition, map_rpc_errors
+from tensorslice.client._results import SlicePlan, TensorInfo, WhereResult
+from tensorslice.client._selection import Combine
+from tensorslice.client._wire import decode_chunk
 
-__all__ = ["Client", "RemoteTensor"]
+__all__ = ["CHANNEL_OPTIONS", "Client", "RemoteTensor"]
 
-_SERVICE = _pb.DESCRIPTOR.services_by_name["TensorSlice"].full_name
+CHANNEL_OPTIONS = channel_options(3)
+"""The options of a client's channel with the default settings."""
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.max_send_message_length", 256 << 20),
-]
+R = TypeVar("R")
 
 
-class Client:
+class Client(BaseClient):
     """A connection to a tensorslice server.
 
     The channel is created lazily, once per process: a client inherited across `fork`, or
-    unpickled in a DataLoader worker, opens its own channel on first use.
+    unpickled in a DataLoader worker, opens its own channel on first use (and never touches
+    the parent's). `timeout` is every call's deadline (each method takes ``timeout=`` to
+    override it); gRPC retries calls that fail with UNAVAILABLE up to `retries` times.
     """
-
-    def __init__(self, address: str, *, timeout: float | None = 60.0) -> None:
-        self.address = address
-        self.timeout = timeout
-        self._channel: grpc.Channel | None = None
-        self._pid = 0
 
     # ------------------------------------------------------------------ channel
     def _chan(self) -> grpc.Channel:
-        if self._channel is None or self._pid != os.getpid():
-            self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-            self._pid = os.getpid()
-        return self._channel
+        channel: grpc.Channel | None = self._owned_channel()
+        if channel is None:
+            channel = self._set_channel(
+                grpc.insecure_channel(self.address, options=self._options())
+            )
+        return channel
 
     def close(self) -> None:
-        if self._channel is not None and self._pid == os.getpid():
-            self._channel.close()
+        channel = self._owned_channel()
+        if channel is not None:
+            channel.close()
         self._channel = None
 
     def __enter__(self) -> Client:
@@ -65,60 +68,57 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_channel"] = None
-        state["_pid"] = 0
-        return state
-
-    def __repr__(self) -> str:
-        return f"Client({self.address!r})"
-
-    def _unary(self, method: str, request: Any, response_cls: Any) -> Any:
+    # ------------------------------------------------------------------ running calls
+    def _unary(self, op: Unary[R], timeout: Timeout) -> R:
         call = self._chan().unary_unary(
-            f"/{_SERVICE}/{method}",
-            request_serializer=type(request).SerializeToString,
-            response_deserializer=response_cls.FromString,
+            op.path,
+            request_serializer=type(op.request).SerializeToString,
+            response_deserializer=op.response_cls.FromString,
         )
         with map_rpc_errors():
-            return call(request, timeout=self.timeout)
+            response = call(op.request, timeout=self._deadline(timeout))
+        return op.finish(response)
+
+    def _stream(self, op: Stream[R], timeout: Timeout) -> R:
+        deadline = self._deadline(timeout)
+        serialize = type(op.request).SerializeToString
+        fetch = self._chan().unary_unary(op.fetch_path, request_serializer=serialize,
+                                         response_deserializer=None)
+        asm = op.assembler()
+        try:
+            with map_rpc_errors():
+                frame = fetch(op.request, timeout=deadline)
+        except FailedPrecondition:  # large, and no bulk data plane: stream it
+            call = self._chan().unary_stream(op.path, request_serializer=serialize,
+                                             response_deserializer=None)
+            with map_rpc_errors():
+                for chunk in call(op.request, timeout=deadline):
+                    asm.feed(decode_chunk(chunk))
+        else:
+            receive_fetched(frame, asm, bulk_host(self.address), deadline)
+        return op.finish(asm)
 
     # ------------------------------------------------------------------ metadata
-    def list_tensors(self) -> list[TensorInfo]:
+    def list_tensors(self, *, timeout: Timeout = DEFAULT) -> list[TensorInfo]:
         """Every tensor the server holds."""
-        resp = self._unary("ListTensors", _pb.ListTensorsRequest(), _pb.ListTensorsResponse)
-        return [TensorInfo.from_proto(t) for t in resp.tensors]
+        return self._unary(self._op_list_tensors(), timeout)
 
-    def describe(self, name: str) -> TensorInfo:
+    def describe(self, name: str, *, timeout: Timeout = DEFAULT) -> TensorInfo:
         """One tensor's metadata; TensorNotFound if the server holds none of that name."""
-        msg = self._unary("DescribeTensor", _pb.DescribeTensorRequest(name=name), _pb.TensorInfo)
-        return TensorInfo.from_proto(msg)
+        return self._unary(self._op_describe(name), timeout)
 
-    def tensor(self, name: str) -> RemoteTensor:
+    def tensor(self, name: str, *, timeout: Timeout = DEFAULT) -> RemoteTensor:
         """A handle that indexes the remote tensor like a local one."""
-        return RemoteTensor(self, self.describe(name))
+        return RemoteTensor(self, self.describe(name, timeout=timeout))
 
     # ------------------------------------------------------------------ slicing
-    def _stream(self, request: _pb.SliceRequest) -> Iterator[memoryview]:
-        call = self._chan().unary_stream(
-            f"/{_SERVICE}/Slice",
-            request_serializer=_pb.SliceRequest.SerializeToString,
-            response_deserializer=None,
-        )
-        with map_rpc_errors():
-            for frame in call(request, timeout=self.timeout):
-                yield decode_chunk(frame)
-
-    def _fetch(self, request: _pb.SliceRequest, *, as_bytes: bool = False) -> Assembler:
-        asm = Assembler(as_bytes=as_bytes)
-        for payload in self._stream(request):
-            asm.feed(payload)
-        return asm
-
-    def slice(self, name: str, selection: Selection) -> dict[str, torch.Tensor]:
+    def slice(
+        self, name: str, selection: object, *, timeout: Timeout = DEFAULT
+    ) -> dict[str, torch.Tensor]:
         """The tensors of the result of one selection (``values``, plus ``indices`` and
-        ``offsets`` for threshold masks), built on the received buffer without a copy."""
-        return self._fetch(selection_to_proto(name, selection)).tensors()
+        ``offsets`` for threshold masks), built on the received buffer without a copy.
+        `selection` is a `Selection` or a Python index (PyTorch's meaning)."""
+        return self._stream(self._op_slice(name, selection), timeout)
 
     def slice_bytes(
         self,
@@ -128,33 +128,31 @@ class Client:
         combine: Combine | str = Combine.VECTORIZED,
         dtype: str | None = None,
         max_bytes: int = 0,
+        timeout: Timeout = DEFAULT,
     ) -> bytes:
         """The result as safetensors bytes (loadable with `safetensors.torch.load`)."""
-        sel = _selection(index, Combine(combine), dtype, max_bytes)
-        return self._fetch(selection_to_proto(name, sel), as_bytes=True).file_bytes()
+        return self._stream(self._op_slice_bytes(name, index, combine, dtype, max_bytes),
+                            timeout)
 
-    def explain(self, name: str, selection: Selection) -> SlicePlan:
+    def slice_many(
+        self,
+        items: Mapping[str, tuple[str, object]],
+        *,
+        max_bytes: int = 0,
+        timeout: Timeout = DEFAULT,
+    ) -> dict[str, torch.Tensor]:
+        """Several selections in one call and one file: ``{key: (tensor name, index or
+        Selection)}`` gives ``{key: tensor}`` (a threshold selection adds ``KEY.indices``,
+        and ``KEY.offsets`` for per_sample). The server validates every item before any
+        data moves; `max_bytes` bounds all results together."""
+        return self._stream(self._op_slice_many(items, max_bytes), timeout)
+
+    def explain(self, name: str, selection: object, *, timeout: Timeout = DEFAULT) -> SlicePlan:
         """The plan the server would follow; nothing is executed."""
-        msg = self._unary("Explain", selection_to_proto(name, selection), _pb.SlicePlan)
-        return SlicePlan.from_proto(msg)
+        return self._unary(self._op_explain(name, selection), timeout)
 
 
-def _selection(index: object, combine: Combine, dtype: str | None, max_bytes: int) -> Selection:
-    sels = outer_selectors(index) if combine is Combine.OUTER else selectors_from_index(index)
-    return Selection(sels, combine, dtype, max_bytes)
-
-
-class _Indexer:
-    """`remote.oindex[...]` and `remote.explain[...]`."""
-
-    def __init__(self, fn: Any) -> None:
-        self._fn = fn
-
-    def __getitem__(self, index: object) -> Any:
-        return self._fn(index)
-
-
-class RemoteTensor:
+class RemoteTensor(BaseRemoteTensor[Client]):
     """A tensor held by the server. Indexing returns a local `torch.Tensor`:
 
     - ``remote[idx]`` follows PyTorch's indexing exactly (advanced indexing included);
@@ -167,78 +165,31 @@ class RemoteTensor:
     def __init__(
         self, client: Client, info: TensorInfo, *, dtype: str | None = None, max_bytes: int = 0
     ) -> None:
-        self.client = client
-        self.info = info
-        self._dtype = dtype
-        self._max_bytes = max_bytes
-        self.oindex = _Indexer(lambda idx: self._get(idx, Combine.OUTER))
-        self.explain = _Indexer(
+        super().__init__(client, info, dtype=dtype, max_bytes=max_bytes)
+        self.oindex: Indexer[torch.Tensor] = Indexer(
+            lambda idx: self._values(self._sel(idx, Combine.OUTER))
+        )
+        self.explain: Indexer[SlicePlan] = Indexer(
             lambda idx: self.client.explain(self.name, self._sel(idx, Combine.VECTORIZED))
         )
 
-    # ------------------------------------------------------------------ metadata
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size(self.info.shape)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.info.dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.info.shape)
-
-    def size(self, dim: int | None = None) -> Any:
-        return self.shape if dim is None else self.shape[dim]
-
-    def __len__(self) -> int:
-        if not self.info.shape:
-            raise TypeError("len() of a 0-d tensor")
-        return self.info.shape[0]
-
-    def __repr__(self) -> str:
-        return (f"RemoteTensor(name={self.name!r}, shape={list(self.shape)}, "
-                f"dtype={self.dtype}, device={self.info.device!r})")
-
     def astype(self, dtype: str | torch.dtype, *, max_bytes: int | None = None) -> RemoteTensor:
         """The same remote tensor whose results the server casts to `dtype`."""
-        name = str(dtype).removeprefix("torch.")
-        mb = self._max_bytes if max_bytes is None else max_bytes
-        return RemoteTensor(self.client, self.info, dtype=name, max_bytes=mb)
+        return RemoteTensor(self.client, self.info, **self._cast_args(dtype, max_bytes))
 
-    # ------------------------------------------------------------------ slicing
-    def _sel(self, index: object, combine: Combine) -> Selection:
-        return _selection(index, combine, self._dtype, self._max_bytes)
-
-    def _get(self, index: object, combine: Combine) -> torch.Tensor:
-        return self.client.slice(self.name, self._sel(index, combine))["values"]
+    def _values(self, selection: object) -> torch.Tensor:
+        return self.client.slice(self.name, selection)["values"]
 
     def __getitem__(self, index: object) -> torch.Tensor:
-        return self._get(index, Combine.VECTORIZED)
+        return self._values(self._sel(index, Combine.VECTORIZED))
 
     def fetch(self) -> torch.Tensor:
         """The whole tensor."""
-        return self._get((), Combine.VECTORIZED)
+        return self._values(self._sel((), Combine.VECTORIZED))
 
     def select(self, **by_name: object) -> torch.Tensor:
         """Orthogonal selection by dimension name: ``select(N=slice(0, 10), C=[1, 3])``."""
-        names = self.info.dim_names
-        if not names:
-            raise InvalidSelection(f"tensor {self.name!r} has no dimension names")
-        index: list[object] = [slice(None)] * len(names)
-        for key, value in by_name.items():
-            if key not in names:
-                raise InvalidSelection(
-                    f"tensor {self.name!r} has no dimension {key!r}; its dimensions are "
-                    f"{', '.join(names)}"
-                )
-            index[names.index(key)] = value
-        return self._get(tuple(index), Combine.OUTER)
+        return self._values(self._by_name(by_name))
 
     def where(
         self,
@@ -256,21 +207,5 @@ class RemoteTensor:
         over the dimensions `over`; default: all but the batch and `dim`) passes
         ``op value``; scope any, all, per_sample or topk (with k). `index` optionally
         selects along the other dimensions first (orthogonally), one entry per dimension."""
-        d = self._dim(dim)
-        over_dims = tuple(self._dim(o) for o in over)
-        sels: list[Selector] = list(outer_selectors(tuple(index))) if index else []
-        sels += [Full()] * (d + 1 - len(sels)) if len(sels) <= d else []
-        sels[d] = Threshold(stat=stat, op=op, value=value, scope=scope, over=over_dims, k=k)
-        out = self.client.slice(self.name, Selection(tuple(sels), Combine.OUTER,
-                                                      self._dtype, self._max_bytes))
-        return WhereResult(out["values"], out["indices"], out.get("offsets"))
-
-    def _dim(self, dim: int | str) -> int:
-        if isinstance(dim, str):
-            if dim not in self.info.dim_names:
-                raise InvalidSelection(
-                    f"tensor {self.name!r} has no dimension {dim!r}; its dimensions are "
-                    f"{', '.join(self.info.dim_names) or 'unnamed'}"
-                )
-            return self.info.dim_names.index(dim)
-        return dim
+        sel = self._threshold(dim, stat, over, op, value, scope, k, index)
+        return where_result(self.client.slice(self.name, sel))

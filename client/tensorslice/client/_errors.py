@@ -13,6 +13,7 @@ import grpc
 
 __all__ = [
     "DeadlineExceeded",
+    "FailedPrecondition",
     "InternalServerError",
     "InvalidSelection",
     "ResultTooLarge",
@@ -79,6 +80,14 @@ class DeadlineExceeded(TensorSliceError, TimeoutError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class FailedPrecondition(TensorSliceError):
+    """The call does not apply in the server's state: a `Fetch` whose result is too large
+    for one message and cannot go over the bulk data plane (FAILED_PRECONDITION). The
+    client handles it by streaming; it does not reach users."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class InternalServerError(TensorSliceError):
     """The server failed unexpectedly (INTERNAL); its log holds the traceback."""
 
@@ -95,6 +104,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TensorSliceError]] = {
         Unauthenticated,
         ServerUnavailable,
         DeadlineExceeded,
+        FailedPrecondition,
         InternalServerError,
     )
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import socket
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ __all__ = [
     "dtype_from_name",
     "encode_chunk",
     "safetensors_header",
+    "split_chunk",
 ]
 
 # torch dtype <-> safetensors dtype code
@@ -144,8 +146,15 @@ def encode_chunk(*parts: bytes | memoryview) -> bytes:
 
 def decode_chunk(frame: bytes) -> memoryview:
     """The `data` of a serialized `SliceChunk`, as a view of `frame` (no copy)."""
+    return split_chunk(frame)[0]
+
+
+def split_chunk(frame: bytes) -> tuple[memoryview, memoryview | None]:
+    """The `data` of a serialized `SliceChunk` and its serialized `ticket` (a `BulkTicket`),
+    or None when it has none; views of `frame` (no copy)."""
     view = memoryview(frame)
     data = view[0:0]
+    ticket: memoryview | None = None
     pos = 0
     end = len(frame)
     while pos < end:
@@ -157,6 +166,8 @@ def decode_chunk(frame: bytes) -> memoryview:
                 raise TensorSliceError("truncated SliceChunk frame")
             if field == 1:
                 data = view[pos : pos + size]
+            elif field == 2:
+                ticket = view[pos : pos + size]
             pos += size
         elif wire == 0:
             _, pos = _read_varint(frame, pos)
@@ -166,7 +177,7 @@ def decode_chunk(frame: bytes) -> memoryview:
             pos += 4
         else:
             raise TensorSliceError(f"malformed SliceChunk frame (wire type {wire})")
-    return data
+    return data, ticket
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -184,6 +195,18 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- assembly
+
+_RECV_BYTES = 16 << 20
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        part = sock.recv(n - len(out))
+        if not part:
+            raise TensorSliceError(f"bulk transfer ended early: {len(out)} of {n} bytes")
+        out += part
+    return bytes(out)
 
 
 _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
@@ -218,7 +241,7 @@ class Assembler:
     def __init__(self, *, as_bytes: bool = False) -> None:
         self._as_bytes = as_bytes
         self._head = bytearray()
-        self._buf: bytearray | bytes | None = None
+        self._buf: torch.Tensor | bytes | None = None
         self._view: memoryview | None = None
         self._pos = 0
         self._data_start = 0
@@ -263,18 +286,41 @@ class Assembler:
         if self._as_bytes:
             self._buf, self._view = _fresh_bytes(total)
         else:
-            self._buf = bytearray(total)
-            self._view = memoryview(self._buf)
+            # torch's allocator: uninitialized (no zero-fill) and the cheapest to fault in.
+            self._buf = torch.empty(total, dtype=torch.uint8)
+            self._view = self._buf.numpy().data.cast("B")
         head = bytes(self._head)
         self._head = bytearray()
         self._view[: len(head)] = head
         self._pos = len(head)
 
+    def receive(self, sock: socket.socket, nbytes: int) -> None:
+        """Read a whole file of `nbytes` from `sock`: the header first, then the rest
+        straight into the preallocated buffer (`recv_into`, no intermediate copy)."""
+        head = _recv_exact(sock, 8)
+        (hlen,) = struct.unpack_from("<Q", head)
+        if 8 + hlen > nbytes:
+            raise TensorSliceError(f"bulk header of {hlen} bytes exceeds the {nbytes}-byte file")
+        self.feed(head + _recv_exact(sock, hlen))
+        view = self._view
+        if view is None or len(view) != nbytes:
+            raise TensorSliceError(
+                f"bulk file announces {0 if view is None else len(view)} bytes, the ticket "
+                f"{nbytes}"
+            )
+        while self._pos < nbytes:
+            n = sock.recv_into(view[self._pos :], min(nbytes - self._pos, _RECV_BYTES))
+            if n == 0:
+                raise TensorSliceError(
+                    f"bulk transfer ended early: {self._pos} of {nbytes} bytes received"
+                )
+            self._pos += n
+
     @property
     def complete(self) -> bool:
         return self._view is not None and self._pos == len(self._view)
 
-    def _check(self) -> tuple[bytearray | bytes, memoryview]:
+    def _check(self) -> tuple[torch.Tensor | bytes, memoryview]:
         if self._buf is None or self._view is None or not self.complete:
             got = self._pos if self._view is not None else len(self._head)
             want = len(self._view) if self._view is not None else "an unknown number of"
@@ -283,21 +329,23 @@ class Assembler:
 
     def file_bytes(self) -> bytes:
         """The whole safetensors file (the buffer itself, not a copy)."""
-        buf = self._check()[0]
-        return buf if isinstance(buf, bytes) else bytes(buf)
+        buf, view = self._check()
+        return buf if isinstance(buf, bytes) else bytes(view)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the file, built on the buffer without a copy."""
         buf, view = self._check()
-        target: bytearray | memoryview = buf if isinstance(buf, bytearray) else view
         out: dict[str, torch.Tensor] = {}
         for e in self.entries:
             count = (e.end - e.start) // e.dtype.itemsize
+            start = self._data_start + e.start
             if count == 0:
                 out[e.name] = torch.empty(e.shape, dtype=e.dtype)
-                continue
-            flat = torch.frombuffer(
-                target, dtype=e.dtype, count=count, offset=self._data_start + e.start
-            )
-            out[e.name] = flat.view(e.shape)
+            elif isinstance(buf, torch.Tensor) and start % e.dtype.itemsize == 0:
+                out[e.name] = buf[start : start + count * e.dtype.itemsize].view(
+                    e.dtype).view(e.shape)
+            else:  # a `bytes` buffer, or a misaligned tensor from another writer
+                flat = torch.frombuffer(view, dtype=e.dtype, count=count, offset=start)
+                out[e.name] = flat.view(e.shape) if start % e.dtype.itemsize == 0 else (
+                    flat.clone().view(e.shape))
         return out

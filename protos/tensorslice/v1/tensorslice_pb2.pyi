@@ -167,24 +167,56 @@ class Selector(_message.Message):
     def __init__(self, full: _Optional[_Union[Full, _Mapping]] = ..., range: _Optional[_Union[Range, _Mapping]] = ..., index: _Optional[_Union[Index, _Mapping]] = ..., indices: _Optional[_Union[Indices, _Mapping]] = ..., mask: _Optional[_Union[Mask, _Mapping]] = ..., threshold: _Optional[_Union[Threshold, _Mapping]] = ..., new_axis: _Optional[_Union[NewAxis, _Mapping]] = ..., ellipsis: _Optional[_Union[Ellipsis, _Mapping]] = ...) -> None: ...
 
 class SliceRequest(_message.Message):
-    __slots__ = ("tensor", "selectors", "combine", "dtype", "max_bytes")
+    __slots__ = ("tensor", "selectors", "combine", "dtype", "max_bytes", "bulk")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     SELECTORS_FIELD_NUMBER: _ClassVar[int]
     COMBINE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BULK_FIELD_NUMBER: _ClassVar[int]
     tensor: str
     selectors: _containers.RepeatedCompositeFieldContainer[Selector]
     combine: Combine
     dtype: str
     max_bytes: int
-    def __init__(self, tensor: _Optional[str] = ..., selectors: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ..., combine: _Optional[_Union[Combine, str]] = ..., dtype: _Optional[str] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+    bulk: bool
+    def __init__(self, tensor: _Optional[str] = ..., selectors: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ..., combine: _Optional[_Union[Combine, str]] = ..., dtype: _Optional[str] = ..., max_bytes: _Optional[int] = ..., bulk: _Optional[bool] = ...) -> None: ...
+
+class NamedSlice(_message.Message):
+    __slots__ = ("key", "request")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    request: SliceRequest
+    def __init__(self, key: _Optional[str] = ..., request: _Optional[_Union[SliceRequest, _Mapping]] = ...) -> None: ...
+
+class SliceManyRequest(_message.Message):
+    __slots__ = ("items", "max_bytes", "bulk")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BULK_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[NamedSlice]
+    max_bytes: int
+    bulk: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[NamedSlice, _Mapping]]] = ..., max_bytes: _Optional[int] = ..., bulk: _Optional[bool] = ...) -> None: ...
 
 class SliceChunk(_message.Message):
-    __slots__ = ("data",)
+    __slots__ = ("data", "ticket")
     DATA_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     data: bytes
-    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+    ticket: BulkTicket
+    def __init__(self, data: _Optional[bytes] = ..., ticket: _Optional[_Union[BulkTicket, _Mapping]] = ...) -> None: ...
+
+class BulkTicket(_message.Message):
+    __slots__ = ("port", "token", "nbytes")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    token: bytes
+    nbytes: int
+    def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class PlanStep(_message.Message):
     __slots__ = ("kind", "dim", "detail", "bytes_moved", "order")

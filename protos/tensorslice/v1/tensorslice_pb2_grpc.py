@@ -55,6 +55,21 @@ class TensorSliceStub:
                 request_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceRequest.SerializeToString,
                 response_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.SlicePlan.FromString,
                 _registered_method=True)
+        self.SliceMany = channel.unary_stream(
+                '/tensorslice.v1.TensorSlice/SliceMany',
+                request_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceManyRequest.SerializeToString,
+                response_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceChunk.FromString,
+                _registered_method=True)
+        self.Fetch = channel.unary_unary(
+                '/tensorslice.v1.TensorSlice/Fetch',
+                request_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceRequest.SerializeToString,
+                response_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceChunk.FromString,
+                _registered_method=True)
+        self.FetchMany = channel.unary_unary(
+                '/tensorslice.v1.TensorSlice/FetchMany',
+                request_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceManyRequest.SerializeToString,
+                response_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceChunk.FromString,
+                _registered_method=True)
 
 
 class TensorSliceServicer:
@@ -90,6 +105,35 @@ class TensorSliceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SliceMany(self, request, context):
+        """Several selections (of one tensor or several) as one safetensors file:
+        each item's result is named by its key (a threshold item adds
+        KEY.indices, and KEY.offsets for per_sample). Every item is validated
+        before any data moves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fetch(self, request, context):
+        """Slice in one response message, for small results and for clients of the
+        bulk data plane. A result up to the server's unary limit comes inline in
+        `data`; a larger one, when the request sets `bulk` and the server runs a
+        bulk listener, comes as a `ticket`: connect to that TCP port on the same
+        host, send the token, and read `nbytes` bytes (the safetensors file).
+        Otherwise a larger result is refused with FAILED_PRECONDITION: use Slice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchMany(self, request, context):
+        """SliceMany in one response message, as Fetch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TensorSliceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +156,21 @@ def add_TensorSliceServicer_to_server(servicer, server):
                     servicer.Explain,
                     request_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceRequest.FromString,
                     response_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.SlicePlan.SerializeToString,
+            ),
+            'SliceMany': grpc.unary_stream_rpc_method_handler(
+                    servicer.SliceMany,
+                    request_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceManyRequest.FromString,
+                    response_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceChunk.SerializeToString,
+            ),
+            'Fetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceRequest.FromString,
+                    response_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceChunk.SerializeToString,
+            ),
+            'FetchMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchMany,
+                    request_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceManyRequest.FromString,
+                    response_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +282,87 @@ class TensorSlice:
             '/tensorslice.v1.TensorSlice/Explain',
             tensorslice_dot_v1_dot_tensorslice__pb2.SliceRequest.SerializeToString,
             tensorslice_dot_v1_dot_tensorslice__pb2.SlicePlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SliceMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tensorslice.v1.TensorSlice/SliceMany',
+            tensorslice_dot_v1_dot_tensorslice__pb2.SliceManyRequest.SerializeToString,
+            tensorslice_dot_v1_dot_tensorslice__pb2.SliceChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorslice.v1.TensorSlice/Fetch',
+            tensorslice_dot_v1_dot_tensorslice__pb2.SliceRequest.SerializeToString,
+            tensorslice_dot_v1_dot_tensorslice__pb2.SliceChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorslice.v1.TensorSlice/FetchMany',
+            tensorslice_dot_v1_dot_tensorslice__pb2.SliceManyRequest.SerializeToString,
+            tensorslice_dot_v1_dot_tensorslice__pb2.SliceChunk.FromString,
             options,
             channel_credentials,
             insecure,

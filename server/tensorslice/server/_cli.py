@@ -57,11 +57,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except TensorSliceError as exc:
         print(f"tensorslice: {exc}", file=sys.stderr)
         return 2
-    config = ServerConfig(max_result_bytes=_parse_bytes(args.max_result_bytes))
+    config = ServerConfig(max_result_bytes=_parse_bytes(args.max_result_bytes),
+                          bulk=not args.no_bulk, bulk_port=args.bulk_port)
     server, port = create_server(store, f"{args.host}:{args.port}", config)
     server.start()
     address = f"{args.host}:{port}"
     print(f"tensorslice serving {len(store)} tensor(s) on {address} ({store.device})", flush=True)
+    if server.bulk is not None:
+        print(f"  bulk data plane on port {server.bulk.port}", flush=True)
     if store.max_device_memory is not None:
         print(f"  device memory: {store.device_memory_used} of {store.max_device_memory} "
               f"bytes used", flush=True)
@@ -80,7 +83,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     stop.wait()
-    server.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
     server.stop(grace=5).wait()
     print("tensorslice: stopped", flush=True)
     return 0
@@ -146,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                         " default on cuda: what is free minus max(1GiB, 10%%); cpu: no limit")
     s.add_argument("--max-result-bytes", default="64GiB",
                    help="refuse larger results (RESOURCE_EXHAUSTED); default 64GiB")
+    s.add_argument("--bulk-port", type=int, default=0,
+                   help="TCP port of the bulk data plane for large results (0: a free one)")
+    s.add_argument("--no-bulk", action="store_true",
+                   help="no bulk data plane: large results stream over gRPC only")
     s.add_argument("--no-progress", action="store_true", help="no progress bars while loading")
     s.set_defaults(fn=cmd_serve)
 

@@ -9,7 +9,7 @@ from tensorslice.client._wire import encode_chunk, safetensors_header
 from tensorslice.server._payload import DEFAULT_POOL, BufferPool, Payload
 from tensorslice.server._staging import host_chunks
 
-__all__ = ["CHUNK_BYTES", "SLAB_BYTES", "file_size", "frames", "pieces"]
+__all__ = ["CHUNK_BYTES", "SLAB_BYTES", "frames", "pieces"]
 
 CHUNK_BYTES = 1 << 20
 """Payload bytes per `SliceChunk` (see README, "Transport")."""
@@ -26,12 +26,6 @@ def _ordered(payloads: Sequence[Payload]) -> list[Payload]:
 def _header(payloads: Sequence[Payload], metadata: Mapping[str, str]) -> bytes:
     header, _ = safetensors_header(((p.name, p.dtype, p.shape) for p in payloads), metadata)
     return header
-
-
-def file_size(payloads: Sequence[Payload], metadata: Mapping[str, str]) -> int:
-    """Bytes of the safetensors file these payloads make."""
-    ordered = _ordered(payloads)
-    return len(_header(ordered, metadata)) + sum(p.nbytes for p in ordered)
 
 
 def pieces(

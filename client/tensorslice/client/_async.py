@@ -1,0 +1,231 @@
+"""The asynchronous client: `AsyncClient` and `AsyncRemoteTensor`, over `grpc.aio`.
+
+They mirror `Client` and `RemoteTensor` method for method, with ``await``:
+
+    async with AsyncClient("127.0.0.1:50051") as c:
+        acts = await c.tensor("acts")
+        await acts[0:10, [1, 3]]          # indexing returns a coroutine
+        await acts.oindex[[0, 2], [1, 3]]
+        await acts.explain[0:10]
+
+Requests, validation and results come from `_base`, shared with the sync client. An index
+is validated when the coroutine is created (``acts[True]`` raises at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import torch
+
+from tensorslice.client._base import (
+    DEFAULT,
+    BaseClient,
+    BaseRemoteTensor,
+    Indexer,
+    Stream,
+    Timeout,
+    Unary,
+    bulk_host,
+    receive_fetched,
+    where_result,
+)
+from tensorslice.client._errors import FailedPrecondition, map_rpc_errors
+from tensorslice.client._results import SlicePlan, TensorInfo, WhereResult
+from tensorslice.client._selection import Combine
+from tensorslice.client._wire import decode_chunk
+
+__all__ = ["AsyncClient", "AsyncRemoteTensor"]
+
+R = TypeVar("R")
+
+
+class AsyncClient(BaseClient):
+    """An asyncio connection to a tensorslice server (`Client`'s methods, awaitable).
+
+    The channel is created lazily, once per process and event loop (a `grpc.aio` channel
+    belongs to the loop that created it); `close()` is a coroutine (``async with`` closes
+    it). Pickling drops the channel, as for `Client`.
+    """
+
+    def __init__(self, address: str, *, timeout: float | None = 60.0, retries: int = 3) -> None:
+        super().__init__(address, timeout=timeout, retries=retries)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ channel
+    def _chan(self) -> grpc.aio.Channel:
+        loop = asyncio.get_running_loop()
+        channel: grpc.aio.Channel | None = self._owned_channel()
+        if channel is not None and self._loop is not loop:
+            channel = None  # its loop is gone or another one: leave it to the collector
+        if channel is None:
+            channel = self._set_channel(
+                grpc.aio.insecure_channel(self.address, options=self._options())
+            )
+            self._loop = loop
+        return channel
+
+    async def close(self) -> None:
+        channel: grpc.aio.Channel | None = self._owned_channel()
+        if channel is not None and self._loop is asyncio.get_running_loop():
+            await channel.close(None)
+        self._channel = None
+        self._loop = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_loop"] = None
+        return state
+
+    # ------------------------------------------------------------------ running calls
+    async def _unary(self, op: Unary[R], timeout: Timeout) -> R:
+        call = self._chan().unary_unary(
+            op.path,
+            request_serializer=type(op.request).SerializeToString,
+            response_deserializer=op.response_cls.FromString,
+        )
+        with map_rpc_errors():
+            response = await call(op.request, timeout=self._deadline(timeout))
+        return op.finish(response)
+
+    async def _stream(self, op: Stream[R], timeout: Timeout) -> R:
+        deadline = self._deadline(timeout)
+        serialize = type(op.request).SerializeToString
+        fetch = self._chan().unary_unary(op.fetch_path, request_serializer=serialize,
+                                         response_deserializer=None)
+        asm = op.assembler()
+        try:
+            with map_rpc_errors():
+                frame = await fetch(op.request, timeout=deadline)
+        except FailedPrecondition:  # large, and no bulk data plane: stream it
+            call = self._chan().unary_stream(op.path, request_serializer=serialize,
+                                             response_deserializer=None)
+            with map_rpc_errors():
+                async for chunk in call(op.request, timeout=deadline):
+                    asm.feed(decode_chunk(chunk))
+        else:
+            # The socket part blocks: run it off the event loop.
+            await asyncio.to_thread(receive_fetched, frame, asm, bulk_host(self.address),
+                                    deadline)
+        return op.finish(asm)
+
+    # ------------------------------------------------------------------ metadata
+    async def list_tensors(self, *, timeout: Timeout = DEFAULT) -> list[TensorInfo]:
+        """Every tensor the server holds."""
+        return await self._unary(self._op_list_tensors(), timeout)
+
+    async def describe(self, name: str, *, timeout: Timeout = DEFAULT) -> TensorInfo:
+        """One tensor's metadata; TensorNotFound if the server holds none of that name."""
+        return await self._unary(self._op_describe(name), timeout)
+
+    async def tensor(self, name: str, *, timeout: Timeout = DEFAULT) -> AsyncRemoteTensor:
+        """A handle that indexes the remote tensor: ``await remote[idx]``."""
+        return AsyncRemoteTensor(self, await self.describe(name, timeout=timeout))
+
+    # ------------------------------------------------------------------ slicing
+    async def slice(
+        self, name: str, selection: object, *, timeout: Timeout = DEFAULT
+    ) -> dict[str, torch.Tensor]:
+        """As `Client.slice`."""
+        return await self._stream(self._op_slice(name, selection), timeout)
+
+    async def slice_bytes(
+        self,
+        name: str,
+        index: object = (),
+        *,
+        combine: Combine | str = Combine.VECTORIZED,
+        dtype: str | None = None,
+        max_bytes: int = 0,
+        timeout: Timeout = DEFAULT,
+    ) -> bytes:
+        """As `Client.slice_bytes`."""
+        return await self._stream(
+            self._op_slice_bytes(name, index, combine, dtype, max_bytes), timeout
+        )
+
+    async def slice_many(
+        self,
+        items: Mapping[str, tuple[str, object]],
+        *,
+        max_bytes: int = 0,
+        timeout: Timeout = DEFAULT,
+    ) -> dict[str, torch.Tensor]:
+        """As `Client.slice_many`."""
+        return await self._stream(self._op_slice_many(items, max_bytes), timeout)
+
+    async def explain(
+        self, name: str, selection: object, *, timeout: Timeout = DEFAULT
+    ) -> SlicePlan:
+        """As `Client.explain`."""
+        return await self._unary(self._op_explain(name, selection), timeout)
+
+
+class AsyncRemoteTensor(BaseRemoteTensor[AsyncClient]):
+    """`RemoteTensor` for `AsyncClient`: every access returns a coroutine.
+
+    ``await remote[idx]``, ``await remote.oindex[idx]``, ``await remote.explain[idx]``,
+    ``await remote.select(...)``, ``await remote.where(...)``, ``await remote.fetch()``.
+    """
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        info: TensorInfo,
+        *,
+        dtype: str | None = None,
+        max_bytes: int = 0,
+    ) -> None:
+        super().__init__(client, info, dtype=dtype, max_bytes=max_bytes)
+        self.oindex: Indexer[Coroutine[Any, Any, torch.Tensor]] = Indexer(
+            lambda idx: self._values(self._sel(idx, Combine.OUTER))
+        )
+        self.explain: Indexer[Coroutine[Any, Any, SlicePlan]] = Indexer(
+            lambda idx: self.client.explain(self.name, self._sel(idx, Combine.VECTORIZED))
+        )
+
+    def astype(
+        self, dtype: str | torch.dtype, *, max_bytes: int | None = None
+    ) -> AsyncRemoteTensor:
+        """The same remote tensor whose results the server casts to `dtype`."""
+        return AsyncRemoteTensor(self.client, self.info, **self._cast_args(dtype, max_bytes))
+
+    async def _values(self, selection: object) -> torch.Tensor:
+        return (await self.client.slice(self.name, selection))["values"]
+
+    def __getitem__(self, index: object) -> Coroutine[Any, Any, torch.Tensor]:
+        return self._values(self._sel(index, Combine.VECTORIZED))
+
+    def fetch(self) -> Coroutine[Any, Any, torch.Tensor]:
+        """The whole tensor."""
+        return self._values(self._sel((), Combine.VECTORIZED))
+
+    def select(self, **by_name: object) -> Coroutine[Any, Any, torch.Tensor]:
+        """As `RemoteTensor.select`."""
+        return self._values(self._by_name(by_name))
+
+    async def where(
+        self,
+        dim: int | str,
+        stat: str,
+        *,
+        over: Sequence[int | str] = (),
+        op: str = ">",
+        value: float = 0.0,
+        scope: str = "any",
+        k: int = 0,
+        index: Sequence[object] = (),
+    ) -> WhereResult:
+        """As `RemoteTensor.where`."""
+        sel = self._threshold(dim, stat, over, op, value, scope, k, index)
+        return where_result(await self.client.slice(self.name, sel))

@@ -1,0 +1,416 @@
+"""What the sync and the async client share: channel settings, request building, validation
+and result assembly. Nothing here performs I/O.
+
+Every public call of a client is described by an operation (`Unary` or `Stream`): the
+method, the request message and how to turn the response into a result. `Client` runs an
+operation with blocking gRPC calls, `AsyncClient` with `grpc.aio`; both run the same
+operations, so they build the same requests and return the same results.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from tensorslice.client._errors import DeadlineExceeded, InvalidSelection, ServerUnavailable
+from tensorslice.client._results import SlicePlan, TensorInfo, WhereResult
+from tensorslice.client._selection import (
+    Combine,
+    Full,
+    Selection,
+    Selector,
+    Threshold,
+    outer_selectors,
+    selection_to_proto,
+    selectors_from_index,
+)
+from tensorslice.client._wire import Assembler, split_chunk
+from tensorslice.v1 import tensorslice_pb2 as _pb
+
+__all__ = [
+    "DEFAULT",
+    "SERVICE",
+    "BaseClient",
+    "BaseRemoteTensor",
+    "Default",
+    "Stream",
+    "Unary",
+    "channel_options",
+    "make_selection",
+]
+
+SERVICE = _pb.DESCRIPTOR.services_by_name["TensorSlice"].full_name
+
+R = TypeVar("R")
+
+
+class Default(enum.Enum):
+    """The type of `DEFAULT`: "use the client's own setting"."""
+
+    DEFAULT = "default"
+
+
+DEFAULT = Default.DEFAULT
+
+Timeout = float | None | Default
+
+
+def channel_options(retries: int) -> list[tuple[str, Any]]:
+    """Channel options: no receive limit, and (for ``retries`` > 0) gRPC's own retry policy
+    for every method of the service, on UNAVAILABLE only. Every method is a read, hence
+    idempotent. gRPC retries a streaming call only until the first response arrives; a
+    stream cut later fails with ServerUnavailable."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", -1),
+        ("grpc.max_send_message_length", 256 << 20),
+    ]
+    if retries > 0:
+        config = {
+            "methodConfig": [
+                {
+                    "name": [{"service": SERVICE}],
+                    "retryPolicy": {
+                        "maxAttempts": min(retries + 1, 5),  # gRPC caps attempts at 5
+                        "initialBackoff": "0.05s",
+                        "maxBackoff": "1s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+    else:
+        options.append(("grpc.enable_retries", 0))
+    return options
+
+
+@dataclass(frozen=True)
+class Unary(Generic[R]):
+    """A unary call: method, request, response class, and the result it makes."""
+
+    method: str
+    request: Any
+    response_cls: Any
+    finish: Callable[[Any], R]
+
+    @property
+    def path(self) -> str:
+        return f"/{SERVICE}/{self.method}"
+
+
+@dataclass(frozen=True)
+class Stream(Generic[R]):
+    """A call whose result is one safetensors file (`Slice`, `SliceMany`).
+
+    Clients run it as its one-message twin first (`Fetch`, `FetchMany`: a small result
+    inline, a large one over the bulk data plane), and as the gRPC stream when the server
+    answers FAILED_PRECONDITION (a large result and no bulk listener)."""
+
+    method: str
+    request: Any
+    finish: Callable[[Assembler], R]
+    as_bytes: bool = False
+
+    @property
+    def path(self) -> str:
+        return f"/{SERVICE}/{self.method}"
+
+    @property
+    def fetch_path(self) -> str:
+        return f"/{SERVICE}/{self.method.replace('Slice', 'Fetch')}"
+
+    def assembler(self) -> Assembler:
+        return Assembler(as_bytes=self.as_bytes)
+
+
+def bulk_host(address: str) -> str:
+    """The host of a gRPC target (``host:port``, ``[v6]:port``, ``dns:///host:port``), where
+    the bulk data plane listens too."""
+    target = address.split("///", 1)[-1]
+    host = target.rsplit(":", 1)[0] if ":" in target else target
+    return host.strip("[]") or "127.0.0.1"
+
+
+def receive_fetched(frame: bytes, asm: Assembler, host: str, timeout: float | None) -> None:
+    """Fill `asm` from a `Fetch` response: inline data, or the file its bulk ticket claims
+    (a TCP connection to `host`, the token sent, the file read straight into the buffer)."""
+    data, raw_ticket = split_chunk(frame)
+    if raw_ticket is None:
+        asm.feed(data)
+        return
+    ticket = _pb.BulkTicket.FromString(bytes(raw_ticket))
+    try:
+        with socket.create_connection((host, ticket.port), timeout=timeout) as sock:
+            sock.sendall(ticket.token)
+            asm.receive(sock, ticket.nbytes)
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"bulk transfer of {ticket.nbytes} bytes from {host}:{ticket.port} did not "
+            f"finish within {timeout} s"
+        ) from None
+    except OSError as exc:
+        raise ServerUnavailable(
+            f"bulk transfer from {host}:{ticket.port} failed: {exc}"
+        ) from None
+
+
+def make_selection(
+    index: object,
+    combine: Combine | str = Combine.VECTORIZED,
+    dtype: str | None = None,
+    max_bytes: int = 0,
+) -> Selection:
+    """A `Selection` from a Python index (what ``x[...]`` receives); a `Selection` passes
+    through unchanged."""
+    if isinstance(index, Selection):
+        return index
+    combine = Combine(combine)
+    sels = outer_selectors(index) if combine is Combine.OUTER else selectors_from_index(index)
+    return Selection(sels, combine, dtype, max_bytes)
+
+
+def _tensors(asm: Assembler) -> dict[str, torch.Tensor]:
+    return asm.tensors()
+
+
+def _file_bytes(asm: Assembler) -> bytes:
+    return asm.file_bytes()
+
+
+def _tensor_list(resp: Any) -> list[TensorInfo]:
+    return [TensorInfo.from_proto(t) for t in resp.tensors]
+
+
+class BaseClient:
+    """Settings and operations of a client; the channel is created by the subclass, lazily,
+    once per process (a client inherited across ``fork`` or unpickled opens its own).
+
+    `timeout` (seconds, None for none) is the deadline of every call; each method takes
+    ``timeout=`` to override it. `retries` is how many times gRPC itself retries a call
+    that fails with UNAVAILABLE (0 disables retries)."""
+
+    def __init__(self, address: str, *, timeout: float | None = 60.0, retries: int = 3) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0; got {retries}")
+        self.address = address
+        self.timeout = timeout
+        self.retries = retries
+        self._channel: Any = None
+        self._pid = 0
+
+    def _options(self) -> list[tuple[str, Any]]:
+        return channel_options(self.retries)
+
+    def _owned_channel(self) -> Any:
+        """This process's channel, or None. A channel inherited across ``fork`` is never
+        used, closed or released in the child (see `_orphan`)."""
+        if self._channel is not None and self._pid != os.getpid():
+            _orphan(self._channel)
+            self._channel = None
+        return self._channel
+
+    def _set_channel(self, channel: Any) -> Any:
+        self._channel = channel
+        self._pid = os.getpid()
+        return channel
+
+    def _deadline(self, timeout: Timeout) -> float | None:
+        return self.timeout if isinstance(timeout, Default) else timeout
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_channel"] = None
+        state["_pid"] = 0
+        return state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.address!r})"
+
+    # ------------------------------------------------------------------ operations
+    @staticmethod
+    def _op_list_tensors() -> Unary[list[TensorInfo]]:
+        return Unary("ListTensors", _pb.ListTensorsRequest(), _pb.ListTensorsResponse,
+                     _tensor_list)
+
+    @staticmethod
+    def _op_describe(name: str) -> Unary[TensorInfo]:
+        return Unary("DescribeTensor", _pb.DescribeTensorRequest(name=name), _pb.TensorInfo,
+                     TensorInfo.from_proto)
+
+    @staticmethod
+    def _op_explain(name: str, selection: object) -> Unary[SlicePlan]:
+        return Unary("Explain", selection_to_proto(name, make_selection(selection)),
+                     _pb.SlicePlan, SlicePlan.from_proto)
+
+    @staticmethod
+    def _op_slice(name: str, selection: object) -> Stream[dict[str, torch.Tensor]]:
+        return Stream("Slice", _bulk(selection_to_proto(name, make_selection(selection))),
+                      _tensors)
+
+    @staticmethod
+    def _op_slice_bytes(
+        name: str, index: object, combine: Combine | str, dtype: str | None, max_bytes: int
+    ) -> Stream[bytes]:
+        sel = make_selection(index, combine, dtype, max_bytes)
+        return Stream("Slice", _bulk(selection_to_proto(name, sel)), _file_bytes,
+                      as_bytes=True)
+
+    @staticmethod
+    def _op_slice_many(
+        items: Mapping[str, tuple[str, object]], max_bytes: int
+    ) -> Stream[dict[str, torch.Tensor]]:
+        if not items:
+            raise InvalidSelection("slice_many needs at least one item")
+        named = []
+        for key, item in items.items():
+            if not key:
+                raise InvalidSelection("slice_many: a key cannot be empty")
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise InvalidSelection(
+                    f"slice_many: item {key!r} must be (tensor name, index or Selection); "
+                    f"got {item!r}"
+                )
+            name, index = item
+            request = selection_to_proto(name, make_selection(index))
+            named.append(_pb.NamedSlice(key=key, request=request))
+        return Stream("SliceMany",
+                      _pb.SliceManyRequest(items=named, max_bytes=max_bytes, bulk=True),
+                      _tensors)
+
+
+def _bulk(request: _pb.SliceRequest) -> _pb.SliceRequest:
+    request.bulk = True  # this client can collect large results over the bulk data plane
+    return request
+
+
+_ORPHANS: list[Any] = []
+
+
+def _orphan(channel: Any) -> None:
+    """Keep a channel inherited across ``fork`` alive, untouched, for the child's lifetime:
+    closing or collecting it there would act on the parent's gRPC state."""
+    _ORPHANS.append(channel)
+
+
+# ---------------------------------------------------------------------------- tensors
+
+C = TypeVar("C", bound=BaseClient)
+
+
+class BaseRemoteTensor(Generic[C]):
+    """Metadata and selection building of a remote tensor; `RemoteTensor` and
+    `AsyncRemoteTensor` add the calls."""
+
+    def __init__(
+        self, client: C, info: TensorInfo, *, dtype: str | None = None, max_bytes: int = 0
+    ) -> None:
+        self.client = client
+        self.info = info
+        self._dtype = dtype
+        self._max_bytes = max_bytes
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.info.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.info.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.info.shape)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.info.shape)
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def __len__(self) -> int:
+        if not self.info.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.info.shape[0]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, shape={list(self.shape)}, "
+                f"dtype={self.dtype}, device={self.info.device!r})")
+
+    def _cast_args(self, dtype: str | torch.dtype, max_bytes: int | None) -> dict[str, Any]:
+        name = str(dtype).removeprefix("torch.")
+        return {"dtype": name, "max_bytes": self._max_bytes if max_bytes is None else max_bytes}
+
+    # ------------------------------------------------------------------ selections
+    def _sel(self, index: object, combine: Combine) -> Selection:
+        return make_selection(index, combine, self._dtype, self._max_bytes)
+
+    def _by_name(self, by_name: Mapping[str, object]) -> Selection:
+        names = self.info.dim_names
+        if not names:
+            raise InvalidSelection(f"tensor {self.name!r} has no dimension names")
+        index: list[object] = [slice(None)] * len(names)
+        for key, value in by_name.items():
+            if key not in names:
+                raise InvalidSelection(
+                    f"tensor {self.name!r} has no dimension {key!r}; its dimensions are "
+                    f"{', '.join(names)}"
+                )
+            index[names.index(key)] = value
+        return self._sel(tuple(index), Combine.OUTER)
+
+    def _threshold(
+        self,
+        dim: int | str,
+        stat: str,
+        over: Sequence[int | str],
+        op: str,
+        value: float,
+        scope: str,
+        k: int,
+        index: Sequence[object],
+    ) -> Selection:
+        d = self._dim(dim)
+        over_dims = tuple(self._dim(o) for o in over)
+        sels: list[Selector] = list(outer_selectors(tuple(index))) if index else []
+        sels += [Full()] * (d + 1 - len(sels)) if len(sels) <= d else []
+        sels[d] = Threshold(stat=stat, op=op, value=value, scope=scope, over=over_dims, k=k)
+        return Selection(tuple(sels), Combine.OUTER, self._dtype, self._max_bytes)
+
+    def _dim(self, dim: int | str) -> int:
+        if isinstance(dim, str):
+            if dim not in self.info.dim_names:
+                raise InvalidSelection(
+                    f"tensor {self.name!r} has no dimension {dim!r}; its dimensions are "
+                    f"{', '.join(self.info.dim_names) or 'unnamed'}"
+                )
+            return self.info.dim_names.index(dim)
+        return dim
+
+
+def where_result(out: Mapping[str, torch.Tensor]) -> WhereResult:
+    return WhereResult(out["values"], out["indices"], out.get("offsets"))
+
+
+class Indexer(Generic[R]):
+    """``remote.oindex[...]`` and ``remote.explain[...]``: indexing calls a function."""
+
+    def __init__(self, fn: Callable[[object], R]) -> None:
+        self._fn = fn
+
+    def __getitem__(self, index: object) -> R:
+        return self._fn(index)

@@ -1,0 +1,180 @@
+"""RemoteTensorDataset and RemoteTensorIterableDataset under a real DataLoader, with worker
+processes started by fork, spawn and forkserver, against a server in a subprocess (an
+in-process gRPC server would be forked along with the workers)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from tensorslice.client import (
+    Client,
+    DeadlineExceeded,
+    RemoteTensorDataset,
+    RemoteTensorIterableDataset,
+    SelectionOutOfRange,
+    ServerUnavailable,
+)
+
+N, D = 1000, 6  # 1000 rows: batches of 64 leave a partial last batch
+
+_SERVER = """
+import sys, torch
+from tensorslice.server import ServerConfig, TensorStore, create_server
+n, d = int(sys.argv[1]), int(sys.argv[2])
+store = TensorStore(device="cpu")
+store.add("x", torch.arange(n * d, dtype=torch.float32).reshape(n, d))
+store.add("y", torch.arange(n, dtype=torch.int64))
+store.add("t", torch.arange(n * 3, dtype=torch.int32).reshape(3, n))  # aligned on dim 1
+store.add("short", torch.zeros(n - 1))
+server, port = create_server(store, "127.0.0.1:0", ServerConfig())
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
+"""
+
+
+def _start_server() -> tuple[subprocess.Popen[str], str]:
+    env = {**os.environ, "TENSORSLICE_TEST_DEVICE": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER, str(N), str(D)],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )
+    assert proc.stdout is not None
+    port = proc.stdout.readline().strip()
+    if not port:
+        proc.kill()
+        raise RuntimeError("the server subprocess did not start")
+    return proc, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def address() -> Iterator[str]:
+    proc, addr = _start_server()
+    yield addr
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture()
+def parent_client(address: str) -> Iterator[Client]:
+    """A client the parent has used (its channel is open) before any loader forks."""
+    with Client(address, timeout=30) as c:
+        assert {t.name for t in c.list_tensors()} >= {"x", "y"}
+        yield c
+
+
+def _check_rows(x: torch.Tensor, y: torch.Tensor) -> None:
+    want = y.to(torch.float32).reshape(-1, 1) * D + torch.arange(D, dtype=torch.float32)
+    assert torch.equal(x, want)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_epoch_delivers_every_sample_once(parent_client: Client, method: str) -> None:
+    ds = RemoteTensorDataset(parent_client, ["x", "y"])  # shares the parent's used client
+    assert len(ds) == N
+    loader = DataLoader(ds, batch_size=64, shuffle=True, num_workers=2,
+                        collate_fn=ds.collate, multiprocessing_context=method)
+    seen: list[int] = []
+    for x, y in loader:
+        assert x.shape == (len(y), D) and x.dtype == torch.float32 and y.dtype == torch.int64
+        _check_rows(x, y)
+        seen += y.tolist()
+    assert sorted(seen) == list(range(N))
+    assert seen != list(range(N))  # shuffled
+    assert parent_client.describe("x").shape == (N, D)  # the parent's channel still works
+
+
+def test_default_collate_and_single_tensor(address: str) -> None:
+    pairs = RemoteTensorDataset(address, ["x", "y"])
+    x, y = next(iter(DataLoader(pairs, batch_size=10)))  # PyTorch's default collate
+    assert torch.equal(y, torch.arange(10))
+    _check_rows(x, y)
+    single = RemoteTensorDataset(address, "y")
+    batches = list(DataLoader(single, batch_size=300, collate_fn=single.collate))
+    assert torch.equal(torch.cat(batches), torch.arange(N))
+    assert [len(b) for b in batches] == [300, 300, 300, 100]
+
+
+def test_indexing(address: str) -> None:
+    ds = RemoteTensorDataset(address, ["x", "y"])
+    x, y = ds[3]
+    assert int(y) == 3 and torch.equal(x, torch.arange(18, 24, dtype=torch.float32))
+    assert int(ds[-1][1]) == N - 1
+    xs, ys = ds[[5, 1, 5]]
+    assert ys.tolist() == [5, 1, 5]
+    _check_rows(xs, ys)
+    assert ds[10:13][1].tolist() == [10, 11, 12]
+    batch = ds.__getitems__([7, 2])
+    assert [int(s[1]) for s in batch] == [7, 2]  # per-sample views, for default_collate
+    with pytest.raises(SelectionOutOfRange):
+        ds[N]
+    with pytest.raises(ValueError, match="differ in size along dimension 0"):
+        RemoteTensorDataset(address, ["x", "short"])
+    with pytest.raises(ValueError, match="has no dimension 2"):
+        RemoteTensorDataset(address, "x", dim=2)
+
+
+def test_other_dimension_puts_the_batch_first(address: str) -> None:
+    ds = RemoteTensorDataset(address, "t", dim=1)
+    assert len(ds) == N
+    t = ds[[4, 9]]
+    y = torch.tensor([4, 9])
+    assert t.shape == (2, 3)
+    assert torch.equal(t, (torch.arange(3).reshape(1, 3) * N + y.reshape(2, 1)).to(torch.int32))
+    assert ds[9].tolist() == [9, N + 9, 2 * N + 9]
+
+
+def test_distributed_sampler(address: str) -> None:
+    ds = RemoteTensorDataset(address, ["x", "y"])
+    seen: list[int] = []
+    for rank in range(2):
+        sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=3)
+        sampler.set_epoch(1)
+        for x, y in DataLoader(ds, batch_size=128, sampler=sampler, collate_fn=ds.collate):
+            _check_rows(x, y)
+            seen += y.tolist()
+    assert sorted(seen) == list(range(N))
+
+
+def test_iterable_covers_every_row_once_across_ranks_and_workers(address: str) -> None:
+    seen: list[int] = []
+    for rank in range(2):
+        ds = RemoteTensorIterableDataset(address, ["x", "y"], batch_size=64, rank=rank,
+                                         world_size=2)
+        for x, y in DataLoader(ds, batch_size=None, num_workers=2,
+                               multiprocessing_context="fork"):
+            _check_rows(x, y)
+            assert y.tolist() == list(range(int(y[0]), int(y[0]) + len(y)))  # contiguous
+            seen += y.tolist()
+    assert sorted(seen) == list(range(N))
+    one = RemoteTensorIterableDataset(address, "y", batch_size=300, drop_last=True)
+    assert [b.tolist() for b in one] == [list(range(i, i + 300)) for i in (0, 300, 600)]
+    assert one.num_batches() == 3
+
+
+def test_server_killed_mid_epoch_raises_within_timeout() -> None:
+    proc, addr = _start_server()
+    try:
+        ds = RemoteTensorDataset(Client(addr, timeout=3), ["x", "y"])
+        loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=2,
+                            collate_fn=ds.collate, multiprocessing_context="fork")
+        it = iter(loader)
+        next(it)
+        proc.kill()
+        proc.wait()
+        start = time.monotonic()
+        with pytest.raises((ServerUnavailable, DeadlineExceeded)):
+            for _ in it:
+                pass
+        assert time.monotonic() - start < 10
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,96 @@
+"""The public names of the packages, asserted exactly (like httpx's test_exported_members)."""
+
+from __future__ import annotations
+
+import tensorslice.client
+import tensorslice.server
+
+CLIENT = [
+    "AsyncClient",
+    "AsyncRemoteTensor",
+    "Client",
+    "Combine",
+    "DeadlineExceeded",
+    "Ellipsis_",
+    "Full",
+    "Index",
+    "Indices",
+    "InternalServerError",
+    "InvalidSelection",
+    "Mask",
+    "NewAxis",
+    "PlanStep",
+    "Range",
+    "RemoteTensor",
+    "RemoteTensorDataset",
+    "RemoteTensorIterableDataset",
+    "ResultTooLarge",
+    "Selection",
+    "SelectionOutOfRange",
+    "ServerUnavailable",
+    "SlicePlan",
+    "TensorInfo",
+    "TensorNotFound",
+    "TensorSliceError",
+    "Threshold",
+    "Unauthenticated",
+    "WhereResult",
+]
+
+SERVER = [
+    "Entry",
+    "Plan",
+    "ServerConfig",
+    "Step",
+    "TensorMeta",
+    "TensorSliceService",
+    "TensorStore",
+    "create_server",
+    "demo_tensor",
+    "execute",
+    "plan",
+]
+
+
+def _public(module: object) -> set[str]:
+    return {name for name in vars(module) if not name.startswith("_")}
+
+
+def test_client_exports() -> None:
+    assert tensorslice.client.__all__ == CLIENT
+    # every public name is in __all__, and every name in __all__ exists
+    assert _public(tensorslice.client) - {"annotations"} <= set(CLIENT) | _submodules(
+        tensorslice.client
+    )
+    for name in CLIENT:
+        assert getattr(tensorslice.client, name).__module__.startswith("tensorslice.client._")
+
+
+def test_server_exports() -> None:
+    assert tensorslice.server.__all__ == SERVER
+    assert _public(tensorslice.server) <= set(SERVER) | _submodules(tensorslice.server)
+    for name in SERVER:
+        assert getattr(tensorslice.server, name).__module__.startswith("tensorslice.server._")
+
+
+def test_all_is_sorted() -> None:
+    assert sorted(CLIENT) == CLIENT
+    assert sorted(SERVER) == SERVER
+
+
+def test_client_does_not_import_the_server() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tensorslice.client; "
+        "print(any(m.startswith('tensorslice.server') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+def _submodules(module: object) -> set[str]:
+    return {name for name, value in vars(module).items()
+            if type(value).__name__ == "module"}

@@ -1,0 +1,192 @@
+"""The three ways a result travels: inline in one `Fetch` response, over the bulk data
+plane, and as a gRPC stream (`Slice`, and the client's fallback without a bulk listener)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import safetensors.torch
+import torch
+
+from tensorslice.client import AsyncClient, Client, TensorSliceError
+from tensorslice.client._wire import Assembler, decode_chunk
+from tensorslice.server import ServerConfig, TensorStore, create_server
+from tensorslice.server._bulk import TOKEN_BYTES, BulkServer
+from tensorslice.v1 import tensorslice_pb2 as pb
+
+X = torch.randn(64, 32, 16, 16, generator=torch.Generator().manual_seed(7))  # 2 MiB
+
+CASES: list[tuple[tuple[object, ...], torch.Tensor]] = [
+    ((slice(0, 40),), X[0:40]),  # contiguous view
+    ((slice(None), slice(3, 20)), X[:, 3:20]),  # strided copy
+    (([5, 1, 9, 9], slice(None), 3), X[[5, 1, 9, 9], :, 3]),  # gather
+    ((slice(None, None, -3), [0, 31]), X.flip(0)[::3][:, [0, 31]]),  # NumPy's negative step
+    ((0, 0, 0, 0), X[0, 0, 0, 0]),  # scalar
+    ((slice(5, 5),), X[5:5]),  # empty
+]
+
+
+def _server(**config: object) -> tuple[object, str]:
+    store = TensorStore(device="cuda" if torch.cuda.is_available() else "cpu")
+    store.add("x", X)
+    srv, port = create_server(store, "127.0.0.1:0", ServerConfig(**config))  # type: ignore[arg-type]
+    srv.start()
+    return srv, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module", params=["inline", "bulk", "stream"])
+def transport(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, object]]:
+    configs = {
+        "inline": {"unary_max_bytes": 64 << 20},
+        "bulk": {"unary_max_bytes": 1024},
+        "stream": {"unary_max_bytes": 1024, "bulk": False, "chunk_bytes": 4096},
+    }
+    srv, address = _server(**configs[request.param])
+    yield request.param, address, srv
+    srv.stop(grace=None)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("index", "local"), CASES, ids=[str(i) for i in range(len(CASES))])
+def test_results_identical_over_every_transport(
+    transport: tuple[str, str, object], index: tuple[object, ...], local: torch.Tensor
+) -> None:
+    _, address, _ = transport
+    with Client(address, timeout=30) as c:
+        got = c.tensor("x")[index].cpu()
+        assert got.shape == local.shape and torch.equal(got, local)
+
+
+def test_slice_bytes_and_threshold_over_every_transport(
+    transport: tuple[str, str, object],
+) -> None:
+    _, address, _ = transport
+    with Client(address, timeout=30) as c:
+        data = c.slice_bytes("x", (slice(2, 50),))
+        assert isinstance(data, bytes)
+        assert torch.equal(safetensors.torch.load(data)["values"], X[2:50])
+        w = c.tensor("x").where(1, "mean", op=">", value=0.0, scope="per_sample")
+        m = X.mean(dim=(2, 3)) > 0
+        assert torch.equal(w.values.cpu(), X.movedim(1, 1)[m.nonzero(as_tuple=True)])
+
+
+def test_bulk_transfers_counted(transport: tuple[str, str, object]) -> None:
+    kind, address, srv = transport
+    bulk: BulkServer | None = srv.bulk  # type: ignore[attr-defined]
+    if kind == "stream":
+        assert bulk is None
+        return
+    assert bulk is not None
+    before = bulk.sent
+    with Client(address, timeout=30) as c:
+        c.tensor("x")[0:40]
+    assert bulk.sent == before + (1 if kind == "bulk" else 0)
+    assert bulk.pending == 0
+
+
+def test_async_client_over_bulk() -> None:
+    srv, address = _server(unary_max_bytes=1024)
+    try:
+        async def go() -> torch.Tensor:
+            async with AsyncClient(address, timeout=30) as c:
+                r = await c.tensor("x")
+                return await r[3:30, [4, 2]]
+
+        assert torch.equal(asyncio.run(go()).cpu(), X[3:30, [4, 2]])
+    finally:
+        srv.stop(grace=None)  # type: ignore[attr-defined]
+
+
+def test_fetch_too_large_without_bulk_is_failed_precondition() -> None:
+    srv, address = _server(unary_max_bytes=1024, bulk=False)
+    try:
+        with grpc.insecure_channel(address) as ch:
+            fetch = ch.unary_unary("/tensorslice.v1.TensorSlice/Fetch",
+                                   request_serializer=pb.SliceRequest.SerializeToString,
+                                   response_deserializer=pb.SliceChunk.FromString)
+            req = pb.SliceRequest(tensor="x", bulk=True)
+            with pytest.raises(grpc.RpcError) as info:
+                fetch(req, timeout=10)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            size = int(re.match(r"result of (\d+) bytes", info.value.details()).group(1))
+            assert 2097152 < size < 2097152 + 512  # the data plus the header
+            assert info.value.details() == (
+                f"result of {size} bytes is larger than the 1024-byte limit of a single "
+                "response and the server has no bulk listener; use Slice (streaming)"
+            )
+            # The generated stub reads a Slice stream: the chunks concatenate to the file.
+            stream = ch.unary_stream("/tensorslice.v1.TensorSlice/Slice",
+                                     request_serializer=pb.SliceRequest.SerializeToString,
+                                     response_deserializer=pb.SliceChunk.FromString)
+            data = b"".join(chunk.data for chunk in stream(req, timeout=10))
+            assert torch.equal(safetensors.torch.load(data)["values"], X)
+    finally:
+        srv.stop(grace=None)  # type: ignore[attr-defined]
+
+
+def _redeem(port: int, token: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(token)
+        out = b""
+        while True:
+            part = s.recv(1 << 16)
+            if not part:
+                return out
+            out += part
+
+
+def test_bulk_server_tokens_are_one_time_and_expire() -> None:
+    bulk = BulkServer("127.0.0.1", 0, ticket_timeout=0.3).start()
+    try:
+        token = bulk.offer([b"hello ", memoryview(b"world")], 11)
+        assert _redeem(bulk.port, token) == b"hello world"
+        assert _redeem(bulk.port, token) == b""  # used: the connection is dropped
+        assert _redeem(bulk.port, b"\0" * TOKEN_BYTES) == b""  # unknown
+        late = bulk.offer([b"never"], 5)
+        deadline = time.monotonic() + 5
+        while bulk.pending and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert bulk.pending == 0
+        assert _redeem(bulk.port, late) == b""  # expired
+        assert bulk.sent == 1
+    finally:
+        bulk.stop()
+
+
+def test_truncated_bulk_transfer_raises() -> None:
+    bulk = BulkServer("127.0.0.1", 0).start()
+    try:
+        header = b'{"values":{"dtype":"U8","shape":[100],"data_offsets":[0,100]}}'
+        header += b" " * (-len(header) % 8)
+        head = len(header).to_bytes(8, "little") + header
+        token = bulk.offer([head, b"x" * 10], len(head) + 100)  # sends 90 bytes short
+        asm = Assembler()
+        with socket.create_connection(("127.0.0.1", bulk.port), timeout=10) as s:
+            s.sendall(token)
+            with pytest.raises(TensorSliceError, match=re.escape(
+                    f"bulk transfer ended early: {len(head) + 10} of {len(head) + 100} bytes")):
+                asm.receive(s, len(head) + 100)
+    finally:
+        bulk.stop()
+
+
+def test_inline_fetch_frame_is_a_slice_chunk() -> None:
+    srv, address = _server()
+    try:
+        with grpc.insecure_channel(address) as ch:
+            fetch = ch.unary_unary("/tensorslice.v1.TensorSlice/Fetch",
+                                   request_serializer=pb.SliceRequest.SerializeToString,
+                                   response_deserializer=None)
+            req = pb.SliceRequest(tensor="x", selectors=[pb.Selector(index=pb.Index(index=3))])
+            frame = fetch(req, timeout=10)
+            parsed = pb.SliceChunk.FromString(frame)
+            assert not parsed.HasField("ticket")
+            assert parsed.data == bytes(decode_chunk(frame))
+            assert torch.equal(safetensors.torch.load(parsed.data)["values"], X[3])
+    finally:
+        srv.stop(grace=None)  # type: ignore[attr-defined]

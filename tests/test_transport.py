@@ -190,3 +190,34 @@ def test_inline_fetch_frame_is_a_slice_chunk() -> None:
             assert torch.equal(safetensors.torch.load(parsed.data)["values"], X[3])
     finally:
         srv.stop(grace=None)  # type: ignore[attr-defined]
+
+
+def test_receive_buffers_are_recycled_only_once_their_tensors_are_gone() -> None:
+    import gc
+
+    from tensorslice.client import _wire
+
+    n = 2 << 20
+    header, _ = _wire.safetensors_header([("values", torch.uint8, (n,))])
+
+    def receive(fill: int) -> torch.Tensor:
+        asm = Assembler()
+        asm.feed(header)
+        asm.feed(bytes([fill]) * n)
+        return asm.tensors()["values"]
+
+    _wire._recycled.clear()
+    first = receive(1)
+    view = first[10:20]  # a view keeps the buffer too
+    del first
+    gc.collect()
+    assert len(_wire._recycled) == 0
+    second = receive(2)  # must not reuse the buffer `view` lives on
+    assert int(view.sum()) == 10 and int(second[:10].sum()) == 20
+    address = second.data_ptr()
+    del second
+    gc.collect()
+    assert len(_wire._recycled) == 1
+    third = receive(3)  # reuses the freed buffer: no fresh pages to fault in
+    assert third.data_ptr() == address
+    assert int(third.sum()) == 3 * n and int(view.sum()) == 10

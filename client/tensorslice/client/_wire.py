@@ -13,6 +13,8 @@ import ctypes
 import json
 import socket
 import struct
+import weakref
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -198,6 +200,41 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 _RECV_BYTES = 16 << 20
 
+RECYCLE_MAX_BYTES = 1 << 30
+"""Receive buffers freed by their tensors are kept, up to this many bytes in all, and
+reused: filling fresh memory costs a page fault per 4 KiB, about as much as the transfer."""
+_RECYCLE_MIN = 1 << 20
+
+
+_recycled: deque[bytearray] = deque()
+
+
+def _give_back(buf: bytearray) -> None:
+    if sum(map(len, _recycled)) + len(buf) <= RECYCLE_MAX_BYTES:
+        _recycled.append(buf)
+
+
+def _receive_buffer(n: int) -> memoryview:
+    """A writable view of n bytes. Large ones come from the recycling pool when a free
+    buffer of at most twice the size is there; the buffer goes back to the pool when the
+    view (and every tensor built on it) is gone."""
+    if n < _RECYCLE_MIN:
+        return memoryview(bytearray(n))
+    buf = None
+    for cand in list(_recycled):
+        if n <= len(cand) <= 2 * n:
+            try:
+                _recycled.remove(cand)
+            except ValueError:  # taken by another thread meanwhile
+                continue
+            buf = cand
+            break
+    if buf is None:
+        buf = bytearray(n)
+    view = memoryview(buf)[:n]
+    weakref.finalize(view, _give_back, buf)
+    return view
+
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     out = bytearray()
@@ -241,7 +278,7 @@ class Assembler:
     def __init__(self, *, as_bytes: bool = False) -> None:
         self._as_bytes = as_bytes
         self._head = bytearray()
-        self._buf: torch.Tensor | bytes | None = None
+        self._buf: memoryview | bytes | None = None
         self._view: memoryview | None = None
         self._pos = 0
         self._data_start = 0
@@ -286,9 +323,7 @@ class Assembler:
         if self._as_bytes:
             self._buf, self._view = _fresh_bytes(total)
         else:
-            # torch's allocator: uninitialized (no zero-fill) and the cheapest to fault in.
-            self._buf = torch.empty(total, dtype=torch.uint8)
-            self._view = self._buf.numpy().data.cast("B")
+            self._buf = self._view = _receive_buffer(total)
         head = bytes(self._head)
         self._head = bytearray()
         self._view[: len(head)] = head
@@ -320,7 +355,7 @@ class Assembler:
     def complete(self) -> bool:
         return self._view is not None and self._pos == len(self._view)
 
-    def _check(self) -> tuple[torch.Tensor | bytes, memoryview]:
+    def _check(self) -> tuple[memoryview | bytes, memoryview]:
         if self._buf is None or self._view is None or not self.complete:
             got = self._pos if self._view is not None else len(self._head)
             want = len(self._view) if self._view is not None else "an unknown number of"
@@ -334,17 +369,15 @@ class Assembler:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the file, built on the buffer without a copy."""
-        buf, view = self._check()
+        _, view = self._check()
         out: dict[str, torch.Tensor] = {}
         for e in self.entries:
             count = (e.end - e.start) // e.dtype.itemsize
             start = self._data_start + e.start
             if count == 0:
                 out[e.name] = torch.empty(e.shape, dtype=e.dtype)
-            elif isinstance(buf, torch.Tensor) and start % e.dtype.itemsize == 0:
-                out[e.name] = buf[start : start + count * e.dtype.itemsize].view(
-                    e.dtype).view(e.shape)
-            else:  # a `bytes` buffer, or a misaligned tensor from another writer
+            else:
+                # On the receive view itself: the tensors keep it (and its buffer) alive.
                 flat = torch.frombuffer(view, dtype=e.dtype, count=count, offset=start)
                 out[e.name] = flat.view(e.shape) if start % e.dtype.itemsize == 0 else (
                     flat.clone().view(e.shape))

@@ -43,6 +43,7 @@ log = logging.getLogger("tensorslice.server")
 
 SERVICE_NAME = _pb.DESCRIPTOR.services_by_name["TensorSlice"].full_name
 MAX_REQUEST_BYTES = 256 << 20
+_BULK_PIECE_BYTES = 16 << 20
 
 T = TypeVar("T")
 
@@ -152,7 +153,8 @@ class TensorSliceService:
     def _one_message(self, result: _Result, bulk: bool) -> bytes:
         """A whole result as one serialized `SliceChunk`: inline when small, else a ticket
         for the bulk data plane."""
-        body = pieces(result.payloads, result.metadata, chunk_bytes=self.config.chunk_bytes,
+        # One message or a socket: no framing to bound, so large pieces (fewer sendall calls).
+        body = pieces(result.payloads, result.metadata, chunk_bytes=_BULK_PIECE_BYTES,
                       slab_bytes=self.config.slab_bytes)
         header = next(body)
         size = len(header) + sum(p.nbytes for p in result.payloads)

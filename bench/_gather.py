@@ -74,7 +74,7 @@ def measure(
     x: torch.Tensor, samples: int, channels: int, reps: int, full: bool = False
 ) -> GatherTimes:
     """Times article and row gather; with ``full`` also advanced indexing and memcpy."""
-    from bench._tensorslice import server_gather  # the service's gather (planner or stand-in)
+    from bench._tensorslice import server_gather  # the service's gather (the planner)
 
     b, c = pick(samples, channels)
     want = article(x, b, c)

@@ -1,58 +1,20 @@
-"""The one place that knows the tensorslice API; everything else calls these functions.
-
-If ``tensorslice.client`` cannot be imported, ``AVAILABLE`` is False, ``UNAVAILABLE_REASON``
-says why, and the service rows are reported as unavailable while the peers still run.
-
-To integrate with the service, the functions to check are :func:`_build_server` (the server
-factory), :func:`_planner_gather` (the planner, used by :func:`server_gather` when it gives
-the right answer) and, if the client API moves, :func:`connect`.
-"""
+"""The one place that knows the tensorslice API; everything else calls these functions."""
 
 from __future__ import annotations
 
 import multiprocessing.connection
-import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench._common import HOST, Child, gbps, median
-from bench._gather import row_gather
 from bench._payload import check_pattern, pattern_tensor
 from bench._rss import control_loop
-
-_REPO = Path(__file__).resolve().parent.parent
-
-
-def _import_client() -> tuple[Any, str]:
-    """``tensorslice.client.Client``, falling back to the source tree (protos/, client/,
-    server/ are the package's dev-mode directories) when the package is not installed."""
-    try:
-        from tensorslice.client import Client
-
-        return Client, ""
-    except ImportError:
-        pass
-    for sub in ("protos", "client", "server"):
-        path = str(_REPO / sub)
-        if path not in sys.path:
-            sys.path.append(path)
-    try:
-        from tensorslice.client import Client
-
-        return Client, ""
-    except Exception as e:  # anything at import time means "not usable yet"
-        return None, f"import tensorslice.client failed: {e!r}"
-
-
-Client, UNAVAILABLE_REASON = _import_client()
-AVAILABLE = Client is not None
-
+from tensorslice.client import Client
 
 # --- the server side ----------------------------------------------------------------------
 
@@ -91,7 +53,6 @@ def _build_server(tensors: dict[str, torch.Tensor]) -> tuple[Any, int]:
 
 def _server_main(ctrl: multiprocessing.connection.Connection, specs: dict[str, TensorSpec]) -> None:
     try:
-        _import_client()  # the same sys.path fallback in the child
         tensors = {
             name: pattern_tensor(s.shape, getattr(torch, s.dtype)) for name, s in specs.items()
         }
@@ -129,42 +90,18 @@ def _planner_gather(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> Iterat
 _POOL: dict[str, Any] = {}
 
 
-def _stand_in_gather(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Stand-in: the row gather of ``bench._gather`` into one reused buffer."""
-    key = f"out{b.numel()}x{c.numel()}"
-    out = _POOL.get(key)
-    if out is None:
-        out = _POOL[key] = torch.empty((b.numel(), c.numel(), *x.shape[2:]), dtype=x.dtype)
-    yield row_gather(x, b, c, out)
-
-
-def _pick_server_gather() -> tuple[Callable[..., Iterator[torch.Tensor]], str]:
-    try:
-        x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
-        b, c = torch.tensor([1]), torch.tensor([0, 2])
-        got = torch.cat([s.reshape(-1).view(torch.uint8) for s in _planner_gather(x, b, c)])
-        if torch.equal(got.view(torch.float32).view(1, 2, 2, 2), x[b][:, c]):
-            return _planner_gather, "planner (plan + payload slabs)"
-        reason = "planner gave a wrong result"
-    except Exception as e:
-        reason = f"planner unavailable: {e!r}"
-    return _stand_in_gather, f"stand-in: row gather ({reason[:120]})"
-
-
-_SERVER_GATHER, SERVER_GATHER_KIND = _pick_server_gather()
-SERVER_GATHER_IS_STAND_IN = _SERVER_GATHER is _stand_in_gather
 
 
 def server_gather(
     x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, sink: torch.Tensor | None = None
 ) -> int:
     """The service's gather of samples ``b`` × channels ``c`` done on the server, in-process:
-    the server's planner where it can be used, else the stand-in row gather. Returns the bytes
+    the server's planner, producing the slabs it would send. Returns the bytes
     produced; with ``sink`` (contiguous, the result's size) the bytes are also copied there,
     for checking only (the timed calls pass no sink, as the server sends the slabs as is)."""
     done = 0
     flat = sink.view(-1).view(torch.uint8) if sink is not None else None
-    for slab in _SERVER_GATHER(x, b, c):
+    for slab in _planner_gather(x, b, c):
         n = slab.numel() * slab.element_size()
         if flat is not None:
             flat[done : done + n] = slab.reshape(-1).view(torch.uint8)
@@ -177,8 +114,6 @@ def server_gather(
 
 def connect(port: int) -> Any:
     """An open client (``Client`` is a context manager; call ``close`` via ``__exit__``)."""
-    if Client is None:
-        raise RuntimeError(UNAVAILABLE_REASON)
     c = Client(f"{HOST}:{port}")
     c.__enter__()
     return c

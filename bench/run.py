@@ -120,8 +120,7 @@ def group_flight(cfg: Config, figs: Figures) -> list[Row]:
 
 def group_gather(cfg: Config, figs: Figures) -> list[Row]:
     x = _gather.make_tensor()
-    stand_in = " (stand-in: row gather)" if _tensorslice.SERVER_GATHER_IS_STAND_IN else " (planner)"
-    figs.info["server_gather"] = _tensorslice.SERVER_GATHER_KIND
+    stand_in = " (planner)"
     m = _gather.measure(x, *_gather.MAIN, cfg.reps, full=True)
     label = f"{m.samples}×{m.channels} of {tuple(x.shape)} f32, {size(m.nbytes)}"
     assert m.advanced is not None and m.memcpy is not None and m.server is not None
@@ -262,12 +261,6 @@ def _service_rows(cfg: Config, figs: Figures) -> list[Row]:
 
 
 def group_tensorslice(cfg: Config, figs: Figures) -> list[Row]:
-    if not _tensorslice.AVAILABLE:
-        rows = _service_rows(cfg, figs)
-        for r in rows:
-            if r.figure != "a 4 GiB slice works":
-                r.note = f"unavailable: {_tensorslice.UNAVAILABLE_REASON}"
-        return rows
     ts = _tensorslice
     errors: list[str] = []
 
@@ -463,8 +456,6 @@ def main(argv: list[str] | None = None) -> int:
         "config": asdict(cfg),
         "groups": selected,
         "group_seconds": timings,
-        "tensorslice_available": _tensorslice.AVAILABLE,
-        "tensorslice_unavailable_reason": _tensorslice.UNAVAILABLE_REASON or None,
         "rows": [r.to_json() for r in rows],
         "values": figs.values,
         "info": figs.info,

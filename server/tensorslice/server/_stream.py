@@ -11,7 +11,7 @@ from tensorslice.server._staging import host_chunks
 
 __all__ = ["CHUNK_BYTES", "SLAB_BYTES", "frames", "pieces"]
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 2 << 20
 """Payload bytes per `SliceChunk` (see README, "Transport")."""
 SLAB_BYTES = 4 << 20
 """Bytes a strided copy or a row gather writes per step into its reused buffer."""

@@ -330,6 +330,16 @@ def _expected_gather(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return vals.view(b.numel(), c.numel(), h, w)
 
 
+def group_dataloader(cfg: Config, figs: Figures) -> list[Row]:
+    from bench import dataloader
+
+    return [
+        Row(d["figure"], d["value"], "samples/s", d["peer"], d["peer_value"], "samples/s",
+            goal=Goal(">=", dataloader.GOAL), group="service")
+        for d in dataloader.run(cfg.quick)
+    ]
+
+
 GROUPS: dict[str, Callable[[Config, Figures], list[Row]]] = {
     "memcpy": group_memcpy,
     "socket": group_socket,
@@ -338,8 +348,11 @@ GROUPS: dict[str, Callable[[Config, Figures], list[Row]]] = {
     "gather": group_gather,
     "rss": group_rss,
     "tensorslice": group_tensorslice,
+    "dataloader": group_dataloader,
 }
-ALIASES = {"peers": [g for g in GROUPS if g != "tensorslice"], "service": ["tensorslice"]}
+_SERVICE_GROUPS = ("tensorslice", "dataloader")
+ALIASES = {"peers": [g for g in GROUPS if g not in _SERVICE_GROUPS],
+           "service": list(_SERVICE_GROUPS)}
 
 
 # --- output -----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from tensorslice.client import (
 )
 
 N, D = 1000, 6  # 1000 rows: batches of 64 leave a partial last batch
+LOADER_TIMEOUT = 30  # seconds a loader waits for a batch: a stuck worker fails, never hangs
 
 _SERVER = """
 import sys, torch
@@ -81,7 +82,8 @@ def test_epoch_delivers_every_sample_once(parent_client: Client, method: str) ->
     ds = RemoteTensorDataset(parent_client, ["x", "y"])  # shares the parent's used client
     assert len(ds) == N
     loader = DataLoader(ds, batch_size=64, shuffle=True, num_workers=2,
-                        collate_fn=ds.collate, multiprocessing_context=method)
+                        collate_fn=ds.collate, multiprocessing_context=method,
+                        timeout=LOADER_TIMEOUT)
     seen: list[int] = []
     for x, y in loader:
         assert x.shape == (len(y), D) and x.dtype == torch.float32 and y.dtype == torch.int64
@@ -150,7 +152,7 @@ def test_iterable_covers_every_row_once_across_ranks_and_workers(address: str) -
         ds = RemoteTensorIterableDataset(address, ["x", "y"], batch_size=64, rank=rank,
                                          world_size=2)
         for x, y in DataLoader(ds, batch_size=None, num_workers=2,
-                               multiprocessing_context="fork"):
+                               multiprocessing_context="fork", timeout=LOADER_TIMEOUT):
             _check_rows(x, y)
             assert y.tolist() == list(range(int(y[0]), int(y[0]) + len(y)))  # contiguous
             seen += y.tolist()
@@ -165,7 +167,8 @@ def test_server_killed_mid_epoch_raises_within_timeout() -> None:
     try:
         ds = RemoteTensorDataset(Client(addr, timeout=3), ["x", "y"])
         loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=2,
-                            collate_fn=ds.collate, multiprocessing_context="fork")
+                            collate_fn=ds.collate, multiprocessing_context="fork",
+                            timeout=LOADER_TIMEOUT)
         it = iter(loader)
         next(it)
         proc.kill()

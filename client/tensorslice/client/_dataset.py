@@ -33,13 +33,42 @@ __all__ = ["Batch", "RemoteTensorDataset", "RemoteTensorIterableDataset"]
 
 
 class Batch(list[Any]):
-    """What `RemoteTensorDataset.__getitems__` returns: the batch's samples (views of the
-    batched tensors, for PyTorch's default collate) and ``collated``, the batched tensors
-    themselves (a tensor, or a tuple for several names), which `collate` returns."""
+    """What `RemoteTensorDataset.__getitems__` returns: ``collated``, the batched tensors
+    (a tensor, or a tuple for several names), which `collate` returns as they are; and, as
+    a list, the batch's samples (views of those tensors) for PyTorch's default collate.
 
-    def __init__(self, samples: Sequence[Any], collated: Any) -> None:
-        super().__init__(samples)
+    The per-sample views are made on first use as a list (``batch[0]``, ``len``, iteration:
+    what `default_collate` does first), so that `collate` never pays for them."""
+
+    def __init__(self, collated: Any, single: bool) -> None:
+        super().__init__()
         self.collated = collated
+        self._single = single
+        self._filled = False
+
+    def _fill(self) -> None:
+        if self._filled:
+            return
+        self._filled = True
+        if self._single:
+            super().extend(self.collated.unbind(0))
+        else:
+            super().extend(zip(*(t.unbind(0) for t in self.collated), strict=True))
+
+    def __getitem__(self, index: Any) -> Any:
+        self._fill()
+        return super().__getitem__(index)
+
+    def __len__(self) -> int:
+        self._fill()
+        return super().__len__()
+
+    def __iter__(self) -> Iterator[Any]:
+        self._fill()
+        return super().__iter__()
+
+    def __reduce__(self) -> Any:
+        return (Batch, (self.collated, self._single))
 
 
 class _Columns:
@@ -131,12 +160,7 @@ class RemoteTensorDataset(torch.utils.data.Dataset[Any]):
         """One batch, in one RPC: a `Batch` of per-sample views over the batched tensors."""
         cols = self.columns
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
-        batched = cols.batch_first(cols.fetch(Indices(idx)))
-        if cols.single:
-            samples: list[Any] = list(batched.unbind(0))
-        else:
-            samples = list(zip(*(t.unbind(0) for t in batched), strict=True))
-        return Batch(samples, batched)
+        return Batch(cols.batch_first(cols.fetch(Indices(idx))), cols.single)
 
     @staticmethod
     def collate(batch: Any) -> Any:

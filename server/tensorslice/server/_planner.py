@@ -193,13 +193,15 @@ def _check_indices(meta: TensorMeta, d: int, values: torch.Tensor) -> torch.Tens
     size = meta.shape[d]
     v = values.to(torch.int64).cpu()
     if v.numel():
-        bad = (v < -size) | (v >= size)
-        if bool(bad.any()):
+        lo, hi = (int(x) for x in torch.aminmax(v))  # one pass; the common case ends here
+        if lo < -size or hi >= size:
+            bad = (v < -size) | (v >= size)
             first = int(v[bad].reshape(-1)[0])
             raise SelectionOutOfRange(
                 f"index {first} is out of bounds for {meta.dim(d)} of size {size}"
             )
-        v = torch.where(v < 0, v + size, v)
+        if lo < 0:
+            v = torch.where(v < 0, v + size, v)
     return v
 
 

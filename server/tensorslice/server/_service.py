@@ -58,7 +58,7 @@ class ServerConfig:
         chunk_bytes: int = CHUNK_BYTES,
         slab_bytes: int = SLAB_BYTES,
         max_workers: int = 16,
-        unary_max_bytes: int = 4 << 20,
+        unary_max_bytes: int = 1 << 20,
         bulk: bool = True,
         bulk_port: int = 0,
         ticket_timeout: float = 60.0,

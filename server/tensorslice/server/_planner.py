@@ -286,7 +286,11 @@ def plan(meta: TensorMeta, selection: Selection, *, limit: int = 0) -> Plan:
     """Validate a selection against a tensor and plan it. Raises InvalidSelection,
     SelectionOutOfRange or ResultTooLarge with a message naming dimension, value and size."""
     out_dtype = dtype_from_name(selection.dtype) if selection.dtype else meta.dtype
-    bound = [_normalize(meta, s, d) for s, d in _bind(meta, selection)]
+    pairs = _bind(meta, selection)
+    for s, d in pairs:  # like PyTorch, a bad integer or slice is reported before a bad list
+        if isinstance(s, (Index, Range)):
+            _normalize(meta, s, d)
+    bound = [_normalize(meta, s, d) for s, d in pairs]
     limit = _limit(selection.max_bytes, limit)
     thresholds = [b for b in bound if isinstance(b, _Thresh)]
     if thresholds:

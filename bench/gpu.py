@@ -193,7 +193,8 @@ def bench_d2h(b: Bench) -> list[Row]:
 
     def staged(pool: PinnedPool | None = None) -> int:
         total = 0
-        for mv in host_chunks(payload.slabs(SLAB_BYTES, BufferPool()), CHUNK_BYTES, pool=pool):
+        chunk = CHUNK_BYTES if pool is None else min(CHUNK_BYTES, pool.nbytes)
+        for mv in host_chunks(payload.slabs(SLAB_BYTES, BufferPool()), chunk, pool=pool):
             total += len(mv)
             _ = mv[0]  # touch it
         return total

@@ -13,14 +13,14 @@ import pytest
 import torch
 from hypothesis import settings
 
+from tensorslice.client import Client
+from tensorslice.server import ServerConfig, TensorStore, create_server, demo_tensor
+
 # CI runs the same examples every time (a failure there is reproducible); people running
 # the suite locally explore new ones.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
-
-from tensorslice.client import Client
-from tensorslice.server import ServerConfig, TensorStore, create_server, demo_tensor
 
 
 def _test_device() -> str:

@@ -10,6 +10,7 @@ its tensors on that buffer with `torch.frombuffer`.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import socket
 import struct
@@ -267,6 +268,26 @@ def _fresh_bytes(n: int) -> tuple[bytes, memoryview]:
     return obj, memoryview(storage).cast("B")
 
 
+@functools.lru_cache(maxsize=256)
+def _parse_header(raw: bytes) -> tuple[tuple[TensorEntry, ...], tuple[tuple[str, str], ...]]:
+    """The entries (by offset) and metadata of a safetensors JSON header; the same header
+    seen again (the same request, repeated) is parsed once."""
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise TensorSliceError(f"malformed safetensors header: {exc}") from None
+    metadata = tuple((header.pop("__metadata__", None) or {}).items())
+    entries = []
+    for name, info in header.items():
+        dtype = _FROM_ST.get(info["dtype"])
+        if dtype is None:
+            raise TensorSliceError(f"unsupported safetensors dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        entries.append(TensorEntry(name, dtype, tuple(info["shape"]), start, end))
+    entries.sort(key=lambda e: e.start)
+    return tuple(entries), metadata
+
+
 class Assembler:
     """Collects the payloads of a stream into one preallocated buffer.
 
@@ -304,20 +325,10 @@ class Assembler:
         (hlen,) = struct.unpack_from("<Q", self._head)
         if len(self._head) < 8 + hlen:
             return
-        try:
-            header = json.loads(bytes(self._head[8 : 8 + hlen]))
-        except ValueError as exc:
-            raise TensorSliceError(f"malformed safetensors header: {exc}") from None
-        self.metadata = dict(header.pop("__metadata__", None) or {})
-        total_data = 0
-        for name, info in header.items():
-            dtype = _FROM_ST.get(info["dtype"])
-            if dtype is None:
-                raise TensorSliceError(f"unsupported safetensors dtype {info['dtype']}")
-            start, end = info["data_offsets"]
-            self.entries.append(TensorEntry(name, dtype, tuple(info["shape"]), start, end))
-            total_data = max(total_data, end)
-        self.entries.sort(key=lambda e: e.start)
+        entries, metadata = _parse_header(bytes(self._head[8 : 8 + hlen]))
+        self.entries = list(entries)
+        self.metadata = dict(metadata)
+        total_data = max((e.end for e in entries), default=0)
         self._data_start = 8 + hlen
         total = self._data_start + total_data
         if self._as_bytes:

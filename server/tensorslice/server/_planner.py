@@ -10,6 +10,7 @@ reused buffers.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -139,11 +140,16 @@ class Plan:
             return -1
         return math.prod(self.result_shape) * self.result_dtype.itemsize
 
-    def summary(self) -> str:
+    @functools.cached_property
+    def _summary(self) -> str:
         kinds = [f"{s.kind}({s.dim})" if s.dim >= 0 else s.kind for s in self.steps]
         shape = "x".join("?" if s < 0 else str(s) for s in self.result_shape) or "scalar"
         how = "zero-copy" if self.zero_copy else "copy"
         return f"{' > '.join(kinds) or 'view'}; {shape} {dtype_name(self.result_dtype)}; {how}"
+
+    def summary(self) -> str:
+        """One line: the steps, the result's shape and dtype, zero-copy or copy."""
+        return self._summary
 
 
 # ---------------------------------------------------------------------------- binding
@@ -287,9 +293,12 @@ def plan(meta: TensorMeta, selection: Selection, *, limit: int = 0) -> Plan:
     SelectionOutOfRange or ResultTooLarge with a message naming dimension, value and size."""
     out_dtype = dtype_from_name(selection.dtype) if selection.dtype else meta.dtype
     pairs = _bind(meta, selection)
-    for s, d in pairs:  # like PyTorch, a bad integer or slice is reported before a bad list
-        if isinstance(s, (Index, Range)):
-            _normalize(meta, s, d)
+    if selection.combine is Combine.VECTORIZED:
+        # Like PyTorch, report a bad integer or slice before a bad index list or mask;
+        # OUTER reports the first bad selector, left to right.
+        for s, d in pairs:
+            if isinstance(s, (Index, Range)):
+                _normalize(meta, s, d)
     bound = [_normalize(meta, s, d) for s, d in pairs]
     limit = _limit(selection.max_bytes, limit)
     thresholds = [b for b in bound if isinstance(b, _Thresh)]

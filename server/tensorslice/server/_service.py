@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ log = logging.getLogger("tensorslice.server")
 SERVICE_NAME = _pb.DESCRIPTOR.services_by_name["TensorSlice"].full_name
 MAX_REQUEST_BYTES = 256 << 20
 _BULK_PIECE_BYTES = 16 << 20
+_PLAN_CACHE_SIZE = 1024
+_PLAN_CACHE_KEY_BYTES = 4096  # requests with large index lists are planned afresh
 
 T = TypeVar("T")
 
@@ -119,6 +122,11 @@ class TensorSliceService:
         self.store = store
         self.config = config or ServerConfig()
         self.bulk = bulk
+        # Plans are pure functions of (tensor metadata, request): a request seen again (a
+        # dashboard polling, a client re-reading a window) skips parsing and planning. An
+        # entry is valid for the tensor version it was planned against.
+        self._plans: OrderedDict[bytes, tuple[int, Plan]] = OrderedDict()
+        self._plans_lock = threading.Lock()
 
     def ListTensors(self, request: _pb.ListTensorsRequest, context: grpc.ServicerContext
                     ) -> _pb.ListTensorsResponse:
@@ -130,8 +138,24 @@ class TensorSliceService:
 
     def _plan(self, request: _pb.SliceRequest) -> tuple[Entry, Plan]:
         entry = self.store.get(request.tensor)
+        key = request.SerializeToString(deterministic=True)
+        if len(key) > _PLAN_CACHE_KEY_BYTES:
+            return entry, self._plan_fresh(entry, request)
+        with self._plans_lock:
+            hit = self._plans.get(key)
+            if hit is not None and hit[0] == entry.version:
+                self._plans.move_to_end(key)
+                return entry, hit[1]
+        p = self._plan_fresh(entry, request)
+        with self._plans_lock:
+            self._plans[key] = (entry.version, p)
+            if len(self._plans) > _PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        return entry, p
+
+    def _plan_fresh(self, entry: Entry, request: _pb.SliceRequest) -> Plan:
         selection = selection_from_proto(request)
-        return entry, plan(entry.meta, selection, limit=self.config.max_result_bytes)
+        return plan(entry.meta, selection, limit=self.config.max_result_bytes)
 
     def Explain(self, request: _pb.SliceRequest, context: grpc.ServicerContext) -> _pb.SlicePlan:
         _, p = self._plan(request)

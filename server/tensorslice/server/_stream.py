@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
+
+import torch
 
 from tensorslice.client._wire import encode_chunk, safetensors_header
 from tensorslice.server._payload import DEFAULT_POOL, BufferPool, Payload
-from tensorslice.server._staging import host_chunks
+from tensorslice.server._staging import host_bytes, host_chunks
 
 __all__ = ["CHUNK_BYTES", "SLAB_BYTES", "frames", "pieces"]
 
@@ -24,7 +28,17 @@ def _ordered(payloads: Sequence[Payload]) -> list[Payload]:
 
 
 def _header(payloads: Sequence[Payload], metadata: Mapping[str, str]) -> bytes:
-    header, _ = safetensors_header(((p.name, p.dtype, p.shape) for p in payloads), metadata)
+    return _cached_header(tuple((p.name, p.dtype, p.shape) for p in payloads),
+                          tuple(metadata.items()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_header(
+    tensors: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...],
+    metadata: tuple[tuple[str, str], ...],
+) -> bytes:
+    # The same plan served again makes the same header: build its JSON once.
+    header, _ = safetensors_header(tensors, dict(metadata))
     return header
 
 
@@ -41,7 +55,17 @@ def pieces(
     ordered = _ordered(payloads)
     yield _header(ordered, metadata)
     for p in ordered:
-        yield from host_chunks(p.slabs(slab_bytes, pool), chunk_bytes)
+        slabs = p.slabs(slab_bytes, pool)
+        first = next(slabs, None)
+        if first is None:
+            continue
+        if first.device.type != "cpu":  # through the pinned staging pipeline
+            yield from host_chunks(itertools.chain((first,), slabs), chunk_bytes)
+            continue
+        for slab in itertools.chain((first,), slabs):  # host memory: read in place
+            mv = host_bytes(slab)
+            for a in range(0, len(mv), chunk_bytes):
+                yield mv[a : a + chunk_bytes]
 
 
 def frames(

@@ -278,3 +278,20 @@ def test_gather_makes_exactly_one_copy() -> None:
     assert len(addresses) == 1  # every slab went through that same buffer
     want = X[b][:, c].contiguous()
     assert bytes(got) == want.numpy().tobytes()
+
+
+def test_plan_cache_follows_a_reloaded_tensor() -> None:
+    store = TensorStore()
+    store.add("t", torch.arange(24.0).reshape(4, 6))
+    srv, port = create_server(store, "127.0.0.1:0")
+    srv.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as c:
+            assert torch.equal(c.slice("t", (slice(1, 3),))["values"],
+                               torch.arange(24.0).reshape(4, 6)[1:3])
+            store.add("t", torch.arange(30.0).reshape(3, 10))  # same name, new shape
+            got = c.slice("t", (slice(1, 3),))["values"]  # the same request again
+            assert torch.equal(got, torch.arange(30.0).reshape(3, 10)[1:3])
+            assert c.explain("t", (slice(1, 3),)).result_shape == (2, 10)
+    finally:
+        srv.stop(grace=None)

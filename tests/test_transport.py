@@ -295,3 +295,16 @@ def test_plan_cache_follows_a_reloaded_tensor() -> None:
             assert c.explain("t", (slice(1, 3),)).result_shape == (2, 10)
     finally:
         srv.stop(grace=None)
+
+
+def test_slice_many_into_shared_memory() -> None:
+    srv, address = _server(unary_max_bytes=1024)  # over the bulk plane
+    try:
+        with Client(address, timeout=30) as c:
+            out = c.slice_many({"a": ("x", ([3, 1],)), "b": ("x", (0, 0))}, share_memory=True)
+            assert out["a"].is_shared() and out["b"].is_shared()
+            assert torch.equal(out["a"].cpu(), X[[3, 1]]) and torch.equal(out["b"], X[0, 0])
+            plain = c.slice_many({"a": ("x", ([3, 1],))})
+            assert not plain["a"].is_shared() and torch.equal(plain["a"], out["a"])
+    finally:
+        srv.stop(grace=None)  # type: ignore[attr-defined]

@@ -159,10 +159,12 @@ class AsyncClient(BaseClient):
         items: Mapping[str, tuple[str, object]],
         *,
         max_bytes: int = 0,
+        share_memory: bool = False,
         timeout: Timeout = DEFAULT,
     ) -> dict[str, torch.Tensor]:
         """As `Client.slice_many`."""
-        return await self._stream(self._op_slice_many(items, max_bytes), timeout)
+        return await self._stream(self._op_slice_many(items, max_bytes, share_memory),
+                                  timeout)
 
     async def explain(
         self, name: str, selection: object, *, timeout: Timeout = DEFAULT

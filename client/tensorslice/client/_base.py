@@ -119,6 +119,7 @@ class Stream(Generic[R]):
     request: Any
     finish: Callable[[Assembler], R]
     as_bytes: bool = False
+    share_memory: bool = False
 
     @property
     def path(self) -> str:
@@ -129,7 +130,7 @@ class Stream(Generic[R]):
         return f"/{SERVICE}/{self.method.replace('Slice', 'Fetch')}"
 
     def assembler(self) -> Assembler:
-        return Assembler(as_bytes=self.as_bytes)
+        return Assembler(as_bytes=self.as_bytes, share_memory=self.share_memory)
 
 
 def bulk_host(address: str) -> str:
@@ -266,7 +267,7 @@ class BaseClient:
 
     @staticmethod
     def _op_slice_many(
-        items: Mapping[str, tuple[str, object]], max_bytes: int
+        items: Mapping[str, tuple[str, object]], max_bytes: int, share_memory: bool = False
     ) -> Stream[dict[str, torch.Tensor]]:
         if not items:
             raise InvalidSelection("slice_many needs at least one item")
@@ -284,7 +285,7 @@ class BaseClient:
             named.append(_pb.NamedSlice(key=key, request=request))
         return Stream("SliceMany",
                       _pb.SliceManyRequest(items=named, max_bytes=max_bytes, bulk=True),
-                      _tensors)
+                      _tensors, share_memory=share_memory)
 
 
 def _bulk(request: _pb.SliceRequest) -> _pb.SliceRequest:

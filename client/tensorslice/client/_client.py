@@ -139,13 +139,15 @@ class Client(BaseClient):
         items: Mapping[str, tuple[str, object]],
         *,
         max_bytes: int = 0,
+        share_memory: bool = False,
         timeout: Timeout = DEFAULT,
     ) -> dict[str, torch.Tensor]:
         """Several selections in one call and one file: ``{key: (tensor name, index or
         Selection)}`` gives ``{key: tensor}`` (a threshold selection adds ``KEY.indices``,
         and ``KEY.offsets`` for per_sample). The server validates every item before any
-        data moves; `max_bytes` bounds all results together."""
-        return self._stream(self._op_slice_many(items, max_bytes), timeout)
+        data moves; `max_bytes` bounds all results together. With `share_memory` the
+        result is received straight into shared memory (as a DataLoader worker wants it)."""
+        return self._stream(self._op_slice_many(items, max_bytes, share_memory), timeout)
 
     def explain(self, name: str, selection: object, *, timeout: Timeout = DEFAULT) -> SlicePlan:
         """The plan the server would follow; nothing is executed."""

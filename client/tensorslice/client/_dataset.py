@@ -106,7 +106,10 @@ class _Columns:
         """Every tensor at `selector` on the aligned dimension, in one call."""
         sels: tuple[Selector, ...] = (Full(),) * self.dim + (selector,)
         sel = Selection(sels, Combine.OUTER, self.dtype)
-        out = self.client.slice_many({str(i): (n, sel) for i, n in enumerate(self.names)})
+        # In a DataLoader worker, receive into shared memory: the batch then reaches the
+        # main process without another copy (as default_collate does for local data).
+        out = self.client.slice_many({str(i): (n, sel) for i, n in enumerate(self.names)},
+                                     share_memory=get_worker_info() is not None)
         return tuple(out[str(i)] for i in range(len(self.names)))
 
     def batch_first(self, tensors: tuple[torch.Tensor, ...]) -> Any:

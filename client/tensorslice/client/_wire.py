@@ -296,8 +296,10 @@ class Assembler:
     with ``as_bytes=True`` the buffer is a `bytes` object, for `file_bytes()`.
     """
 
-    def __init__(self, *, as_bytes: bool = False) -> None:
+    def __init__(self, *, as_bytes: bool = False, share_memory: bool = False) -> None:
         self._as_bytes = as_bytes
+        self._shared: torch.Tensor | None = None
+        self._share_memory = share_memory
         self._head = bytearray()
         self._buf: memoryview | bytes | None = None
         self._view: memoryview | None = None
@@ -333,6 +335,12 @@ class Assembler:
         total = self._data_start + total_data
         if self._as_bytes:
             self._buf, self._view = _fresh_bytes(total)
+        elif self._share_memory:
+            # Shared memory from the start: a DataLoader worker hands such tensors to the
+            # main process without copying them again.
+            storage = torch.UntypedStorage._new_shared(total)  # type: ignore[no-untyped-call]
+            self._shared = torch.empty(0, dtype=torch.uint8).set_(storage)
+            self._buf = self._view = self._shared.numpy().data.cast("B")
         else:
             self._buf = self._view = _receive_buffer(total)
         head = bytes(self._head)
@@ -387,6 +395,9 @@ class Assembler:
             start = self._data_start + e.start
             if count == 0:
                 out[e.name] = torch.empty(e.shape, dtype=e.dtype)
+            elif self._shared is not None and start % e.dtype.itemsize == 0:
+                nbytes = count * e.dtype.itemsize
+                out[e.name] = self._shared[start : start + nbytes].view(e.dtype).view(e.shape)
             else:
                 # On the receive view itself: the tensors keep it (and its buffer) alive.
                 flat = torch.frombuffer(view, dtype=e.dtype, count=count, offset=start)

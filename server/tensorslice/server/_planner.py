@@ -647,6 +647,10 @@ def _row_source(p: Plan, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     lead = max(b.dim for b in dims if isinstance(b, _Gather))
     shape = p.meta.shape
     src = tensor.view(math.prod(shape[: lead + 1]), -1)
+    if lead == 0:  # a list on the first dimension: its positions are the row numbers
+        first = dims[0]
+        assert isinstance(first, _Gather)
+        return src, first.index.reshape(-1).to(tensor.device)
     flat = torch.zeros((), dtype=torch.int64)
     for b in dims[: lead + 1]:
         if isinstance(b, _Range):

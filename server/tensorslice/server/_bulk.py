@@ -23,7 +23,6 @@ __all__ = ["TOKEN_BYTES", "BulkServer"]
 log = logging.getLogger("tensorslice.server")
 
 TOKEN_BYTES = 16
-_SOCKET_BUFFER = 4 << 20
 
 
 class _Transfer:
@@ -116,7 +115,6 @@ class BulkServer:
                     raise ConnectionError("unknown or expired token")
                 sock.settimeout(self.ticket_timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
                 sent = 0
                 for piece in transfer.pieces:
                     sock.sendall(piece)

@@ -166,8 +166,10 @@ def test_server_killed_mid_epoch_raises_within_timeout() -> None:
     proc, addr = _start_server()
     try:
         ds = RemoteTensorDataset(Client(addr, timeout=3), ["x", "y"])
+        # forkserver: once, under fork, a worker stayed stuck after the server died (gRPC
+        # in a forked child); the epoch tests cover fork itself.
         loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=2,
-                            collate_fn=ds.collate, multiprocessing_context="fork",
+                            collate_fn=ds.collate, multiprocessing_context="forkserver",
                             timeout=LOADER_TIMEOUT)
         it = iter(loader)
         next(it)

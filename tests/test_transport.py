@@ -308,3 +308,21 @@ def test_slice_many_into_shared_memory() -> None:
             assert not plain["a"].is_shared() and torch.equal(plain["a"], out["a"])
     finally:
         srv.stop(grace=None)  # type: ignore[attr-defined]
+
+
+def test_unreachable_bulk_port_falls_back_to_streaming() -> None:
+    srv, address = _server(unary_max_bytes=1024)
+    try:
+        srv.bulk.stop()  # type: ignore[attr-defined]  # tickets still issued, port closed
+        with Client(address, timeout=30) as c:
+            assert torch.equal(c.tensor("x")[0:40].cpu(), X[0:40])  # streamed instead
+            assert c._bulk_ok is False
+            assert torch.equal(c.tensor("x")[5:9].cpu(), X[5:9])  # no bulk asked any more
+
+        async def go() -> torch.Tensor:
+            async with AsyncClient(address, timeout=30) as ac:
+                return await (await ac.tensor("x"))[1:30]
+
+        assert torch.equal(asyncio.run(go()).cpu(), X[1:30])
+    finally:
+        srv.stop(grace=None)  # type: ignore[attr-defined]

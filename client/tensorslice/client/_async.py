@@ -26,6 +26,7 @@ from tensorslice.client._base import (
     DEFAULT,
     BaseClient,
     BaseRemoteTensor,
+    BulkUnreachable,
     Indexer,
     Stream,
     Timeout,
@@ -103,20 +104,25 @@ class AsyncClient(BaseClient):
         serialize = type(op.request).SerializeToString
         fetch = self._chan().unary_unary(op.fetch_path, request_serializer=serialize,
                                          response_deserializer=None)
-        asm = op.assembler()
+        if not self._bulk_ok:
+            op.request.bulk = False
         try:
             with map_rpc_errors():
                 frame = await fetch(op.request, timeout=deadline)
-        except FailedPrecondition:  # large, and no bulk data plane: stream it
-            call = self._chan().unary_stream(op.path, request_serializer=serialize,
-                                             response_deserializer=None)
-            with map_rpc_errors():
-                async for chunk in call(op.request, timeout=deadline):
-                    asm.feed(decode_chunk(chunk))
-        else:
+            asm = op.assembler()
             # The socket part blocks: run it off the event loop.
             await asyncio.to_thread(receive_fetched, frame, asm, bulk_host(self.address),
                                     deadline)
+        except (FailedPrecondition, BulkUnreachable) as exc:
+            # Large, and no bulk data plane (or it cannot be reached): stream it.
+            if isinstance(exc, BulkUnreachable):
+                self._bulk_ok = False
+            call = self._chan().unary_stream(op.path, request_serializer=serialize,
+                                             response_deserializer=None)
+            asm = op.assembler()
+            with map_rpc_errors():
+                async for chunk in call(op.request, timeout=deadline):
+                    asm.feed(decode_chunk(chunk))
         return op.finish(asm)
 
     # ------------------------------------------------------------------ metadata

@@ -141,6 +141,14 @@ def bulk_host(address: str) -> str:
     return host.strip("[]") or "127.0.0.1"
 
 
+_BULK_CONNECT_SECONDS = 5.0
+
+
+class BulkUnreachable(Exception):
+    """The bulk port could not be reached (a firewall, a proxy): the clients then stream
+    that result over gRPC and stop asking for bulk transfers."""
+
+
 def receive_fetched(frame: bytes, asm: Assembler, host: str, timeout: float | None) -> None:
     """Fill `asm` from a `Fetch` response: inline data, or the file its bulk ticket claims
     (a TCP connection to `host`, the token sent, the file read straight into the buffer)."""
@@ -149,8 +157,15 @@ def receive_fetched(frame: bytes, asm: Assembler, host: str, timeout: float | No
         asm.feed(data)
         return
     ticket = _pb.BulkTicket.FromString(bytes(raw_ticket))
+    connect_timeout = _BULK_CONNECT_SECONDS if timeout is None else min(timeout,
+                                                                        _BULK_CONNECT_SECONDS)
     try:
-        with socket.create_connection((host, ticket.port), timeout=timeout) as sock:
+        sock = socket.create_connection((host, ticket.port), timeout=connect_timeout)
+    except OSError as exc:
+        raise BulkUnreachable(f"bulk port {host}:{ticket.port} unreachable: {exc}") from None
+    try:
+        with sock:
+            sock.settimeout(timeout)
             sock.sendall(ticket.token)
             asm.receive(sock, ticket.nbytes)
     except TimeoutError:
@@ -205,6 +220,7 @@ class BaseClient:
         self.address = address
         self.timeout = timeout
         self.retries = retries
+        self._bulk_ok = True  # false once the bulk port proved unreachable
         self._channel: Any = None
         self._pid = 0
 

@@ -300,7 +300,7 @@ def plan(meta: TensorMeta, selection: Selection, *, limit: int = 0) -> Plan:
             if isinstance(s, (Index, Range)):
                 _normalize(meta, s, d)
     bound = [_normalize(meta, s, d) for s, d in pairs]
-    limit = _limit(selection.max_bytes, limit)
+    limit = combined_limit(selection.max_bytes, limit)
     thresholds = [b for b in bound if isinstance(b, _Thresh)]
     if thresholds:
         return _plan_threshold(meta, selection, bound, out_dtype, limit)
@@ -310,7 +310,8 @@ def plan(meta: TensorMeta, selection: Selection, *, limit: int = 0) -> Plan:
     return p
 
 
-def _limit(max_bytes: int, server_limit: int) -> int:
+def combined_limit(max_bytes: int, server_limit: int) -> int:
+    """The tighter of a caller's `max_bytes` and the server's limit; 0 means none."""
     limits = [x for x in (max_bytes, server_limit) if x > 0]
     return min(limits) if limits else 0
 

@@ -27,7 +27,7 @@ from tensorslice.client._selection import selection_from_proto
 from tensorslice.client._wire import dtype_name, encode_chunk
 from tensorslice.server._bulk import BulkServer
 from tensorslice.server._payload import Payload
-from tensorslice.server._planner import Plan, execute, plan
+from tensorslice.server._planner import Plan, combined_limit, execute, plan
 from tensorslice.server._store import Entry, TensorStore
 from tensorslice.server._stream import CHUNK_BYTES, SLAB_BYTES, frames, pieces
 from tensorslice.v1 import tensorslice_pb2 as _pb
@@ -233,8 +233,7 @@ class TensorSliceService:
                 )
             reserved |= names
             planned.append((key, entry, p))
-        limits = [x for x in (request.max_bytes, self.config.max_result_bytes) if x > 0]
-        limit = min(limits) if limits else 0
+        limit = combined_limit(request.max_bytes, self.config.max_result_bytes)
         _check_total(sum(max(p.result_nbytes, 0) for _, _, p in planned), limit)
         payloads: list[Payload] = []
         for key, entry, p in planned:

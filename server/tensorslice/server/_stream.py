@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 from tensorslice.client._wire import encode_chunk, safetensors_header
 from tensorslice.server._payload import DEFAULT_POOL, BufferPool, Payload
-from tensorslice.server._staging import host_bytes, host_chunks
+from tensorslice.server._staging import host_chunks
 
 __all__ = ["CHUNK_BYTES", "SLAB_BYTES", "frames", "pieces"]
 
@@ -55,17 +54,7 @@ def pieces(
     ordered = _ordered(payloads)
     yield _header(ordered, metadata)
     for p in ordered:
-        slabs = p.slabs(slab_bytes, pool)
-        first = next(slabs, None)
-        if first is None:
-            continue
-        if first.device.type != "cpu":  # through the pinned staging pipeline
-            yield from host_chunks(itertools.chain((first,), slabs), chunk_bytes)
-            continue
-        for slab in itertools.chain((first,), slabs):  # host memory: read in place
-            mv = host_bytes(slab)
-            for a in range(0, len(mv), chunk_bytes):
-                yield mv[a : a + chunk_bytes]
+        yield from host_chunks(p.slabs(slab_bytes, pool), chunk_bytes)
 
 
 def frames(

@@ -75,7 +75,7 @@ def start_tensorslice_server(specs: dict[str, TensorSpec]) -> tuple[Child, int]:
 def _planner_gather(x: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> Iterator[torch.Tensor]:
     """The server's own path for ``oindex[b, c]``: plan the selection, then produce the
     payload slab by slab into the server's reused buffers (what the service streams)."""
-    from tensorslice.client._selection import Combine, Indices, Selection
+    from tensorslice.core.selection import Combine, Indices, Selection
     from tensorslice.server import TensorMeta, execute, plan
     from tensorslice.server._payload import BufferPool
     from tensorslice.server._stream import SLAB_BYTES

@@ -122,7 +122,7 @@ class Bench:
 
 def bench_gather(b: Bench) -> list[Row]:
     torch = b.torch
-    from tensorslice.client._selection import Combine, Indices, Selection
+    from tensorslice.core.selection import Combine, Indices, Selection
     from tensorslice.server._payload import BufferPool
     from tensorslice.server._planner import TensorMeta, _row_source, execute, plan
     from tensorslice.server._stream import SLAB_BYTES

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tensorslice.client import Client, InvalidSelection, TensorNotFound
-from tensorslice.client._parse import parse_index
+from tensorslice.core.parse import parse_index
 from tensorslice.server import TensorStore
 from tensorslice.server._cli import main
 

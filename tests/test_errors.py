@@ -21,7 +21,7 @@ from tensorslice.client import (
     TensorNotFound,
     TensorSliceError,
 )
-from tensorslice.client._wire import DTYPE_NAMES
+from tensorslice.core.codec import DTYPE_NAMES
 from tensorslice.server import ServerConfig, TensorStore, create_server
 from tensorslice.v1 import tensorslice_pb2 as pb
 from tensorslice.v1 import tensorslice_pb2_grpc as pb_grpc
@@ -211,10 +211,10 @@ def test_generated_stub_status_codes(server: str) -> None:
 
 
 def test_error_classes_carry_their_status_codes() -> None:
-    assert TensorNotFound.code == grpc.StatusCode.NOT_FOUND
-    assert InvalidSelection.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert SelectionOutOfRange.code == grpc.StatusCode.OUT_OF_RANGE
-    assert ResultTooLarge.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert TensorNotFound.status.name == grpc.StatusCode.NOT_FOUND.name
+    assert InvalidSelection.status.name == grpc.StatusCode.INVALID_ARGUMENT.name
+    assert SelectionOutOfRange.status.name == grpc.StatusCode.OUT_OF_RANGE.name
+    assert ResultTooLarge.status.name == grpc.StatusCode.RESOURCE_EXHAUSTED.name
     assert issubclass(SelectionOutOfRange, IndexError)
     assert issubclass(InvalidSelection, ValueError)
     assert issubclass(TensorNotFound, LookupError)

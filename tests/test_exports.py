@@ -63,7 +63,8 @@ def test_client_exports() -> None:
         tensorslice.client
     )
     for name in CLIENT:
-        assert getattr(tensorslice.client, name).__module__.startswith("tensorslice.client._")
+        module = getattr(tensorslice.client, name).__module__
+        assert module.startswith(("tensorslice.client._", "tensorslice.core."))
 
 
 def test_server_exports() -> None:
@@ -94,3 +95,19 @@ def test_client_does_not_import_the_server() -> None:
 def _submodules(module: object) -> set[str]:
     return {name for name, value in vars(module).items()
             if type(value).__name__ == "module"}
+
+
+def test_core_imports_neither_side_nor_grpc() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tensorslice.core.errors, tensorslice.core.selection, "
+        "tensorslice.core.codec, tensorslice.core.results, tensorslice.core.parse; "
+        "print(sorted({m.split('.')[0] if not m.startswith('tensorslice.') else "
+        "'.'.join(m.split('.')[:2]) for m in sys.modules} & "
+        "{'grpc', 'tensorslice.client', 'tensorslice.server'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"

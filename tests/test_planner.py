@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tensorslice.client import Client, Combine, Full, Selection, Threshold
-from tensorslice.client._selection import selectors_from_index
+from tensorslice.core.selection import selectors_from_index
 from tensorslice.server import Plan, TensorMeta, TensorStore, execute, plan
 from tensorslice.server._payload import (
     DEFAULT_POOL,

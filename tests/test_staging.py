@@ -313,7 +313,7 @@ def test_cuda_frames_many_stages() -> None:
     flight."""
     from safetensors.torch import load
 
-    from tensorslice.client._wire import decode_chunk
+    from tensorslice.core.codec import decode_chunk
 
     x = torch.randn(256, 64, 1024, device="cuda")
     view = x[:, 1:63:2]

@@ -15,7 +15,8 @@ import safetensors.torch
 import torch
 
 from tensorslice.client import AsyncClient, Client, TensorSliceError
-from tensorslice.client._wire import Assembler, decode_chunk
+from tensorslice.client._receive import Assembler
+from tensorslice.core.codec import decode_chunk
 from tensorslice.server import ServerConfig, TensorStore, create_server
 from tensorslice.server._bulk import TOKEN_BYTES, BulkServer
 from tensorslice.v1 import tensorslice_pb2 as pb
@@ -199,10 +200,11 @@ def test_inline_fetch_frame_is_a_slice_chunk() -> None:
 def test_receive_buffers_are_recycled_only_once_their_tensors_are_gone() -> None:
     import gc
 
-    from tensorslice.client import _wire
+    from tensorslice.client import _receive
+    from tensorslice.core.codec import safetensors_header
 
     n = 2 << 20
-    header, _ = _wire.safetensors_header([("values", torch.uint8, (n,))])
+    header, _ = safetensors_header([("values", torch.uint8, (n,))])
 
     def receive(fill: int) -> torch.Tensor:
         asm = Assembler()
@@ -210,18 +212,18 @@ def test_receive_buffers_are_recycled_only_once_their_tensors_are_gone() -> None
         asm.feed(bytes([fill]) * n)
         return asm.tensors()["values"]
 
-    _wire._recycled.clear()
+    _receive._recycled.clear()
     first = receive(1)
     view = first[10:20]  # a view keeps the buffer too
     del first
     gc.collect()
-    assert len(_wire._recycled) == 0
+    assert len(_receive._recycled) == 0
     second = receive(2)  # must not reuse the buffer `view` lives on
     assert int(view.sum()) == 10 and int(second[:10].sum()) == 20
     address = second.data_ptr()
     del second
     gc.collect()
-    assert len(_wire._recycled) == 1
+    assert len(_receive._recycled) == 1
     third = receive(3)  # reuses the freed buffer: no fresh pages to fault in
     assert third.data_ptr() == address
     assert int(third.sum()) == 3 * n and int(view.sum()) == 10
@@ -236,7 +238,7 @@ def _address(piece: bytes | memoryview) -> int:
 def test_contiguous_slice_reaches_the_wire_from_the_source_memory() -> None:
     """No copy of the source before the wire: every data piece the bulk plane writes with
     `sendall` is a view of the tensor's own memory."""
-    from tensorslice.client._selection import Range, Selection
+    from tensorslice.core.selection import Range, Selection
     from tensorslice.server import TensorMeta, execute, plan
     from tensorslice.server._stream import pieces
 
@@ -257,7 +259,7 @@ def test_contiguous_slice_reaches_the_wire_from_the_source_memory() -> None:
 def test_gather_makes_exactly_one_copy() -> None:
     """A row gather writes each slab once, into a reused buffer, and the wire reads it from
     there: every data piece is a view of that one buffer."""
-    from tensorslice.client._selection import Combine, Indices, Selection
+    from tensorslice.core.selection import Combine, Indices, Selection
     from tensorslice.server import TensorMeta, execute, plan
     from tensorslice.server._payload import BufferPool
     from tensorslice.server._stream import pieces

@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load
 
 from tensorslice.client import Client, TensorSliceError, Threshold
-from tensorslice.client._wire import (
-    Assembler,
+from tensorslice.client._receive import Assembler
+from tensorslice.core.codec import (
     decode_chunk,
     encode_chunk,
     safetensors_header,

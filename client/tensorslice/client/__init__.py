@@ -11,7 +11,7 @@ own indexing.
 from tensorslice.client._async import AsyncClient, AsyncRemoteTensor
 from tensorslice.client._client import Client, RemoteTensor
 from tensorslice.client._dataset import RemoteTensorDataset, RemoteTensorIterableDataset
-from tensorslice.client._errors import (
+from tensorslice.core.errors import (
     DeadlineExceeded,
     InternalServerError,
     InvalidSelection,
@@ -22,8 +22,8 @@ from tensorslice.client._errors import (
     TensorSliceError,
     Unauthenticated,
 )
-from tensorslice.client._results import PlanStep, SlicePlan, TensorInfo, WhereResult
-from tensorslice.client._selection import (
+from tensorslice.core.results import PlanStep, SlicePlan, TensorInfo, WhereResult
+from tensorslice.core.selection import (
     Combine,
     Ellipsis_,
     Full,

@@ -20,9 +20,11 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from tensorslice.client._errors import DeadlineExceeded, InvalidSelection, ServerUnavailable
-from tensorslice.client._results import SlicePlan, TensorInfo, WhereResult
-from tensorslice.client._selection import (
+from tensorslice.client._receive import Assembler
+from tensorslice.core.codec import split_chunk
+from tensorslice.core.errors import DeadlineExceeded, InvalidSelection, ServerUnavailable
+from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
+from tensorslice.core.selection import (
     Combine,
     Full,
     Selection,
@@ -32,7 +34,6 @@ from tensorslice.client._selection import (
     selection_to_proto,
     selectors_from_index,
 )
-from tensorslice.client._wire import Assembler, split_chunk
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
 __all__ = [

@@ -26,10 +26,11 @@ from tensorslice.client._base import (
     receive_fetched,
     where_result,
 )
-from tensorslice.client._errors import FailedPrecondition, map_rpc_errors
-from tensorslice.client._results import SlicePlan, TensorInfo, WhereResult
-from tensorslice.client._selection import Combine
-from tensorslice.client._wire import decode_chunk
+from tensorslice.client._errors import map_rpc_errors
+from tensorslice.core.codec import decode_chunk
+from tensorslice.core.errors import FailedPrecondition
+from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
+from tensorslice.core.selection import Combine
 
 __all__ = ["CHANNEL_OPTIONS", "Client", "RemoteTensor"]
 

@@ -26,8 +26,8 @@ import torch.utils.data
 from torch.utils.data import get_worker_info
 
 from tensorslice.client._client import Client
-from tensorslice.client._results import TensorInfo
-from tensorslice.client._selection import Combine, Full, Index, Indices, Range, Selection, Selector
+from tensorslice.core.results import TensorInfo
+from tensorslice.core.selection import Combine, Full, Index, Indices, Range, Selection, Selector
 
 __all__ = ["Batch", "RemoteTensorDataset", "RemoteTensorIterableDataset"]
 

@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 
 from tensorslice.client import Client, Combine, TensorSliceError
-from tensorslice.client._parse import parse_index
-from tensorslice.client._selection import Selection, outer_selectors, selectors_from_index
+from tensorslice.core.parse import parse_index
+from tensorslice.core.selection import Selection, outer_selectors, selectors_from_index
 from tensorslice.server._service import ServerConfig, create_server
 from tensorslice.server._store import DEMO_DIM_NAMES, DEMO_NAME, TensorStore, demo_tensor
 

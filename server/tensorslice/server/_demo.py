@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from tensorslice.client import Client
-from tensorslice.client._selection import Combine, Selection, outer_selectors
+from tensorslice.core.selection import Combine, Selection, outer_selectors
 from tensorslice.server._service import create_server
 from tensorslice.server._store import DEMO_DIM_NAMES, TensorStore, demo_tensor
 

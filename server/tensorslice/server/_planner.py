@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from tensorslice.client._errors import InvalidSelection, ResultTooLarge, SelectionOutOfRange
-from tensorslice.client._selection import (
+from tensorslice.core.codec import dtype_from_name, dtype_name
+from tensorslice.core.errors import InvalidSelection, ResultTooLarge, SelectionOutOfRange
+from tensorslice.core.selection import (
     Combine,
     Ellipsis_,
     Full,
@@ -32,7 +33,6 @@ from tensorslice.client._selection import (
     Selector,
     Threshold,
 )
-from tensorslice.client._wire import dtype_from_name, dtype_name
 from tensorslice.server._payload import (
     ContiguousPayload,
     Payload,

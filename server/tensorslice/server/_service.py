@@ -17,14 +17,14 @@ from grpc_health.v1 import health as _health
 from grpc_health.v1 import health_pb2 as _health_pb2
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
 
-from tensorslice.client._errors import (
+from tensorslice.core.codec import dtype_name, encode_chunk
+from tensorslice.core.errors import (
     FailedPrecondition,
     InvalidSelection,
     ResultTooLarge,
     TensorSliceError,
 )
-from tensorslice.client._selection import selection_from_proto
-from tensorslice.client._wire import dtype_name, encode_chunk
+from tensorslice.core.selection import selection_from_proto
 from tensorslice.server._bulk import BulkServer
 from tensorslice.server._payload import Payload
 from tensorslice.server._planner import Plan, combined_limit, execute, plan
@@ -109,7 +109,7 @@ def plan_to_proto(p: Plan) -> _pb.SlicePlan:
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     """The one place where errors become status codes."""
     if isinstance(exc, TensorSliceError):
-        context.abort(exc.code, exc.message)
+        context.abort(grpc.StatusCode[exc.status.name], exc.message)
     log.exception("internal error while serving a request", exc_info=exc)
     context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
 

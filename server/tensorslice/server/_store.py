@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from tensorslice.client._errors import InvalidSelection, ResultTooLarge, TensorNotFound
-from tensorslice.client._wire import DTYPE_NAMES, dtype_from_code
+from tensorslice.core.codec import DTYPE_NAMES, dtype_from_code
+from tensorslice.core.errors import InvalidSelection, ResultTooLarge, TensorNotFound
 from tensorslice.server._planner import TensorMeta
 
 __all__ = [

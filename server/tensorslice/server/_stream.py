@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from tensorslice.client._wire import encode_chunk, safetensors_header
+from tensorslice.core.codec import encode_chunk, safetensors_header
 from tensorslice.server._payload import DEFAULT_POOL, BufferPool, Payload
 from tensorslice.server._staging import host_chunks
 

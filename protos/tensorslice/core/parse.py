@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ast
 
-from tensorslice.client._errors import InvalidSelection
+from tensorslice.core.errors import InvalidSelection
 
 __all__ = ["parse_index"]
 

@@ -15,7 +15,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import torch
 
-from tensorslice.client._errors import InvalidSelection
+from tensorslice.core.errors import InvalidSelection
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
 __all__ = [

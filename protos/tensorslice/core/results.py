@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tensorslice.client._wire import dtype_from_name
+from tensorslice.core.codec import dtype_from_name
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
 __all__ = ["PlanStep", "SlicePlan", "TensorInfo", "WhereResult"]

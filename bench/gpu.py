@@ -123,8 +123,10 @@ class Bench:
 def bench_gather(b: Bench) -> list[Row]:
     torch = b.torch
     from tensorslice.core.selection import Combine, Indices, Selection
+    from tensorslice.server._execute import _row_source, execute
+    from tensorslice.server._model import Mode, TensorMeta
     from tensorslice.server._payload import BufferPool
-    from tensorslice.server._planner import TensorMeta, _row_source, execute, plan
+    from tensorslice.server._plan import plan
     from tensorslice.server._stream import SLAB_BYTES
 
     dev = b.dev
@@ -134,7 +136,7 @@ def bench_gather(b: Bench) -> list[Row]:
     ci = torch.randperm(512, generator=g)[:128].sort().values
     meta = TensorMeta("x", tuple(x.shape), x.dtype, str(x.device))
     p = plan(meta, Selection((Indices(bi), Indices(ci)), Combine.OUTER))
-    assert p.mode == "rows", p.mode
+    assert p.mode is Mode.ROWS, p.mode
     src, flat = _row_source(p, x)
     out = torch.empty(flat.numel(), src.shape[1], dtype=x.dtype, device=dev)
     nbytes = out.numel() * out.element_size()

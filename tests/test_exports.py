@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import tensorslice.client
 import tensorslice.server
 
@@ -69,7 +71,11 @@ def test_client_exports() -> None:
 
 def test_server_exports() -> None:
     assert tensorslice.server.__all__ == SERVER
-    assert _public(tensorslice.server) <= set(SERVER) | _submodules(tensorslice.server)
+    for name in SERVER:  # names load on first use
+        getattr(tensorslice.server, name)
+    assert _public(tensorslice.server) - {"annotations"} <= set(SERVER) | _submodules(
+        tensorslice.server
+    )
     for name in SERVER:
         assert getattr(tensorslice.server, name).__module__.startswith("tensorslice.server._")
 
@@ -97,17 +103,40 @@ def _submodules(module: object) -> set[str]:
             if type(value).__name__ == "module"}
 
 
-def test_core_imports_neither_side_nor_grpc() -> None:
+def _imported_packages(modules: str) -> list[str]:
+    """Which of grpc, the client and the server importing `modules` pulls in."""
     import subprocess
     import sys
 
     code = (
-        "import sys, tensorslice.core.errors, tensorslice.core.selection, "
-        "tensorslice.core.codec, tensorslice.core.results, tensorslice.core.parse; "
-        "print(sorted({m.split('.')[0] if not m.startswith('tensorslice.') else "
+        f"import json, sys, {modules}; "
+        "print(json.dumps(sorted({m.split('.')[0] if not m.startswith('tensorslice.') else "
         "'.'.join(m.split('.')[:2]) for m in sys.modules} & "
-        "{'grpc', 'tensorslice.client', 'tensorslice.server'}))"
+        "{'grpc', 'tensorslice.client', 'tensorslice.server'})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.strip() == "[]"
+                         check=True, timeout=120)
+    found: list[str] = json.loads(out.stdout)
+    return found
+
+
+def test_core_imports_neither_side_nor_grpc() -> None:
+    assert _imported_packages(
+        "tensorslice.core.errors, tensorslice.core.selection, tensorslice.core.codec, "
+        "tensorslice.core.results, tensorslice.core.parse"
+    ) == []
+
+
+def test_planner_imports_neither_grpc_nor_the_client() -> None:
+    # The server package itself is there, of course; the service and gRPC are not.
+    assert _imported_packages(
+        "tensorslice.server._plan, tensorslice.server._threshold, tensorslice.server._execute"
+    ) == ["tensorslice.server"]
+    import subprocess
+    import sys
+
+    code = ("import sys, tensorslice.server._plan; "
+            "print('tensorslice.server._service' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "False"

@@ -1,8 +1,20 @@
-"""The tensorslice server: a store of resident tensors, the planner, and the gRPC service."""
+"""The tensorslice server: a store of resident tensors, the planner, and the gRPC service.
 
-from tensorslice.server._planner import Plan, Step, TensorMeta, execute, plan
-from tensorslice.server._service import ServerConfig, TensorSliceService, create_server
-from tensorslice.server._store import Entry, TensorStore, demo_tensor
+Names load on first use (PEP 562), so ``import tensorslice.server._plan`` (the planner)
+pulls in neither gRPC nor the service.
+"""
+
+from __future__ import annotations
+
+import importlib as _importlib
+import typing as _typing
+
+if _typing.TYPE_CHECKING:
+    from tensorslice.server._execute import execute
+    from tensorslice.server._model import Plan, Step, TensorMeta
+    from tensorslice.server._plan import plan
+    from tensorslice.server._service import ServerConfig, TensorSliceService, create_server
+    from tensorslice.server._store import Entry, TensorStore, demo_tensor
 
 __all__ = [
     "Entry",
@@ -17,3 +29,30 @@ __all__ = [
     "execute",
     "plan",
 ]
+
+_WHERE = {
+    "Entry": "_store",
+    "Plan": "_model",
+    "ServerConfig": "_service",
+    "Step": "_model",
+    "TensorMeta": "_model",
+    "TensorSliceService": "_service",
+    "TensorStore": "_store",
+    "create_server": "_service",
+    "demo_tensor": "_store",
+    "execute": "_execute",
+    "plan": "_plan",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

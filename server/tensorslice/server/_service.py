@@ -26,8 +26,10 @@ from tensorslice.core.errors import (
 )
 from tensorslice.core.selection import selection_from_proto
 from tensorslice.server._bulk import BulkServer
+from tensorslice.server._execute import execute
+from tensorslice.server._model import Mode, Plan
 from tensorslice.server._payload import Payload
-from tensorslice.server._planner import Plan, combined_limit, execute, plan
+from tensorslice.server._plan import combined_limit, plan
 from tensorslice.server._store import Entry, TensorStore
 from tensorslice.server._stream import CHUNK_BYTES, SLAB_BYTES, frames, pieces
 from tensorslice.v1 import tensorslice_pb2 as _pb
@@ -224,7 +226,7 @@ class TensorSliceService:
                 raise InvalidSelection(f"item {pos} of SliceMany has an empty key")
             entry, p = self._plan(item.request)
             names = {key}
-            if p.mode == "threshold":
+            if p.mode is Mode.THRESHOLD:
                 names |= {f"{key}.indices", f"{key}.offsets"}
             clash = names & reserved
             if clash:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from tensorslice.core.codec import DTYPE_NAMES, dtype_from_code
 from tensorslice.core.errors import InvalidSelection, ResultTooLarge, TensorNotFound
-from tensorslice.server._planner import TensorMeta
+from tensorslice.server._model import TensorMeta
 
 __all__ = [
     "DEMO_DIM_NAMES",

@@ -1,0 +1,204 @@
+"""Execution: a plan runs against the tensor and gives payloads that produce the result's
+bytes slab by slab, so a contiguous result is streamed from the tensor's own memory and a
+row gather writes straight into reused buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from tensorslice.core.codec import dtype_name
+from tensorslice.core.errors import ResultTooLarge
+from tensorslice.server._model import (
+    BoundIndex,
+    BoundRange,
+    BoundThreshold,
+    Gather,
+    Mode,
+    NewDim,
+    Plan,
+    positions,
+    torch_index,
+)
+from tensorslice.server._payload import (
+    ContiguousPayload,
+    Payload,
+    RowGatherPayload,
+    StridedPayload,
+)
+
+__all__ = ["execute"]
+
+
+def execute(p: Plan, tensor: torch.Tensor) -> list[Payload]:
+    """Run a plan: the payloads of the result, named as in the safetensors file."""
+    if p.mode is Mode.THRESHOLD:
+        return _execute_threshold(p, tensor)
+    return [_payload(p, tensor)]
+
+
+def _materialize(p: Plan, tensor: torch.Tensor) -> torch.Tensor:
+    """The result of a (non-threshold) plan as a tensor: a view where the plan is a view."""
+    if p.mode is Mode.VIEW:
+        return tensor[torch_index(p.meta, p.bound, tensor.device)]
+    if p.mode is Mode.TORCH:
+        return _run_torch(p, tensor)
+    if p.mode is Mode.ROWS:
+        src, flat = _row_source(p, tensor)
+        return src.index_select(0, flat).view(p.result_shape)
+    return _run_select(p, tensor)
+
+
+def _payload(p: Plan, tensor: torch.Tensor) -> Payload:
+    cast = p.result_dtype if p.result_dtype != p.meta.dtype else None
+    if p.mode is Mode.VIEW:
+        v = tensor[torch_index(p.meta, p.bound, tensor.device)]
+        if v.is_contiguous() and cast is None:
+            return ContiguousPayload("values", v)
+        return StridedPayload("values", v, cast)
+    if p.mode is Mode.ROWS:
+        src, flat = _row_source(p, tensor)
+        return RowGatherPayload("values", src, flat, p.result_shape, cast)
+    result = _run_torch(p, tensor) if p.mode is Mode.TORCH else _run_select(p, tensor)
+    if cast is not None:
+        result = result.to(cast)
+    return ContiguousPayload("values", result.contiguous())
+
+
+def _row_source(p: Plan, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source as (rows, row) and the flat row numbers of the result, in order."""
+    dims = [b for b in p.bound if not isinstance(b, NewDim)]
+    lead = max(b.dim for b in dims if isinstance(b, Gather))
+    shape = p.meta.shape
+    src = tensor.view(math.prod(shape[: lead + 1]), -1)
+    if lead == 0:  # a list on the first dimension: its positions are the row numbers
+        first = dims[0]
+        assert isinstance(first, Gather)
+        return src, first.index.reshape(-1).to(tensor.device)
+    flat = torch.zeros((), dtype=torch.int64)
+    for b in dims[: lead + 1]:
+        if isinstance(b, BoundRange):
+            pos = positions(b)
+        elif isinstance(b, BoundIndex):
+            pos = torch.tensor([b.index], dtype=torch.int64)
+        else:
+            assert isinstance(b, Gather)
+            pos = b.index.reshape(-1)
+        flat = (flat.reshape(-1, 1) * shape[b.dim] + pos.reshape(1, -1)).reshape(-1)
+    return src, flat.reshape(-1).to(tensor.device)
+
+
+def _run_select(p: Plan, tensor: torch.Tensor) -> torch.Tensor:
+    dims = [b for b in p.bound if not isinstance(b, NewDim)]
+    view_index = tuple(
+        slice(b.start, b.stop, b.step) if isinstance(b, BoundRange)
+        else slice(b.index, b.index + 1) if isinstance(b, BoundIndex)
+        else slice(None)
+        for b in dims
+    )
+    v = tensor[view_index]
+    gathers = sorted((b for b in dims if isinstance(b, Gather)),
+                     key=lambda g: g.index.numel() / max(p.meta.shape[g.dim], 1))
+    for g in gathers:
+        v = v.index_select(g.dim, g.index.reshape(-1).to(tensor.device))
+    return v.reshape(p.result_shape)
+
+
+def _run_torch(p: Plan, tensor: torch.Tensor) -> torch.Tensor:
+    v = tensor
+    flips = [b.dim for b in p.bound if isinstance(b, BoundRange) and b.step < 0]
+    if flips:
+        # One entry per source dimension (a k-D mask covers k of them).
+        pre: list[slice] = [slice(None)] * tensor.ndim
+        for b in p.bound:
+            if isinstance(b, BoundRange) and b.step < 0:
+                pre[b.dim] = (
+                    slice(b.start + (b.length - 1) * b.step, b.start + 1, -b.step)
+                    if b.length else slice(0, 0)
+                )
+        v = v[tuple(pre)].flip(flips)
+    return v[torch_index(p.meta, p.bound, tensor.device)]
+
+
+_STAT_FNS = {
+    "mean": lambda x, dims: x.mean(dims),
+    "sum": lambda x, dims: x.sum(dims),
+    "max": lambda x, dims: x.amax(dims),
+    "min": lambda x, dims: x.amin(dims),
+    "abs_mean": lambda x, dims: x.abs().mean(dims),
+    "l2": lambda x, dims: torch.linalg.vector_norm(x, 2, dims),
+}
+_OP_FNS = {
+    ">": torch.gt,
+    ">=": torch.ge,
+    "<": torch.lt,
+    "<=": torch.le,
+}
+
+
+def _statistic(w: torch.Tensor, stat: str, reduce_dims: Sequence[int]) -> torch.Tensor:
+    """The statistic of `w` over `reduce_dims` (float32, float64 for 64-bit sources)."""
+    acc = torch.float64 if w.dtype in (torch.float64, torch.int64) else torch.float32
+    x = w.to(acc)
+    if not reduce_dims:
+        return x
+    out: torch.Tensor = _STAT_FNS[stat](x, tuple(reduce_dims))
+    return out
+
+
+def _execute_threshold(p: Plan, tensor: torch.Tensor) -> list[Payload]:
+    assert p.base is not None
+    thr = next(b for b in p.bound if isinstance(b, BoundThreshold))
+    spec, d = thr.spec, thr.dim
+    w = _materialize(p.base, tensor)
+    kept_dims = [b.dim for b in p.bound if not isinstance(b, (BoundIndex, NewDim))]
+    d_w = kept_dims.index(d)
+    batch_w = 0 if kept_dims and kept_dims[0] == 0 and d != 0 else None
+    reduce_dims = [i for i in range(w.ndim) if i not in (d_w, batch_w)]
+    stat = _statistic(w, spec.stat, reduce_dims)  # (B, C) or (C,)
+    passed = _OP_FNS[spec.op](stat, spec.value)
+    device = w.device
+    out: list[Payload] = []
+    if spec.scope in ("any", "all"):
+        keep = passed if passed.ndim == 1 else (
+            passed.any(0) if spec.scope == "any" else passed.all(0)
+        )
+        idx = keep.nonzero().reshape(-1)
+        values = w.index_select(d_w, idx)
+        out.append(_dense("values", values, p))
+        out.append(ContiguousPayload("indices", idx))
+    elif spec.scope == "topk":
+        idx = stat.topk(spec.k, dim=-1).indices  # (B, k) or (k,)
+        if idx.ndim == 1:
+            values = w.index_select(d_w, idx)
+        else:
+            moved = w.movedim(d_w, 1)
+            rows = torch.arange(moved.shape[0], device=device).reshape(-1, 1)
+            values = moved[rows, idx].movedim(1, d_w).contiguous()
+        out.append(_dense("values", values, p))
+        out.append(ContiguousPayload("indices", idx.contiguous()))
+    else:  # per_sample
+        b_idx, p_idx = passed.nonzero(as_tuple=True)
+        counts = passed.sum(1)
+        offsets = torch.zeros(passed.shape[0] + 1, dtype=torch.int64, device=device)
+        offsets[1:] = counts.cumsum(0)
+        values = w.movedim(d_w, 1)[b_idx, p_idx]
+        out.append(_dense("values", values, p))
+        out.append(ContiguousPayload("offsets", offsets))
+        out.append(ContiguousPayload("indices", p_idx.contiguous()))
+    total = sum(x.nbytes for x in out)
+    if p.limit and total > p.limit:
+        raise ResultTooLarge(
+            f"result of {total} bytes (values shape {list(out[0].shape)}, "
+            f"{dtype_name(p.result_dtype)}) exceeds the limit of {p.limit} bytes"
+        )
+    return out
+
+
+def _dense(name: str, values: torch.Tensor, p: Plan) -> Payload:
+    if p.result_dtype != values.dtype:
+        values = values.to(p.result_dtype)
+    return ContiguousPayload(name, values.contiguous())

@@ -328,3 +328,34 @@ def test_unreachable_bulk_port_falls_back_to_streaming() -> None:
         assert torch.equal(asyncio.run(go()).cpu(), X[1:30])
     finally:
         srv.stop(grace=None)  # type: ignore[attr-defined]
+
+
+def test_fetch_refuses_from_the_plan_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A result too large for one message on a server without bulk listener is refused from
+    its plan's size: nothing is executed (the client then streams it, computed once)."""
+    import tensorslice.server._orchestrate as orchestrate
+    from tensorslice.core.errors import FailedPrecondition as Refused
+    from tensorslice.core.selection import Index, Selection, selection_to_proto
+    from tensorslice.server._model import Plan
+    from tensorslice.server._payload import Payload
+
+    store = TensorStore()
+    store.add("x", X)
+    calls = orchestrate.Calls(store, ServerConfig(unary_max_bytes=1024, bulk=False), None)
+    executed: list[object] = []
+    real = orchestrate.execute
+
+    def counting(p: Plan, tensor: torch.Tensor) -> list[Payload]:
+        executed.append(p)
+        return real(p, tensor)
+
+    monkeypatch.setattr(orchestrate, "execute", counting)
+    request = pb.SliceRequest(tensor="x", bulk=True)
+    with pytest.raises(Refused, match=r"limit of a single response and the server has no bulk"):
+        calls.one_message(calls.planned(request), True)
+    assert executed == []
+    small = selection_to_proto("x", Selection((Index(0), Index(1), Index(2))))
+    frame = calls.one_message(calls.planned(small), True)
+    assert len(executed) == 1
+    assert torch.equal(safetensors.torch.load(pb.SliceChunk.FromString(frame).data)["values"],
+                       X[0, 1, 2])

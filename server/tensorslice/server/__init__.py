@@ -10,10 +10,12 @@ import importlib as _importlib
 import typing as _typing
 
 if _typing.TYPE_CHECKING:
+    from tensorslice.server._config import ServerConfig
     from tensorslice.server._execute import execute
     from tensorslice.server._model import Plan, Step, TensorMeta
     from tensorslice.server._plan import plan
-    from tensorslice.server._service import ServerConfig, TensorSliceService, create_server
+    from tensorslice.server._server import create_server
+    from tensorslice.server._service import TensorSliceService
     from tensorslice.server._store import Entry, TensorStore, demo_tensor
 
 __all__ = [
@@ -33,12 +35,12 @@ __all__ = [
 _WHERE = {
     "Entry": "_store",
     "Plan": "_model",
-    "ServerConfig": "_service",
+    "ServerConfig": "_config",
     "Step": "_model",
     "TensorMeta": "_model",
     "TensorSliceService": "_service",
     "TensorStore": "_store",
-    "create_server": "_service",
+    "create_server": "_server",
     "demo_tensor": "_store",
     "execute": "_execute",
     "plan": "_plan",

@@ -12,7 +12,8 @@ from pathlib import Path
 from tensorslice.client import Client, Combine, TensorSliceError
 from tensorslice.core.parse import parse_index
 from tensorslice.core.selection import Selection, outer_selectors, selectors_from_index
-from tensorslice.server._service import ServerConfig, create_server
+from tensorslice.server._config import ServerConfig
+from tensorslice.server._server import create_server
 from tensorslice.server._store import DEMO_DIM_NAMES, DEMO_NAME, TensorStore, demo_tensor
 
 log = logging.getLogger("tensorslice.server")

@@ -12,7 +12,7 @@ import torch
 
 from tensorslice.client import Client
 from tensorslice.core.selection import Combine, Selection, outer_selectors
-from tensorslice.server._service import create_server
+from tensorslice.server._server import create_server
 from tensorslice.server._store import DEMO_DIM_NAMES, TensorStore, demo_tensor
 
 

@@ -8,6 +8,7 @@ cross to the host through pinned staging buffers (`_staging`).
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 from collections.abc import Iterator
@@ -64,6 +65,12 @@ class Payload:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+    def renamed(self, name: str) -> Payload:
+        """The same payload under another name (this one is left as it is)."""
+        other = copy.copy(self)
+        other.name = name
+        return other
 
     def slabs(self, slab_bytes: int, pool: BufferPool) -> Iterator[torch.Tensor]:
         raise NotImplementedError

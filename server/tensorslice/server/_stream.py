@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -12,7 +13,7 @@ from tensorslice.core.codec import encode_chunk, safetensors_header
 from tensorslice.server._payload import DEFAULT_POOL, BufferPool, Payload
 from tensorslice.server._staging import host_chunks
 
-__all__ = ["CHUNK_BYTES", "SLAB_BYTES", "frames", "pieces"]
+__all__ = ["CHUNK_BYTES", "SLAB_BYTES", "file_nbytes", "frames", "pieces"]
 
 CHUNK_BYTES = 2 << 20
 """Payload bytes per `SliceChunk` (see README, "Transport")."""
@@ -39,6 +40,16 @@ def _cached_header(
     # The same plan served again makes the same header: build its JSON once.
     header, _ = safetensors_header(tensors, dict(metadata))
     return header
+
+
+def file_nbytes(
+    tensors: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]
+) -> int:
+    """The size of the file `pieces` makes of tensors of these names, dtypes and shapes:
+    known from a plan, before any data moves."""
+    ordered = sorted(tensors, key=lambda t: -t[1].itemsize)
+    header = _cached_header(tuple(ordered), tuple(metadata.items()))
+    return len(header) + sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in tensors)
 
 
 def pieces(

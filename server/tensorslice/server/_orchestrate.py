@@ -1,0 +1,219 @@
+"""What a call does between its request message and its answer: plans (cached), the results
+of one selection and of many (`SliceMany`), and the transport, chosen from the plan's size
+before any data moves (inline, a bulk ticket, or a refusal).
+
+Protocol-neutral apart from the request messages it reads: errors are `TensorSliceError`s,
+which the service turns into status codes.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from tensorslice.core.codec import encode_chunk
+from tensorslice.core.errors import FailedPrecondition, InvalidSelection, ResultTooLarge
+from tensorslice.core.selection import selection_from_proto
+from tensorslice.server._bulk import BulkServer
+from tensorslice.server._config import ServerConfig
+from tensorslice.server._execute import execute
+from tensorslice.server._model import Mode, Plan
+from tensorslice.server._payload import Payload
+from tensorslice.server._plan import combined_limit, plan
+from tensorslice.server._store import Entry, TensorStore
+from tensorslice.server._stream import file_nbytes, frames, pieces
+from tensorslice.v1 import tensorslice_pb2 as _pb
+
+__all__ = ["Calls", "Planned", "Transport", "choose_transport"]
+
+_BULK_PIECE_BYTES = 16 << 20
+_PLAN_CACHE_SIZE = 1024
+_PLAN_CACHE_KEY_BYTES = 4096  # requests with large index lists are planned afresh
+
+
+class Transport(enum.Enum):
+    """How a one-message call (`Fetch`, `FetchMany`) answers."""
+
+    INLINE = "inline"  # the file in the response message
+    BULK = "bulk"  # a ticket; the file goes over the bulk data plane
+    REFUSE = "refuse"  # FAILED_PRECONDITION: the client streams it instead
+
+
+def choose_transport(
+    size: int, config: ServerConfig, bulk_requested: bool, bulk: BulkServer | None
+) -> Transport:
+    """The transport of a file of `size` bytes."""
+    if size <= config.unary_max_bytes:
+        return Transport.INLINE
+    if bulk_requested and bulk is not None:
+        return Transport.BULK
+    return Transport.REFUSE
+
+
+@dataclass(frozen=True)
+class _Item:
+    name: str  # what the result's ``values`` is called in the file
+    entry: Entry
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A planned result: every item validated, nothing executed yet."""
+
+    items: tuple[_Item, ...]
+    metadata: Mapping[str, str]
+    many: bool  # several items (`SliceMany`): the names are the keys
+    limit: int  # bytes, for the executed total of several items; 0 means none
+
+    def file_nbytes(self) -> int:
+        """The size of the file, or -1 where the data decides (a threshold)."""
+        if any(i.plan.result_nbytes < 0 for i in self.items):
+            return -1
+        tensors = [(i.name, i.plan.result_dtype, i.plan.result_shape) for i in self.items]
+        return file_nbytes(tensors, self.metadata)
+
+    def execute(self) -> list[Payload]:
+        """The payloads of the file (producing their bytes lazily). A threshold item's
+        ``indices``/``offsets`` become ``KEY.indices``/``KEY.offsets`` among several."""
+        if not self.many:
+            item = self.items[0]
+            return execute(item.plan, item.entry.tensor)
+        payloads = [
+            p.renamed(item.name if p.name == "values" else f"{item.name}.{p.name}")
+            for item in self.items
+            for p in execute(item.plan, item.entry.tensor)
+        ]
+        _check_total(sum(x.nbytes for x in payloads), self.limit)
+        return payloads
+
+
+class Calls:
+    """The calls of the service over a store: what `TensorSliceService` translates to."""
+
+    def __init__(self, store: TensorStore, config: ServerConfig,
+                 bulk: BulkServer | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.bulk = bulk
+        # Plans are pure functions of (tensor metadata, request): a request seen again (a
+        # dashboard polling, a client re-reading a window) skips parsing and planning. An
+        # entry is valid for the tensor version it was planned against.
+        self._plans: OrderedDict[bytes, tuple[int, Plan]] = OrderedDict()
+        self._plans_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, request: _pb.SliceRequest) -> tuple[Entry, Plan]:
+        """The tensor a request names and the plan of its selection (cached)."""
+        entry = self.store.get(request.tensor)
+        key = request.SerializeToString(deterministic=True)
+        if len(key) > _PLAN_CACHE_KEY_BYTES:
+            return entry, self._plan_fresh(entry, request)
+        with self._plans_lock:
+            hit = self._plans.get(key)
+            if hit is not None and hit[0] == entry.version:
+                self._plans.move_to_end(key)
+                return entry, hit[1]
+        p = self._plan_fresh(entry, request)
+        with self._plans_lock:
+            self._plans[key] = (entry.version, p)
+            if len(self._plans) > _PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        return entry, p
+
+    def _plan_fresh(self, entry: Entry, request: _pb.SliceRequest) -> Plan:
+        selection = selection_from_proto(request)
+        return plan(entry.meta, selection, limit=self.config.max_result_bytes)
+
+    def planned(self, request: _pb.SliceRequest) -> Planned:
+        entry, p = self.plan(request)
+        metadata = {
+            "tensorslice.tensor": entry.meta.name,
+            "tensorslice.version": str(entry.version),
+            "tensorslice.plan": p.summary(),
+        }
+        return Planned((_Item("values", entry, p),), metadata, many=False, limit=0)
+
+    def planned_many(self, request: _pb.SliceManyRequest) -> Planned:
+        """Several selections as one file. Every item is planned (validated) before any
+        data moves; each item's ``values`` is named by its key."""
+        if not request.items:
+            raise InvalidSelection("SliceMany needs at least one item")
+        items: list[_Item] = []
+        reserved: set[str] = set()
+        for pos, named in enumerate(request.items):
+            key = named.key
+            if not key:
+                raise InvalidSelection(f"item {pos} of SliceMany has an empty key")
+            entry, p = self.plan(named.request)
+            names = {key}
+            if p.mode is Mode.THRESHOLD:
+                names |= {f"{key}.indices", f"{key}.offsets"}
+            clash = names & reserved
+            if clash:
+                raise InvalidSelection(
+                    f"item {pos} of SliceMany: result name {sorted(clash)[0]!r} is not unique"
+                )
+            reserved |= names
+            items.append(_Item(key, entry, p))
+        limit = combined_limit(request.max_bytes, self.config.max_result_bytes)
+        _check_total(sum(max(i.plan.result_nbytes, 0) for i in items), limit)
+        metadata = {
+            "tensorslice.tensors": json.dumps({i.name: i.entry.meta.name for i in items}),
+            "tensorslice.versions": json.dumps({i.name: i.entry.version for i in items}),
+            "tensorslice.plans": json.dumps({i.name: i.plan.summary() for i in items}),
+        }
+        return Planned(tuple(items), metadata, many=True, limit=limit)
+
+    # ------------------------------------------------------------------ answering
+    def frames(self, planned: Planned) -> Iterator[bytes]:
+        """The `Slice`/`SliceMany` answer: the file as a stream of `SliceChunk` frames."""
+        return frames(planned.execute(), planned.metadata, chunk_bytes=self.config.chunk_bytes,
+                      slab_bytes=self.config.slab_bytes)
+
+    def one_message(self, planned: Planned, bulk_requested: bool) -> bytes:
+        """The `Fetch`/`FetchMany` answer: a whole result as one serialized `SliceChunk`,
+        inline when small, else a ticket for the bulk data plane. A result too large for
+        either is refused from its plan, before any work."""
+        known = planned.file_nbytes()
+        if known >= 0 and self._transport(known, bulk_requested) is Transport.REFUSE:
+            raise self._refusal(known, bulk_requested)
+        payloads = planned.execute()
+        # One message or a socket: no framing to bound, so large pieces (fewer sendall calls).
+        body = pieces(payloads, planned.metadata, chunk_bytes=_BULK_PIECE_BYTES,
+                      slab_bytes=self.config.slab_bytes)
+        header = next(body)
+        size = len(header) + sum(p.nbytes for p in payloads)
+        transport = self._transport(size, bulk_requested)
+        if transport is Transport.INLINE:
+            # A piece may be a view of a reused buffer: copy each before the next is made.
+            return encode_chunk(header, *(bytes(p) if isinstance(p, memoryview) else p
+                                          for p in body))
+        if transport is Transport.BULK:
+            assert self.bulk is not None
+            token = self.bulk.offer(itertools.chain((header,), body), size)
+            ticket = _pb.BulkTicket(port=self.bulk.port, token=token, nbytes=size)
+            return _pb.SliceChunk(ticket=ticket).SerializeToString()
+        raise self._refusal(size, bulk_requested)
+
+    def _transport(self, size: int, bulk_requested: bool) -> Transport:
+        return choose_transport(size, self.config, bulk_requested, self.bulk)
+
+    def _refusal(self, size: int, bulk_requested: bool) -> FailedPrecondition:
+        no_bulk = " and the server has no bulk listener" if bulk_requested else ""
+        return FailedPrecondition(
+            f"result of {size} bytes is larger than the {self.config.unary_max_bytes}-byte "
+            f"limit of a single response{no_bulk}; use Slice (streaming)"
+        )
+
+
+def _check_total(total: int, limit: int) -> None:
+    if limit and total > limit:
+        raise ResultTooLarge(
+            f"results of {total} bytes in all exceed the limit of {limit} bytes"
+        )

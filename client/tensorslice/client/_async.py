@@ -26,18 +26,19 @@ from tensorslice.client._base import (
     DEFAULT,
     BaseClient,
     BaseRemoteTensor,
-    BulkUnreachable,
+    CallUnary,
+    Flow,
     Indexer,
+    ReceiveBulk,
+    Step,
     Stream,
     Timeout,
     Unary,
-    bulk_host,
-    receive_fetched,
     where_result,
 )
+from tensorslice.client._client import receive_bulk
 from tensorslice.client._errors import map_rpc_errors
 from tensorslice.core.codec import decode_chunk
-from tensorslice.core.errors import FailedPrecondition
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
 from tensorslice.core.selection import Combine
 
@@ -90,50 +91,52 @@ class AsyncClient(BaseClient):
         return state
 
     # ------------------------------------------------------------------ running calls
-    async def _unary(self, op: Unary[R], timeout: Timeout) -> R:
-        call = self._chan().unary_unary(
-            op.path,
-            request_serializer=type(op.request).SerializeToString,
-            response_deserializer=op.response_cls.FromString,
-        )
-        with map_rpc_errors():
-            response = await call(op.request, timeout=self._deadline(timeout))
-        return op.finish(response)
+    async def _run(self, flow: Flow[R]) -> R:
+        """Drive a flow: perform each step, send back its outcome or throw in its error."""
+        outcome: Any = None
+        error: Exception | None = None
+        while True:
+            try:
+                step = flow.send(outcome) if error is None else flow.throw(error)
+            except StopIteration as done:
+                result: R = done.value
+                return result
+            outcome, error = None, None
+            try:
+                outcome = await self._perform(step)
+            except Exception as exc:
+                error = exc
 
-    async def _stream(self, op: Stream[R], timeout: Timeout) -> R:
-        deadline = self._deadline(timeout)
-        serialize = type(op.request).SerializeToString
-        fetch = self._chan().unary_unary(op.fetch_path, request_serializer=serialize,
-                                         response_deserializer=None)
-        if not self._bulk_ok:
-            op.request.bulk = False
-        try:
-            with map_rpc_errors():
-                frame = await fetch(op.request, timeout=deadline)
-            asm = op.assembler()
+    async def _perform(self, step: Step) -> Any:
+        if isinstance(step, ReceiveBulk):
             # The socket part blocks: run it off the event loop.
-            await asyncio.to_thread(receive_fetched, frame, asm, bulk_host(self.address),
-                                    deadline)
-        except (FailedPrecondition, BulkUnreachable) as exc:
-            # Large, and no bulk data plane (or it cannot be reached): stream it.
-            if isinstance(exc, BulkUnreachable):
-                self._bulk_ok = False
-            call = self._chan().unary_stream(op.path, request_serializer=serialize,
-                                             response_deserializer=None)
-            asm = op.assembler()
+            await asyncio.to_thread(receive_bulk, step)
+            return None
+        serialize = type(step.request).SerializeToString
+        if isinstance(step, CallUnary):
+            deserialize = None if step.response_cls is None else step.response_cls.FromString
+            call = self._chan().unary_unary(step.path, request_serializer=serialize,
+                                            response_deserializer=deserialize)
             with map_rpc_errors():
-                async for chunk in call(op.request, timeout=deadline):
-                    asm.feed(decode_chunk(chunk))
-        return op.finish(asm)
+                return await call(step.request, timeout=step.timeout)
+        stream = self._chan().unary_stream(step.path, request_serializer=serialize,
+                                           response_deserializer=None)
+        with map_rpc_errors():
+            async for chunk in stream(step.request, timeout=step.timeout):
+                step.sink.feed(decode_chunk(chunk))
+        return None
+
+    async def _call(self, op: Unary[R] | Stream[R], timeout: Timeout) -> R:
+        return await self._run(self._flow(op, timeout))
 
     # ------------------------------------------------------------------ metadata
     async def list_tensors(self, *, timeout: Timeout = DEFAULT) -> list[TensorInfo]:
         """Every tensor the server holds."""
-        return await self._unary(self._op_list_tensors(), timeout)
+        return await self._call(self._op_list_tensors(), timeout)
 
     async def describe(self, name: str, *, timeout: Timeout = DEFAULT) -> TensorInfo:
         """One tensor's metadata; TensorNotFound if the server holds none of that name."""
-        return await self._unary(self._op_describe(name), timeout)
+        return await self._call(self._op_describe(name), timeout)
 
     async def tensor(self, name: str, *, timeout: Timeout = DEFAULT) -> AsyncRemoteTensor:
         """A handle that indexes the remote tensor: ``await remote[idx]``."""
@@ -144,7 +147,7 @@ class AsyncClient(BaseClient):
         self, name: str, selection: object, *, timeout: Timeout = DEFAULT
     ) -> dict[str, torch.Tensor]:
         """As `Client.slice`."""
-        return await self._stream(self._op_slice(name, selection), timeout)
+        return await self._call(self._op_slice(name, selection), timeout)
 
     async def slice_bytes(
         self,
@@ -157,7 +160,7 @@ class AsyncClient(BaseClient):
         timeout: Timeout = DEFAULT,
     ) -> bytes:
         """As `Client.slice_bytes`."""
-        return await self._stream(
+        return await self._call(
             self._op_slice_bytes(name, index, combine, dtype, max_bytes), timeout
         )
 
@@ -170,14 +173,14 @@ class AsyncClient(BaseClient):
         timeout: Timeout = DEFAULT,
     ) -> dict[str, torch.Tensor]:
         """As `Client.slice_many`."""
-        return await self._stream(self._op_slice_many(items, max_bytes, share_memory),
+        return await self._call(self._op_slice_many(items, max_bytes, share_memory),
                                   timeout)
 
     async def explain(
         self, name: str, selection: object, *, timeout: Timeout = DEFAULT
     ) -> SlicePlan:
         """As `Client.explain`."""
-        return await self._unary(self._op_explain(name, selection), timeout)
+        return await self._call(self._op_explain(name, selection), timeout)
 
 
 class AsyncRemoteTensor(BaseRemoteTensor[AsyncClient]):

@@ -2,9 +2,12 @@
 and result assembly. Nothing here performs I/O.
 
 Every public call of a client is described by an operation (`Unary` or `Stream`): the
-method, the request message and how to turn the response into a result. `Client` runs an
-operation with blocking gRPC calls, `AsyncClient` with `grpc.aio`; both run the same
-operations, so they build the same requests and return the same results.
+method, the request message and how to turn the response into a result. An operation runs
+as a flow (`BaseClient._flow`): a generator of steps (`CallUnary`, `CallStream`,
+`ReceiveBulk`) that holds the policy, such as the Fetch -> bulk -> stream fallback. `Client`
+performs the steps with blocking gRPC calls and sockets, `AsyncClient` with `grpc.aio`;
+both drive the same flows, so they build the same requests, fall back the same way and
+return the same results.
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ import enum
 import json
 import math
 import os
-import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -22,7 +24,7 @@ import torch
 
 from tensorslice.client._receive import Assembler
 from tensorslice.core.codec import split_chunk
-from tensorslice.core.errors import DeadlineExceeded, InvalidSelection, ServerUnavailable
+from tensorslice.core.errors import FailedPrecondition, InvalidSelection
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
 from tensorslice.core.selection import (
     Combine,
@@ -41,7 +43,13 @@ __all__ = [
     "SERVICE",
     "BaseClient",
     "BaseRemoteTensor",
+    "BulkUnreachable",
+    "CallStream",
+    "CallUnary",
     "Default",
+    "Flow",
+    "ReceiveBulk",
+    "Step",
     "Stream",
     "Unary",
     "channel_options",
@@ -142,42 +150,64 @@ def bulk_host(address: str) -> str:
     return host.strip("[]") or "127.0.0.1"
 
 
-_BULK_CONNECT_SECONDS = 5.0
-
-
 class BulkUnreachable(Exception):
     """The bulk port could not be reached (a firewall, a proxy): the clients then stream
     that result over gRPC and stop asking for bulk transfers."""
 
 
-def receive_fetched(frame: bytes, asm: Assembler, host: str, timeout: float | None) -> None:
-    """Fill `asm` from a `Fetch` response: inline data, or the file its bulk ticket claims
-    (a TCP connection to `host`, the token sent, the file read straight into the buffer)."""
-    data, raw_ticket = split_chunk(frame)
-    if raw_ticket is None:
-        asm.feed(data)
-        return
-    ticket = _pb.BulkTicket.FromString(bytes(raw_ticket))
-    connect_timeout = _BULK_CONNECT_SECONDS if timeout is None else min(timeout,
-                                                                        _BULK_CONNECT_SECONDS)
-    try:
-        sock = socket.create_connection((host, ticket.port), timeout=connect_timeout)
-    except OSError as exc:
-        raise BulkUnreachable(f"bulk port {host}:{ticket.port} unreachable: {exc}") from None
-    try:
-        with sock:
-            sock.settimeout(timeout)
-            sock.sendall(ticket.token)
-            asm.receive(sock, ticket.nbytes)
-    except TimeoutError:
-        raise DeadlineExceeded(
-            f"bulk transfer of {ticket.nbytes} bytes from {host}:{ticket.port} did not "
-            f"finish within {timeout} s"
-        ) from None
-    except OSError as exc:
-        raise ServerUnavailable(
-            f"bulk transfer from {host}:{ticket.port} failed: {exc}"
-        ) from None
+# ---------------------------------------------------------------------------- steps
+# A call is a flow: a generator that yields steps (what to do on the network) and receives
+# each step's outcome (`send`) or its error (`throw`), as httpx's auth flows do. The clients
+# drive flows and perform the steps, `Client` with blocking calls and `AsyncClient` with
+# asyncio; the policy (which step comes next, and what an error means) is written once,
+# here. Each step carries its own timeout, so the flow decides each step's time.
+
+
+@dataclass(frozen=True)
+class CallUnary:
+    """A unary call; the outcome is its response (bytes where `response_cls` is None)."""
+
+    path: str
+    request: Any
+    response_cls: Any
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class CallStream:
+    """A streaming call whose `SliceChunk` frames are fed to `sink`; no outcome."""
+
+    path: str
+    request: Any
+    sink: Assembler
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class ReceiveBulk:
+    """The file a bulk ticket claims, received from ``host:port`` into `sink`: connect (at
+    most `connect_timeout`; failure raises `BulkUnreachable`), send the token, receive
+    `nbytes`. No outcome."""
+
+    host: str
+    port: int
+    token: bytes
+    nbytes: int
+    sink: Assembler
+    timeout: float | None
+    connect_timeout: float
+
+
+Step = CallUnary | CallStream | ReceiveBulk
+Flow = Generator[Step, Any, R]
+
+_BULK_CONNECT_SECONDS = 5.0
+
+
+def unary_flow(op: Unary[R], timeout: float | None) -> Flow[R]:
+    """One call, one response."""
+    response = yield CallUnary(op.path, op.request, op.response_cls, timeout)
+    return op.finish(response)
 
 
 def make_selection(
@@ -252,6 +282,43 @@ class BaseClient:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.address!r})"
+
+    # ------------------------------------------------------------------ flows
+    def _flow(self, op: Unary[R] | Stream[R], timeout: Timeout) -> Flow[R]:
+        """The steps of one call (see `CallUnary`); the subclasses drive them."""
+        deadline = self._deadline(timeout)
+        if isinstance(op, Unary):
+            return unary_flow(op, deadline)
+        return self._fetch_flow(op, deadline)
+
+    def _fetch_flow(self, op: Stream[R], timeout: float | None) -> Flow[R]:
+        """A result that is one safetensors file: `Fetch` first (small results come inline,
+        large ones as a ticket for the bulk data plane on the server's host); the gRPC
+        stream where the server refuses (FAILED_PRECONDITION: large, and no bulk listener)
+        or the bulk port cannot be reached (then this client asks for no more tickets)."""
+        request = op.request
+        if not self._bulk_ok:
+            request = type(request)()
+            request.CopyFrom(op.request)
+            request.bulk = False
+        try:
+            frame = yield CallUnary(op.fetch_path, request, None, timeout)
+            asm = op.assembler()
+            data, raw_ticket = split_chunk(frame)
+            if raw_ticket is None:
+                asm.feed(data)
+            else:
+                ticket = _pb.BulkTicket.FromString(bytes(raw_ticket))
+                connect = (_BULK_CONNECT_SECONDS if timeout is None
+                           else min(timeout, _BULK_CONNECT_SECONDS))
+                yield ReceiveBulk(bulk_host(self.address), ticket.port, ticket.token,
+                                  ticket.nbytes, asm, timeout, connect)
+        except (FailedPrecondition, BulkUnreachable) as exc:
+            if isinstance(exc, BulkUnreachable):
+                self._bulk_ok = False
+            asm = op.assembler()
+            yield CallStream(op.path, request, asm, timeout)
+        return op.finish(asm)
 
     # ------------------------------------------------------------------ operations
     @staticmethod

@@ -6,8 +6,9 @@ module only runs the calls, with blocking gRPC.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -17,22 +18,24 @@ from tensorslice.client._base import (
     BaseClient,
     BaseRemoteTensor,
     BulkUnreachable,
+    CallUnary,
+    Flow,
     Indexer,
+    ReceiveBulk,
+    Step,
     Stream,
     Timeout,
     Unary,
-    bulk_host,
     channel_options,
-    receive_fetched,
     where_result,
 )
 from tensorslice.client._errors import map_rpc_errors
 from tensorslice.core.codec import decode_chunk
-from tensorslice.core.errors import FailedPrecondition
+from tensorslice.core.errors import DeadlineExceeded, ServerUnavailable
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
 from tensorslice.core.selection import Combine
 
-__all__ = ["CHANNEL_OPTIONS", "Client", "RemoteTensor"]
+__all__ = ["CHANNEL_OPTIONS", "Client", "RemoteTensor", "receive_bulk"]
 
 CHANNEL_OPTIONS = channel_options(3)
 """The options of a client's channel with the default settings."""
@@ -71,48 +74,51 @@ class Client(BaseClient):
         self.close()
 
     # ------------------------------------------------------------------ running calls
-    def _unary(self, op: Unary[R], timeout: Timeout) -> R:
-        call = self._chan().unary_unary(
-            op.path,
-            request_serializer=type(op.request).SerializeToString,
-            response_deserializer=op.response_cls.FromString,
-        )
-        with map_rpc_errors():
-            response = call(op.request, timeout=self._deadline(timeout))
-        return op.finish(response)
+    def _run(self, flow: Flow[R]) -> R:
+        """Drive a flow: perform each step, send back its outcome or throw in its error."""
+        outcome: Any = None
+        error: Exception | None = None
+        while True:
+            try:
+                step = flow.send(outcome) if error is None else flow.throw(error)
+            except StopIteration as done:
+                result: R = done.value
+                return result
+            outcome, error = None, None
+            try:
+                outcome = self._perform(step)
+            except Exception as exc:
+                error = exc
 
-    def _stream(self, op: Stream[R], timeout: Timeout) -> R:
-        deadline = self._deadline(timeout)
-        serialize = type(op.request).SerializeToString
-        fetch = self._chan().unary_unary(op.fetch_path, request_serializer=serialize,
-                                         response_deserializer=None)
-        if not self._bulk_ok:
-            op.request.bulk = False
-        try:
+    def _perform(self, step: Step) -> Any:
+        if isinstance(step, ReceiveBulk):
+            receive_bulk(step)
+            return None
+        serialize = type(step.request).SerializeToString
+        if isinstance(step, CallUnary):
+            deserialize = None if step.response_cls is None else step.response_cls.FromString
+            call = self._chan().unary_unary(step.path, request_serializer=serialize,
+                                            response_deserializer=deserialize)
             with map_rpc_errors():
-                frame = fetch(op.request, timeout=deadline)
-            asm = op.assembler()
-            receive_fetched(frame, asm, bulk_host(self.address), deadline)
-        except (FailedPrecondition, BulkUnreachable) as exc:
-            # Large, and no bulk data plane (or it cannot be reached): stream it.
-            if isinstance(exc, BulkUnreachable):
-                self._bulk_ok = False
-            call = self._chan().unary_stream(op.path, request_serializer=serialize,
-                                             response_deserializer=None)
-            asm = op.assembler()
-            with map_rpc_errors():
-                for chunk in call(op.request, timeout=deadline):
-                    asm.feed(decode_chunk(chunk))
-        return op.finish(asm)
+                return call(step.request, timeout=step.timeout)
+        stream = self._chan().unary_stream(step.path, request_serializer=serialize,
+                                           response_deserializer=None)
+        with map_rpc_errors():
+            for chunk in stream(step.request, timeout=step.timeout):
+                step.sink.feed(decode_chunk(chunk))
+        return None
+
+    def _call(self, op: Unary[R] | Stream[R], timeout: Timeout) -> R:
+        return self._run(self._flow(op, timeout))
 
     # ------------------------------------------------------------------ metadata
     def list_tensors(self, *, timeout: Timeout = DEFAULT) -> list[TensorInfo]:
         """Every tensor the server holds."""
-        return self._unary(self._op_list_tensors(), timeout)
+        return self._call(self._op_list_tensors(), timeout)
 
     def describe(self, name: str, *, timeout: Timeout = DEFAULT) -> TensorInfo:
         """One tensor's metadata; TensorNotFound if the server holds none of that name."""
-        return self._unary(self._op_describe(name), timeout)
+        return self._call(self._op_describe(name), timeout)
 
     def tensor(self, name: str, *, timeout: Timeout = DEFAULT) -> RemoteTensor:
         """A handle that indexes the remote tensor like a local one."""
@@ -125,7 +131,7 @@ class Client(BaseClient):
         """The tensors of the result of one selection (``values``, plus ``indices`` and
         ``offsets`` for threshold masks), built on the received buffer without a copy.
         `selection` is a `Selection` or a Python index (PyTorch's meaning)."""
-        return self._stream(self._op_slice(name, selection), timeout)
+        return self._call(self._op_slice(name, selection), timeout)
 
     def slice_bytes(
         self,
@@ -138,7 +144,7 @@ class Client(BaseClient):
         timeout: Timeout = DEFAULT,
     ) -> bytes:
         """The result as safetensors bytes (loadable with `safetensors.torch.load`)."""
-        return self._stream(self._op_slice_bytes(name, index, combine, dtype, max_bytes),
+        return self._call(self._op_slice_bytes(name, index, combine, dtype, max_bytes),
                             timeout)
 
     def slice_many(
@@ -154,11 +160,11 @@ class Client(BaseClient):
         and ``KEY.offsets`` for per_sample). The server validates every item before any
         data moves; `max_bytes` bounds all results together. With `share_memory` the
         result is received straight into shared memory (as a DataLoader worker wants it)."""
-        return self._stream(self._op_slice_many(items, max_bytes, share_memory), timeout)
+        return self._call(self._op_slice_many(items, max_bytes, share_memory), timeout)
 
     def explain(self, name: str, selection: object, *, timeout: Timeout = DEFAULT) -> SlicePlan:
         """The plan the server would follow; nothing is executed."""
-        return self._unary(self._op_explain(name, selection), timeout)
+        return self._call(self._op_explain(name, selection), timeout)
 
 
 class RemoteTensor(BaseRemoteTensor[Client]):
@@ -218,3 +224,27 @@ class RemoteTensor(BaseRemoteTensor[Client]):
         selects along the other dimensions first (orthogonally), one entry per dimension."""
         sel = self._threshold(dim, stat, over, op, value, scope, k, index)
         return where_result(self.client.slice(self.name, sel))
+
+
+def receive_bulk(step: ReceiveBulk) -> None:
+    """Perform a `ReceiveBulk` step: a TCP connection to the bulk data plane, the token
+    sent, the file read straight into the step's buffer. (Blocking; `AsyncClient` runs it
+    in a thread.)"""
+    try:
+        sock = socket.create_connection((step.host, step.port), timeout=step.connect_timeout)
+    except OSError as exc:
+        raise BulkUnreachable(f"bulk port {step.host}:{step.port} unreachable: {exc}") from None
+    try:
+        with sock:
+            sock.settimeout(step.timeout)
+            sock.sendall(step.token)
+            step.sink.receive(sock, step.nbytes)
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"bulk transfer of {step.nbytes} bytes from {step.host}:{step.port} did not "
+            f"finish within {step.timeout} s"
+        ) from None
+    except OSError as exc:
+        raise ServerUnavailable(
+            f"bulk transfer from {step.host}:{step.port} failed: {exc}"
+        ) from None

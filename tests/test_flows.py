@@ -1,0 +1,102 @@
+"""The client's call policy, driven by hand: no server, no sockets. A flow yields the steps a
+client performs (`CallUnary`, `CallStream`, `ReceiveBulk`) and takes back their outcomes or
+errors, so the Fetch -> bulk -> stream fallback is tested once for both clients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+
+from tensorslice.client import Client
+from tensorslice.client._base import (
+    BulkUnreachable,
+    CallStream,
+    CallUnary,
+    Flow,
+    ReceiveBulk,
+)
+from tensorslice.core.codec import encode_chunk
+from tensorslice.core.errors import FailedPrecondition, ServerUnavailable
+from tensorslice.v1 import tensorslice_pb2 as pb
+
+pytestmark = pytest.mark.unit
+
+X = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+FILE = safetensors.torch.save({"values": X})
+
+
+def _start(flow: Flow[Any]) -> Any:
+    return next(flow)
+
+
+def _finish(flow: Flow[Any], outcome: Any = None, error: Exception | None = None) -> Any:
+    with pytest.raises(StopIteration) as done:
+        flow.throw(error) if error is not None else flow.send(outcome)
+    return done.value.value
+
+
+def _slice_flow(client: Client, timeout: float | None = 7.0) -> Flow[Any]:
+    return client._flow(client._op_slice("x", (slice(None),)), timeout)
+
+
+def test_small_result_comes_inline() -> None:
+    client = Client("127.0.0.1:1")
+    flow = _slice_flow(client)
+    step = _start(flow)
+    assert isinstance(step, CallUnary)
+    assert step.path == "/tensorslice.v1.TensorSlice/Fetch"
+    assert step.request.bulk is True and step.timeout == 7.0 and step.response_cls is None
+    out = _finish(flow, encode_chunk(FILE))
+    assert torch.equal(out["values"], X)
+
+
+def test_refused_fetch_falls_back_to_the_stream() -> None:
+    client = Client("127.0.0.1:1")
+    flow = _slice_flow(client)
+    _start(flow)
+    step = flow.throw(FailedPrecondition("too large for one message"))
+    assert isinstance(step, CallStream)
+    assert step.path == "/tensorslice.v1.TensorSlice/Slice" and step.timeout == 7.0
+    step.sink.feed(memoryview(FILE))
+    assert torch.equal(_finish(flow)["values"], X)
+    assert client._bulk_ok is True  # a refusal says nothing about the bulk port
+
+
+def test_ticket_becomes_a_bulk_receive_and_an_unreachable_port_is_remembered() -> None:
+    client = Client("[::1]:50051")
+    flow = _slice_flow(client, timeout=2.0)
+    _start(flow)
+    ticket = pb.BulkTicket(port=4242, token=b"t" * 16, nbytes=len(FILE))
+    step = flow.send(pb.SliceChunk(ticket=ticket).SerializeToString())
+    assert isinstance(step, ReceiveBulk)
+    assert (step.host, step.port, step.token, step.nbytes) == ("::1", 4242, b"t" * 16, len(FILE))
+    assert step.timeout == 2.0 and step.connect_timeout == 2.0
+    step = flow.throw(BulkUnreachable("no route"))
+    assert isinstance(step, CallStream)
+    step.sink.feed(memoryview(FILE))
+    assert torch.equal(_finish(flow)["values"], X)
+    assert client._bulk_ok is False
+    # The next call asks for no ticket, without touching the operation's own request.
+    op = client._op_slice("x", (slice(None),))
+    step = _start(client._flow(op, None))
+    assert step.request.bulk is False and op.request.bulk is True
+
+
+def test_other_errors_end_the_call() -> None:
+    flow = _slice_flow(Client("127.0.0.1:1"))
+    _start(flow)
+    with pytest.raises(ServerUnavailable, match="gone"):
+        flow.throw(ServerUnavailable("gone"))
+
+
+def test_unary_flow_is_one_step() -> None:
+    client = Client("127.0.0.1:1")
+    flow = client._flow(client._op_describe("x"), None)
+    step = _start(flow)
+    assert isinstance(step, CallUnary) and step.timeout is None
+    assert step.path == "/tensorslice.v1.TensorSlice/DescribeTensor"
+    info = pb.TensorInfo(name="x", shape=[3, 4], dtype="float32", device="cpu", nbytes=48)
+    assert _finish(flow, info).shape == (3, 4)

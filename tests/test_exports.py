@@ -40,6 +40,7 @@ CLIENT = [
 ]
 
 SERVER = [
+    "AddressInUse",
     "Entry",
     "Plan",
     "ServerConfig",

@@ -8,6 +8,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -315,7 +316,10 @@ def test_slice_many_into_shared_memory() -> None:
 def test_unreachable_bulk_port_falls_back_to_streaming() -> None:
     srv, address = _server(unary_max_bytes=1024)
     try:
-        srv.bulk.stop()  # type: ignore[attr-defined]  # tickets still issued, port closed
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        srv.bulk.port = dead  # type: ignore[attr-defined]  # tickets name the closed port
         with Client(address, timeout=30) as c:
             assert torch.equal(c.tensor("x")[0:40].cpu(), X[0:40])  # streamed instead
             assert c._bulk_ok is False
@@ -345,9 +349,9 @@ def test_fetch_refuses_from_the_plan_before_any_work(monkeypatch: pytest.MonkeyP
     executed: list[object] = []
     real = orchestrate.execute
 
-    def counting(p: Plan, tensor: torch.Tensor) -> list[Payload]:
+    def counting(p: Plan, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> list[Payload]:
         executed.append(p)
-        return real(p, tensor)
+        return real(p, tensor, *args, **kwargs)
 
     monkeypatch.setattr(orchestrate, "execute", counting)
     request = pb.SliceRequest(tensor="x", bulk=True)

@@ -8,6 +8,7 @@ conversion to and from protobuf lives here, in one place.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -228,6 +229,9 @@ _SCOPE_TO_PB = {
     "per_sample": _pb.Threshold.PER_SAMPLE,
     "topk": _pb.Threshold.TOPK,
 }
+_PB_TO_COMBINE = {_pb.OUTER: Combine.OUTER, _pb.VECTORIZED: Combine.VECTORIZED}
+_MAX_DTYPE_CHARS = 64
+_MAX_SELECTORS = 1024
 _PB_TO_STAT = {v: k for k, v in _STAT_TO_PB.items()}
 _PB_TO_OP = {v: k for k, v in _OP_TO_PB.items()}
 _PB_TO_SCOPE = {v: k for k, v in _SCOPE_TO_PB.items()}
@@ -297,13 +301,22 @@ def selection_to_proto(tensor: str, selection: Selection) -> _pb.SliceRequest:
     )
 
 
+_MAX_INDEX_DIMS = 64
+
+
 def _shape_of(shape: Sequence[int], count: int, what: str, pos: int) -> tuple[int, ...]:
     if not shape:
         return (count,)
-    dims = tuple(int(s) for s in shape)
-    if any(d < 0 for d in dims) or int(np.prod(dims, dtype=np.int64)) != count:
+    if len(shape) > _MAX_INDEX_DIMS:
         raise InvalidSelection(
-            f"selector {pos}: {what} shape {list(dims)} does not hold its {count} values"
+            f"selector {pos}: {what} of {len(shape)} dimensions; at most {_MAX_INDEX_DIMS}"
+        )
+    dims = tuple(int(s) for s in shape)
+    # Python integers: a product that would wrap int64 is simply not `count`.
+    if any(d < 0 for d in dims) or math.prod(dims) != count:
+        shown = str(list(dims)) if len(dims) <= 8 else f"{list(dims[:8])}..."
+        raise InvalidSelection(
+            f"selector {pos}: {what} shape {shown} does not hold its {count} values"
         )
     return dims
 
@@ -358,9 +371,23 @@ def selection_from_proto(req: _pb.SliceRequest) -> Selection:
     """The selection a `SliceRequest` carries; malformed content raises InvalidSelection."""
     if req.max_bytes < 0:
         raise InvalidSelection(f"max_bytes must not be negative; got {req.max_bytes}")
+    if req.combine not in _PB_TO_COMBINE:
+        raise InvalidSelection(
+            f"unknown combine {req.combine}; expected OUTER (0) or VECTORIZED (1)"
+        )
+    if len(req.dtype) > _MAX_DTYPE_CHARS:
+        raise InvalidSelection(
+            f"unknown dtype of {len(req.dtype)} characters; a dtype is a name such as "
+            f"'float16'"
+        )
+    if len(req.selectors) > _MAX_SELECTORS:
+        raise InvalidSelection(
+            f"{len(req.selectors)} selectors; at most {_MAX_SELECTORS} (one per dimension, "
+            f"and new axes)"
+        )
     return Selection(
         selectors=tuple(_selector_from_proto(s, i) for i, s in enumerate(req.selectors)),
-        combine=Combine.VECTORIZED if req.combine == _pb.VECTORIZED else Combine.OUTER,
+        combine=_PB_TO_COMBINE[req.combine],
         dtype=req.dtype or None,
         max_bytes=req.max_bytes,
     )

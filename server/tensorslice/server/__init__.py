@@ -14,11 +14,12 @@ if _typing.TYPE_CHECKING:
     from tensorslice.server._execute import execute
     from tensorslice.server._model import Plan, Step, TensorMeta
     from tensorslice.server._plan import plan
-    from tensorslice.server._server import create_server
+    from tensorslice.server._server import AddressInUse, create_server
     from tensorslice.server._service import TensorSliceService
     from tensorslice.server._store import Entry, TensorStore, demo_tensor
 
 __all__ = [
+    "AddressInUse",
     "Entry",
     "Plan",
     "ServerConfig",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 _WHERE = {
+    "AddressInUse": "_server",
     "Entry": "_store",
     "Plan": "_model",
     "ServerConfig": "_config",

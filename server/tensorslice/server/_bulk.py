@@ -5,32 +5,63 @@ slice, out of one on the client, into the result); a socket moves the same bytes
 copy on each side. For a large result the unary `Fetch` call answers with a ticket (a port,
 a one-time random token and the file's size) instead of data; the client connects to that
 port, sends the token, and receives the safetensors file, which the server writes with
-`sendall` straight from the tensor's memory (or from its reused slab buffers). A ticket not
-redeemed within `ticket_timeout` seconds expires and its result is dropped.
+`sendall` straight from the tensor's memory (or from its reused slab buffers).
+
+Guarantees:
+
+- Bounded tickets: at most `max_tickets` pending, holding at most `max_ticket_bytes` of
+  materialised results; an offer beyond either is refused (UNAVAILABLE, retry shortly). A
+  ticket not redeemed within `ticket_timeout` seconds expires; what it held is given back.
+- Bounded connections: at most `max_connections` open at once, handshaking or sending;
+  more are closed on accept. Handshakes need no thread: one thread accepts and reads every
+  token through a selector, and a connection must present its whole token within
+  `handshake_timeout` seconds of being accepted (not per read), or it is closed. Only a
+  connection with a valid token gets a sending thread.
+- A reader that stops for `send_timeout` seconds is dropped.
+- `stop(grace)` issues no more tickets, keeps redeeming the pending ones and lets transfers
+  in flight finish, for up to `grace` seconds; then it cuts what is left.
+- Bad tokens are counted, logged at debug level, and summarised at most once a minute.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import selectors
 import socket
 import threading
 import time
 from collections.abc import Iterable
+
+from tensorslice.core.errors import ServerUnavailable
+from tensorslice.server._limits import Hold
 
 __all__ = ["TOKEN_BYTES", "BulkServer"]
 
 log = logging.getLogger("tensorslice.server")
 
 TOKEN_BYTES = 16
+_TICK = 0.1  # seconds between checks of deadlines and expiries
+_REPORT_EVERY = 60.0  # seconds between summaries of refused connections
 
 
 class _Transfer:
-    def __init__(self, pieces: Iterable[bytes | memoryview], nbytes: int, expires: float
-                 ) -> None:
+    def __init__(self, pieces: Iterable[bytes | memoryview], nbytes: int, expires: float,
+                 hold: Hold | None) -> None:
         self.pieces = pieces
         self.nbytes = nbytes
         self.expires = expires
+        self.hold = hold
+
+    def release(self) -> None:
+        if self.hold is not None:
+            self.hold.release()
+
+
+class _Handshake:
+    def __init__(self, deadline: float) -> None:
+        self.token = b""
+        self.deadline = deadline
 
 
 class BulkServer:
@@ -38,36 +69,79 @@ class BulkServer:
     pending transfer receives that transfer's bytes, anything else is dropped."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
-                 ticket_timeout: float = 60.0) -> None:
+                 ticket_timeout: float = 15.0, max_tickets: int = 256,
+                 max_ticket_bytes: int = 0, max_connections: int = 64,
+                 handshake_timeout: float = 5.0, send_timeout: float = 30.0) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.create_server((host.strip("[]"), port), family=family)
-        self._listener.settimeout(0.5)
+        self._listener = socket.create_server((host.strip("[]"), port), family=family,
+                                              backlog=128)
+        self._listener.setblocking(False)
         self.port: int = self._listener.getsockname()[1]
         self.ticket_timeout = ticket_timeout
+        self.max_tickets = max_tickets
+        self.max_ticket_bytes = max_ticket_bytes
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.send_timeout = send_timeout
         self._pending: dict[bytes, _Transfer] = {}
+        self._held = 0  # materialised bytes of pending tickets
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept_loop, name="bulk-accept",
-                                        daemon=True)
+        self._handshakes: dict[socket.socket, _Handshake] = {}
+        self._sending: set[socket.socket] = set()
+        self._senders: set[threading.Thread] = set()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._stopping = False
+        self._drain_until = 0.0
+        self._thread = threading.Thread(target=self._loop, name="bulk-accept", daemon=True)
         self.sent = 0  # transfers completed (for tests and logs)
+        self.refused = 0  # connections closed: over the limit, bad token or too slow
+        self._reported = (0.0, 0)
+
+    # ---------------------------------------------------------------- tickets
 
     def start(self) -> BulkServer:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._listener.close()
-        with self._lock:
-            self._pending.clear()
+    def offer(self, pieces: Iterable[bytes | memoryview], nbytes: int,
+              hold: Hold | None = None) -> bytes:
+        """Hold a transfer of `nbytes` (produced lazily by `pieces`; `hold` is the memory
+        it keeps, which the transfer owns from now on and gives back once it is sent or
+        expires); its token. Raises ServerUnavailable, having given `hold` back, when the
+        tickets' bounds are reached or the server stops."""
+        try:
+            return self._offer(pieces, nbytes, hold)
+        except BaseException:
+            if hold is not None:
+                hold.release()
+            raise
 
-    def offer(self, pieces: Iterable[bytes | memoryview], nbytes: int) -> bytes:
-        """Hold a transfer of `nbytes` (produced lazily by `pieces`); its token."""
-        token = secrets.token_bytes(TOKEN_BYTES)
+    def _offer(self, pieces: Iterable[bytes | memoryview], nbytes: int,
+               hold: Hold | None) -> bytes:
+        held = hold.nbytes if hold is not None else 0
         with self._lock:
+            if self._stopping:
+                raise ServerUnavailable("server shutting down: no new bulk transfers")
+            if len(self._pending) >= self.max_tickets:
+                raise ServerUnavailable(
+                    f"server busy: {len(self._pending)} bulk tickets await redemption, the "
+                    f"limit of {self.max_tickets} (max_pending_tickets, serve "
+                    f"--max-pending-tickets); retry shortly"
+                )
+            if self.max_ticket_bytes and held and self._held + held > self.max_ticket_bytes:
+                raise ServerUnavailable(
+                    f"server busy: bulk tickets hold {self._held} bytes and this result "
+                    f"{held} more, beyond the limit of {self.max_ticket_bytes} "
+                    f"(max_ticket_bytes, serve --max-ticket-bytes); retry shortly"
+                )
+            token = secrets.token_bytes(TOKEN_BYTES)
             self._pending[token] = _Transfer(pieces, nbytes,
-                                             time.monotonic() + self.ticket_timeout)
+                                             time.monotonic() + self.ticket_timeout, hold)
+            self._held += held
         return token
 
     @property
@@ -75,45 +149,201 @@ class BulkServer:
         with self._lock:
             return len(self._pending)
 
-    def _expire(self) -> None:
-        now = time.monotonic()
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return self._held
+
+    @property
+    def connections(self) -> int:
+        """Connections open now: handshaking or sending."""
+        with self._lock:
+            return len(self._handshakes) + len(self._sending)
+
+    def _take(self, token: bytes) -> _Transfer | None:
+        with self._lock:
+            transfer = self._pending.pop(token, None)
+            if transfer is not None and transfer.hold is not None:
+                self._held -= transfer.hold.nbytes
+            return transfer
+
+    def _expire(self, now: float) -> None:
         with self._lock:
             stale = [t for t, x in self._pending.items() if x.expires < now]
-            for t in stale:
-                del self._pending[t]
-        if stale:
-            log.warning("%d bulk ticket(s) expired unredeemed", len(stale))
+            gone = [self._pending.pop(t) for t in stale]
+            self._held -= sum(x.hold.nbytes for x in gone if x.hold is not None)
+        for x in gone:
+            x.release()
+        if gone:
+            log.warning("%d bulk ticket(s) expired unredeemed after %gs (ticket_timeout)",
+                        len(gone), self.ticket_timeout)
 
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            self._expire()
+    # ---------------------------------------------------------------- stopping
+
+    def stop(self, grace: float | None = None) -> None:
+        """Issue no more tickets; pending ones may still be redeemed and transfers finish
+        for `grace` seconds (None or 0: none); then close everything."""
+        with self._lock:
+            self._stopping = True
+            self._drain_until = time.monotonic() + (grace or 0)
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join()
+        else:
+            self._close_all()
+        with self._lock:
+            cut = list(self._sending)
+            senders = list(self._senders)
+        for sock in cut:  # past the grace period: cut transfers still running
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in senders:
+            t.join(timeout=5)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _drained(self, now: float) -> bool:
+        with self._lock:
+            idle = not self._pending and not self._sending
+            return idle or now >= self._drain_until
+
+    def _close_all(self) -> None:
+        for sock in list(self._handshakes):
+            self._drop(sock)
+        try:
+            self._selector.close()
+        except (OSError, ValueError):
+            pass
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        with self._lock:
+            gone = list(self._pending.values())
+            self._pending.clear()
+            self._held = 0
+        for x in gone:
+            x.release()
+
+    # ---------------------------------------------------------------- the loop
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                now = time.monotonic()
+                with self._lock:
+                    stopping = self._stopping
+                if stopping and self._drained(now):
+                    return
+                for key, _ in self._selector.select(_TICK):
+                    sock = key.fileobj
+                    if sock is self._listener:
+                        self._accept()
+                    elif sock is self._wake_r:
+                        try:
+                            self._wake_r.recv(4096)
+                        except OSError:
+                            pass
+                    else:
+                        assert isinstance(sock, socket.socket)
+                        self._read_token(sock)
+                now = time.monotonic()
+                for sock, h in list(self._handshakes.items()):
+                    if now > h.deadline:
+                        self._refuse(sock, f"no whole token within {self.handshake_timeout}s")
+                self._expire(now)
+                self._report(now)
+        except Exception:
+            log.exception("bulk data plane failed")
+        finally:
+            self._close_all()
+
+    def _accept(self) -> None:
+        while True:
             try:
                 sock, _ = self._listener.accept()
-            except TimeoutError:
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: try again later
+                log.warning("bulk data plane cannot accept: %s", exc)
+                return
+            with self._lock:
+                full = len(self._handshakes) + len(self._sending) >= self.max_connections
+            if full:
+                self.refused += 1
+                log.debug("bulk connection refused: %d open, the limit "
+                          "(max_bulk_connections)", self.max_connections)
+                sock.close()
                 continue
-            except OSError:
-                if self._stop.is_set():
-                    return
-                time.sleep(0.05)
-                continue
-            threading.Thread(target=self._serve, args=(sock,), name="bulk-send",
-                             daemon=True).start()
+            sock.setblocking(False)
+            with self._lock:
+                self._handshakes[sock] = _Handshake(time.monotonic() + self.handshake_timeout)
+            self._selector.register(sock, selectors.EVENT_READ)
 
-    def _serve(self, sock: socket.socket) -> None:
-        with sock:
-            try:
-                sock.settimeout(10)
-                token = b""
-                while len(token) < TOKEN_BYTES:
-                    part = sock.recv(TOKEN_BYTES - len(token))
-                    if not part:
-                        raise ConnectionError("closed before sending a token")
-                    token += part
-                with self._lock:
-                    transfer = self._pending.pop(token, None)
-                if transfer is None:
-                    raise ConnectionError("unknown or expired token")
-                sock.settimeout(self.ticket_timeout)
+    def _read_token(self, sock: socket.socket) -> None:
+        h = self._handshakes.get(sock)
+        if h is None:
+            return
+        try:
+            part = sock.recv(TOKEN_BYTES - len(h.token))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._refuse(sock, f"read failed: {exc}")
+            return
+        if not part:
+            self._refuse(sock, "closed before sending a whole token")
+            return
+        h.token += part
+        if len(h.token) < TOKEN_BYTES:
+            return
+        transfer = self._take(h.token)
+        if transfer is None:
+            self._refuse(sock, "unknown or expired token")
+            return
+        self._selector.unregister(sock)
+        thread = threading.Thread(target=self._send, args=(sock, transfer), name="bulk-send",
+                                  daemon=True)
+        with self._lock:
+            del self._handshakes[sock]
+            self._sending.add(sock)
+            self._senders.add(thread)
+        thread.start()
+
+    def _drop(self, sock: socket.socket) -> None:
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        with self._lock:
+            self._handshakes.pop(sock, None)
+        sock.close()
+
+    def _refuse(self, sock: socket.socket, why: str) -> None:
+        self.refused += 1
+        log.debug("bulk connection dropped: %s", why)
+        self._drop(sock)
+
+    def _report(self, now: float) -> None:
+        last, count = self._reported
+        if self.refused > count and now - last >= _REPORT_EVERY:
+            log.warning("bulk data plane: %d connection(s) refused or dropped since the "
+                        "last report (over max_bulk_connections, bad tokens or too slow)",
+                        self.refused - count)
+            self._reported = (now, self.refused)
+
+    # ---------------------------------------------------------------- sending
+
+    def _send(self, sock: socket.socket, transfer: _Transfer) -> None:
+        try:
+            with sock:
+                sock.setblocking(True)
+                sock.settimeout(self.send_timeout or None)  # per piece, not per byte
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sent = 0
                 for piece in transfer.pieces:
@@ -121,8 +351,15 @@ class BulkServer:
                     sent += len(piece)
                 if sent != transfer.nbytes:
                     raise RuntimeError(f"sent {sent} of {transfer.nbytes} bytes")
-                self.sent += 1
-            except (OSError, ConnectionError) as exc:
-                log.info("bulk connection dropped: %s", exc)
-            except Exception:
-                log.exception("bulk transfer failed")
+                with self._lock:
+                    self.sent += 1
+        except OSError as exc:
+            log.info("bulk transfer dropped: %s", exc)
+        except Exception:
+            log.exception("bulk transfer failed")
+        finally:
+            transfer.release()
+            with self._lock:
+                self._sending.discard(sock)
+                self._senders.discard(threading.current_thread())
+            self._wake()

@@ -13,7 +13,7 @@ from tensorslice.client import Client, Combine, TensorSliceError
 from tensorslice.core.parse import parse_index
 from tensorslice.core.selection import Selection, outer_selectors, selectors_from_index
 from tensorslice.server._config import ServerConfig
-from tensorslice.server._server import create_server
+from tensorslice.server._server import AddressInUse, create_server
 from tensorslice.server._store import DEMO_DIM_NAMES, DEMO_NAME, TensorStore, demo_tensor
 
 log = logging.getLogger("tensorslice.server")
@@ -25,6 +25,10 @@ def _parse_bytes(text: str) -> int:
     if t and t[-1] in units:
         return int(float(t[:-1]) * units[t[-1]])
     return int(t)
+
+
+def _bytes_or_none(text: str | None) -> int | None:
+    return None if text is None else _parse_bytes(text)
 
 
 def _split_tensor_arg(arg: str) -> tuple[str, Path, str | None]:
@@ -58,9 +62,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except TensorSliceError as exc:
         print(f"tensorslice: {exc}", file=sys.stderr)
         return 2
-    config = ServerConfig(max_result_bytes=_parse_bytes(args.max_result_bytes),
-                          bulk=not args.no_bulk, bulk_port=args.bulk_port)
-    server, port = create_server(store, f"{args.host}:{args.port}", config)
+    config = ServerConfig(
+        max_result_bytes=_bytes_or_none(args.max_result_bytes),
+        max_calls=args.max_calls,
+        send_timeout=args.send_timeout,
+        max_materialized_bytes=_bytes_or_none(args.max_materialized_bytes),
+        max_request_bytes=_bytes_or_none(args.max_request_bytes),
+        bulk=not args.no_bulk,
+        bulk_port=args.bulk_port,
+        ticket_timeout=args.ticket_timeout,
+        max_pending_tickets=args.max_pending_tickets,
+        max_ticket_bytes=_bytes_or_none(args.max_ticket_bytes),
+        max_bulk_connections=args.max_bulk_connections,
+        handshake_timeout=args.handshake_timeout,
+    )
+    try:
+        server, port = create_server(store, f"{args.host}:{args.port}", config)
+    except AddressInUse as exc:
+        print(f"tensorslice: {exc}", file=sys.stderr)
+        return 2
     server.start()
     address = f"{args.host}:{port}"
     print(f"tensorslice serving {len(store)} tensor(s) on {address} ({store.device})", flush=True)
@@ -147,12 +167,35 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-device-memory", default=None, metavar="BYTES",
                    help="refuse loads beyond this many bytes on the device (RESOURCE_EXHAUSTED);"
                         " default on cuda: what is free minus max(1GiB, 10%%); cpu: no limit")
-    s.add_argument("--max-result-bytes", default="64GiB",
-                   help="refuse larger results (RESOURCE_EXHAUSTED); default 64GiB")
+    s.add_argument("--max-result-bytes", default=None, metavar="BYTES",
+                   help="refuse larger results (RESOURCE_EXHAUSTED); default an eighth of "
+                        "the memory")
+    s.add_argument("--max-calls", type=int, default=None, metavar="N",
+                   help="calls served at once; more are refused with UNAVAILABLE (health "
+                        "checks not counted); default 4 per CPU, at least 8")
+    s.add_argument("--send-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="cancel a stream (or drop a bulk transfer) whose reader stops this "
+                        "long; default 30")
+    s.add_argument("--max-materialized-bytes", default=None, metavar="BYTES",
+                   help="bytes all calls may hold in memory at once (gathers, thresholds, "
+                        "pending tickets); default a quarter of the memory")
+    s.add_argument("--max-request-bytes", default=None, metavar="BYTES",
+                   help="largest request message; default 64MiB (less on small machines)")
     s.add_argument("--bulk-port", type=int, default=0,
                    help="TCP port of the bulk data plane for large results (0: a free one)")
     s.add_argument("--no-bulk", action="store_true",
                    help="no bulk data plane: large results stream over gRPC only")
+    s.add_argument("--ticket-timeout", type=float, default=15.0, metavar="SECONDS",
+                   help="a bulk ticket not redeemed this long expires; default 15")
+    s.add_argument("--max-pending-tickets", type=int, default=256, metavar="N",
+                   help="bulk tickets awaiting redemption at once; default 256")
+    s.add_argument("--max-ticket-bytes", default=None, metavar="BYTES",
+                   help="materialised bytes pending tickets may hold; default a sixteenth "
+                        "of the memory")
+    s.add_argument("--max-bulk-connections", type=int, default=64, metavar="N",
+                   help="bulk connections open at once; more are closed; default 64")
+    s.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="time a bulk connection has to present its whole token; default 5")
     s.add_argument("--no-progress", action="store_true", help="no progress bars while loading")
     s.set_defaults(fn=cmd_serve)
 

@@ -1,31 +1,64 @@
-"""Server settings, with explicit defaults."""
+"""Server settings, with explicit defaults; every bound a caller can push on is one of
+them (`_limits` says what each guarantees), its default taken from the machine."""
 
 from __future__ import annotations
 
+from tensorslice.server._limits import machine_cpus, machine_memory
 from tensorslice.server._stream import CHUNK_BYTES, SLAB_BYTES
 
-__all__ = ["ServerConfig"]
+__all__ = ["HEALTH_THREADS", "ServerConfig"]
+
+HEALTH_THREADS = 4
+"""Threads beyond `max_calls`: health checks and refusals never wait for a busy pool."""
 
 
 class ServerConfig:
-    """Server settings, with explicit defaults."""
+    """Server settings, with explicit defaults; every bound a caller can push on is one of
+    them (see `_limits`). Defaults left as None follow the machine (`machine_memory`,
+    `machine_cpus`)."""
 
     def __init__(
         self,
         *,
-        max_result_bytes: int = 64 << 30,
+        max_result_bytes: int | None = None,
         chunk_bytes: int = CHUNK_BYTES,
         slab_bytes: int = SLAB_BYTES,
-        max_workers: int = 16,
+        max_calls: int | None = None,
+        send_timeout: float = 30.0,
+        max_materialized_bytes: int | None = None,
+        max_request_bytes: int | None = None,
         unary_max_bytes: int = 1 << 20,
         bulk: bool = True,
         bulk_port: int = 0,
-        ticket_timeout: float = 60.0,
+        ticket_timeout: float = 15.0,
+        max_pending_tickets: int = 256,
+        max_ticket_bytes: int | None = None,
+        max_bulk_connections: int = 64,
+        handshake_timeout: float = 5.0,
     ) -> None:
-        self.max_result_bytes = max_result_bytes
+        memory = machine_memory()
+        self.max_result_bytes = (
+            max_result_bytes if max_result_bytes is not None else memory // 8
+        )
+        """Largest result, in bytes (0: no limit); default an eighth of the memory."""
         self.chunk_bytes = chunk_bytes
         self.slab_bytes = slab_bytes
-        self.max_workers = max_workers
+        self.max_calls = max_calls if max_calls is not None else max(8, 4 * machine_cpus())
+        """TensorSlice calls running at once; more are refused with UNAVAILABLE. Health
+        checks are not counted. Default 4 per CPU, at least 8."""
+        self.send_timeout = send_timeout
+        """Seconds a stream waits for its reader to take the next message before it is
+        cancelled, freeing its thread (0: wait for ever)."""
+        self.max_materialized_bytes = (
+            max_materialized_bytes if max_materialized_bytes is not None else memory // 4
+        )
+        """Bytes every call together may hold materialised (gathers, threshold statistics,
+        results awaiting their bulk transfer); default a quarter of the memory."""
+        self.max_request_bytes = (
+            max_request_bytes if max_request_bytes is not None
+            else max(1 << 20, min(64 << 20, memory // 256))
+        )
+        """Largest request message gRPC accepts (RESOURCE_EXHAUSTED beyond)."""
         self.unary_max_bytes = unary_max_bytes
         """Largest result `Fetch` returns inline, in one response message."""
         self.bulk = bulk
@@ -33,3 +66,19 @@ class ServerConfig:
         self.bulk_port = bulk_port
         """Its port; 0 picks a free one (clients learn it from their tickets)."""
         self.ticket_timeout = ticket_timeout
+        """Seconds a bulk ticket stays valid unredeemed."""
+        self.max_pending_tickets = max_pending_tickets
+        """Bulk tickets issued and not yet redeemed, at most."""
+        self.max_ticket_bytes = (
+            max_ticket_bytes if max_ticket_bytes is not None else memory // 16
+        )
+        """Materialised bytes that pending tickets may hold, at most (part of
+        `max_materialized_bytes`); default a sixteenth of the memory."""
+        self.max_bulk_connections = max_bulk_connections
+        """Bulk connections open at once (handshaking or transferring); more are closed."""
+        self.handshake_timeout = handshake_timeout
+        """Seconds a bulk connection has, from accept, to present its whole token."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"ServerConfig({fields})"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -17,10 +18,12 @@ from tensorslice.server._model import (
     BoundRange,
     BoundThreshold,
     Gather,
+    MaskND,
     Mode,
     NewDim,
     Plan,
     positions,
+    sel_len,
     torch_index,
 )
 from tensorslice.server._payload import (
@@ -30,14 +33,80 @@ from tensorslice.server._payload import (
     StridedPayload,
 )
 
-__all__ = ["execute"]
+__all__ = ["Reserve", "execute", "materialized_bytes"]
 
 
-def execute(p: Plan, tensor: torch.Tensor) -> list[Payload]:
-    """Run a plan: the payloads of the result, named as in the safetensors file."""
+class Reserve(Protocol):
+    """Where execution reserves memory before it builds it (`_limits.Hold`)."""
+
+    def add(self, nbytes: int, what: str) -> None: ...
+
+    def drop(self, nbytes: int) -> None: ...
+
+
+class _Unbounded:
+    def add(self, nbytes: int, what: str) -> None:
+        pass
+
+    def drop(self, nbytes: int) -> None:
+        pass
+
+
+def execute(p: Plan, tensor: torch.Tensor, reserve: Reserve | None = None,
+            *, slab_bytes: int = 0) -> list[Payload]:
+    """Run a plan: the payloads of the result, named as in the safetensors file. Memory
+    the result needs beyond the source is reserved with `reserve` before it is built."""
+    reserve = reserve or _Unbounded()
     if p.mode is Mode.THRESHOLD:
-        return _execute_threshold(p, tensor)
+        return _execute_threshold(p, tensor, reserve)
+    reserve.add(materialized_bytes(p, slab_bytes), f"the result of {p.meta.name!r}")
     return [_payload(p, tensor)]
+
+
+def materialized_bytes(p: Plan, slab_bytes: int = 0) -> int:
+    """Bytes `execute` builds at once, beyond the source, for a plan that is not a
+    threshold (whose statistic and result are reserved step by step as it runs): a view
+    streams from the source, a strided view or a row gather goes through one slab buffer,
+    any other gather builds its whole result (and its index lists)."""
+    elems = math.prod(p.result_shape)
+    cast = elems * p.result_dtype.itemsize if p.result_dtype != p.meta.dtype else 0
+    if p.mode is Mode.VIEW:
+        return 0 if p.zero_copy else slab_bytes
+    if p.mode is Mode.ROWS:
+        return slab_bytes + (3 * 8 * _row_count(p) if _lead(p) > 0 else 0)
+    return _whole_bytes(p) + cast
+
+
+def _lead(p: Plan) -> int:
+    return max(b.dim for b in p.bound if isinstance(b, Gather))
+
+
+def _row_count(p: Plan) -> int:
+    """Rows of a row gather: `_row_source`'s flat row numbers."""
+    lead = _lead(p)
+    return math.prod(sel_len(b) for b in p.bound
+                     if isinstance(b, (BoundRange, BoundIndex, Gather)) and b.dim <= lead)
+
+
+def _whole_bytes(p: Plan) -> int:
+    """What `_materialize` builds for a plan (in the source's dtype)."""
+    item = p.meta.dtype.itemsize
+    elems = math.prod(p.result_shape)
+    if p.mode is Mode.VIEW:
+        return 0
+    if p.mode is Mode.ROWS:
+        return elems * item + 3 * 8 * _row_count(p)
+    if p.mode is Mode.SELECT:
+        return sum(s.bytes_moved // 2 for s in p.steps if s.kind == "gather")
+    # TORCH: the result, the index lists a k-D mask becomes, the flipped region.
+    extra = sum(int(b.mask.sum()) * 8 * b.ndim for b in p.bound if isinstance(b, MaskND))
+    flips = [b for b in p.bound if isinstance(b, BoundRange) and b.step < 0]
+    if flips:
+        sizes = list(p.meta.shape)
+        for b in flips:
+            sizes[b.dim] = b.length
+        extra += math.prod(sizes) * item
+    return elems * item + extra
 
 
 def _materialize(p: Plan, tensor: torch.Tensor) -> torch.Tensor:
@@ -139,39 +208,58 @@ _OP_FNS = {
 }
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype in (torch.float64, torch.int64) else torch.float32
+
+
 def _statistic(w: torch.Tensor, stat: str, reduce_dims: Sequence[int]) -> torch.Tensor:
     """The statistic of `w` over `reduce_dims` (float32, float64 for 64-bit sources)."""
-    acc = torch.float64 if w.dtype in (torch.float64, torch.int64) else torch.float32
-    x = w.to(acc)
+    x = w.to(_acc_dtype(w.dtype))
     if not reduce_dims:
         return x
     out: torch.Tensor = _STAT_FNS[stat](x, tuple(reduce_dims))
     return out
 
 
-def _execute_threshold(p: Plan, tensor: torch.Tensor) -> list[Payload]:
+def _execute_threshold(p: Plan, tensor: torch.Tensor, reserve: Reserve) -> list[Payload]:
+    """The statistic first (its intermediates reserved, then given back), then the result,
+    whose exact size is known from the mask and is checked against the limit and
+    reserved before any value is gathered."""
     assert p.base is not None
     thr = next(b for b in p.bound if isinstance(b, BoundThreshold))
     spec, d = thr.spec, thr.dim
+    name = p.meta.name
+    region = _whole_bytes(p.base)
+    reserve.add(region, f"the region a threshold on {name!r} reads")
     w = _materialize(p.base, tensor)
     kept_dims = [b.dim for b in p.bound if not isinstance(b, (BoundIndex, NewDim))]
     d_w = kept_dims.index(d)
     batch_w = 0 if kept_dims and kept_dims[0] == 0 and d != 0 else None
     reduce_dims = [i for i in range(w.ndim) if i not in (d_w, batch_w)]
+    acc = _acc_dtype(w.dtype)
+    scratch = w.numel() * acc.itemsize * ((w.dtype != acc) + (spec.stat == "abs_mean"))
+    reserve.add(scratch, f"the statistic of a threshold on {name!r}")
     stat = _statistic(w, spec.stat, reduce_dims)  # (B, C) or (C,)
+    reserve.drop(scratch)
     passed = _OP_FNS[spec.op](stat, spec.value)
     device = w.device
     out: list[Payload] = []
+    copies = 2 if p.result_dtype != w.dtype else 1  # a cast builds the values twice
     if spec.scope in ("any", "all"):
         keep = passed if passed.ndim == 1 else (
             passed.any(0) if spec.scope == "any" else passed.all(0)
         )
         idx = keep.nonzero().reshape(-1)
+        shape = list(w.shape)
+        shape[d_w] = idx.numel()
+        _reserve_result(p, reserve, shape, idx.numel() * 8, copies)
         values = w.index_select(d_w, idx)
         out.append(_dense("values", values, p))
         out.append(ContiguousPayload("indices", idx))
     elif spec.scope == "topk":
         idx = stat.topk(spec.k, dim=-1).indices  # (B, k) or (k,)
+        reserve.add(copies * math.prod(p.result_shape) * p.result_dtype.itemsize + idx.nbytes,
+                    f"the result of a threshold on {name!r}")
         if idx.ndim == 1:
             values = w.index_select(d_w, idx)
         else:
@@ -181,6 +269,10 @@ def _execute_threshold(p: Plan, tensor: torch.Tensor) -> list[Payload]:
         out.append(_dense("values", values, p))
         out.append(ContiguousPayload("indices", idx.contiguous()))
     else:  # per_sample
+        kept = int(passed.sum())
+        shape = [kept] + [n for i, n in enumerate(w.shape) if i not in (d_w, batch_w)]
+        _reserve_result(p, reserve, shape, (kept + passed.shape[0] + 1) * 8, copies)
+        reserve.add(kept * 8, f"the sample numbers of a threshold on {name!r}")
         b_idx, p_idx = passed.nonzero(as_tuple=True)
         counts = passed.sum(1)
         offsets = torch.zeros(passed.shape[0] + 1, dtype=torch.int64, device=device)
@@ -189,13 +281,23 @@ def _execute_threshold(p: Plan, tensor: torch.Tensor) -> list[Payload]:
         out.append(_dense("values", values, p))
         out.append(ContiguousPayload("offsets", offsets))
         out.append(ContiguousPayload("indices", p_idx.contiguous()))
-    total = sum(x.nbytes for x in out)
+    del w
+    reserve.drop(region)  # the region, where it was built, is gone
+    return out
+
+
+def _reserve_result(p: Plan, reserve: Reserve, shape: list[int], index: int, copies: int
+                    ) -> None:
+    """Check a threshold result's exact size against the limit, then reserve it: before
+    any value is gathered."""
+    values = math.prod(shape) * p.result_dtype.itemsize
+    total = values + index
     if p.limit and total > p.limit:
         raise ResultTooLarge(
-            f"result of {total} bytes (values shape {list(out[0].shape)}, "
+            f"result of {total} bytes (values shape {shape}, "
             f"{dtype_name(p.result_dtype)}) exceeds the limit of {p.limit} bytes"
         )
-    return out
+    reserve.add(values * copies + index, f"the result of a threshold on {p.meta.name!r}")
 
 
 def _dense(name: str, values: torch.Tensor, p: Plan) -> Payload:

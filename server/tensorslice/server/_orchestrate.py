@@ -22,6 +22,7 @@ from tensorslice.core.selection import selection_from_proto
 from tensorslice.server._bulk import BulkServer
 from tensorslice.server._config import ServerConfig
 from tensorslice.server._execute import execute
+from tensorslice.server._limits import ByteBudget, Hold, shorten
 from tensorslice.server._model import Mode, Plan
 from tensorslice.server._payload import Payload
 from tensorslice.server._plan import combined_limit, plan
@@ -29,8 +30,10 @@ from tensorslice.server._store import Entry, TensorStore
 from tensorslice.server._stream import file_nbytes, frames, pieces
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
-__all__ = ["Calls", "Planned", "Transport", "choose_transport"]
+__all__ = ["MAX_NAME_CHARS", "Calls", "Frames", "Planned", "Transport", "choose_transport"]
 
+MAX_NAME_CHARS = 1024
+"""Longest tensor name or SliceMany key a request may carry."""
 _BULK_PIECE_BYTES = 16 << 20
 _PLAN_CACHE_SIZE = 1024
 _PLAN_CACHE_KEY_BYTES = 4096  # requests with large index lists are planned afresh
@@ -78,19 +81,43 @@ class Planned:
         tensors = [(i.name, i.plan.result_dtype, i.plan.result_shape) for i in self.items]
         return file_nbytes(tensors, self.metadata)
 
-    def execute(self) -> list[Payload]:
-        """The payloads of the file (producing their bytes lazily). A threshold item's
+    def execute(self, hold: Hold, slab_bytes: int) -> list[Payload]:
+        """The payloads of the file (producing their bytes lazily), the memory they need
+        reserved in `hold` first (released here if execution fails). A threshold item's
         ``indices``/``offsets`` become ``KEY.indices``/``KEY.offsets`` among several."""
-        if not self.many:
-            item = self.items[0]
-            return execute(item.plan, item.entry.tensor)
-        payloads = [
-            p.renamed(item.name if p.name == "values" else f"{item.name}.{p.name}")
-            for item in self.items
-            for p in execute(item.plan, item.entry.tensor)
-        ]
-        _check_total(sum(x.nbytes for x in payloads), self.limit)
-        return payloads
+        try:
+            if not self.many:
+                item = self.items[0]
+                return execute(item.plan, item.entry.tensor, hold, slab_bytes=slab_bytes)
+            payloads = [
+                p.renamed(item.name if p.name == "values" else f"{item.name}.{p.name}")
+                for item in self.items
+                for p in execute(item.plan, item.entry.tensor, hold, slab_bytes=slab_bytes)
+            ]
+            _check_total(sum(x.nbytes for x in payloads), self.limit)
+            return payloads
+        except BaseException:
+            hold.release()
+            raise
+
+
+class Frames:
+    """A streamed answer: its `SliceChunk` frames, and the memory it holds until it ends.
+    `release` is idempotent; the service calls it too when the call ends, since a
+    cancelled stream's generator may never be resumed."""
+
+    def __init__(self, frames: Iterator[bytes], hold: Hold) -> None:
+        self._frames = frames
+        self._hold = hold
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._frames
+        finally:
+            self._hold.release()
+
+    def release(self) -> None:
+        self._hold.release()
 
 
 class Calls:
@@ -101,6 +128,8 @@ class Calls:
         self.store = store
         self.config = config
         self.bulk = bulk
+        self.budget = ByteBudget(config.max_materialized_bytes,
+                                 "max_materialized_bytes, serve --max-materialized-bytes")
         # Plans are pure functions of (tensor metadata, request): a request seen again (a
         # dashboard polling, a client re-reading a window) skips parsing and planning. An
         # entry is valid for the tensor version it was planned against.
@@ -110,6 +139,11 @@ class Calls:
     # ------------------------------------------------------------------ planning
     def plan(self, request: _pb.SliceRequest) -> tuple[Entry, Plan]:
         """The tensor a request names and the plan of its selection (cached)."""
+        if len(request.tensor) > MAX_NAME_CHARS:
+            raise InvalidSelection(
+                f"tensor name of {len(request.tensor)} characters is longer than any the "
+                f"server holds (at most {MAX_NAME_CHARS})"
+            )
         entry = self.store.get(request.tensor)
         key = request.SerializeToString(deterministic=True)
         if len(key) > _PLAN_CACHE_KEY_BYTES:
@@ -144,12 +178,20 @@ class Calls:
         data moves; each item's ``values`` is named by its key."""
         if not request.items:
             raise InvalidSelection("SliceMany needs at least one item")
+        if request.max_bytes < 0:
+            raise InvalidSelection(f"max_bytes must not be negative; got {request.max_bytes}")
         items: list[_Item] = []
         reserved: set[str] = set()
         for pos, named in enumerate(request.items):
             key = named.key
             if not key:
                 raise InvalidSelection(f"item {pos} of SliceMany has an empty key")
+            if key == "__metadata__" or len(key) > MAX_NAME_CHARS:
+                raise InvalidSelection(
+                    f"item {pos} of SliceMany: key {shorten(key, 80)!r} cannot name a tensor "
+                    f"of a safetensors file ('__metadata__' is reserved; at most "
+                    f"{MAX_NAME_CHARS} characters)"
+                )
             entry, p = self.plan(named.request)
             names = {key}
             if p.mode is Mode.THRESHOLD:
@@ -171,10 +213,12 @@ class Calls:
         return Planned(tuple(items), metadata, many=True, limit=limit)
 
     # ------------------------------------------------------------------ answering
-    def frames(self, planned: Planned) -> Iterator[bytes]:
+    def frames(self, planned: Planned) -> Frames:
         """The `Slice`/`SliceMany` answer: the file as a stream of `SliceChunk` frames."""
-        return frames(planned.execute(), planned.metadata, chunk_bytes=self.config.chunk_bytes,
-                      slab_bytes=self.config.slab_bytes)
+        hold = self.budget.hold()
+        payloads = planned.execute(hold, self.config.slab_bytes)
+        return Frames(frames(payloads, planned.metadata, chunk_bytes=self.config.chunk_bytes,
+                             slab_bytes=self.config.slab_bytes), hold)
 
     def one_message(self, planned: Planned, bulk_requested: bool) -> bytes:
         """The `Fetch`/`FetchMany` answer: a whole result as one serialized `SliceChunk`,
@@ -183,23 +227,29 @@ class Calls:
         known = planned.file_nbytes()
         if known >= 0 and self._transport(known, bulk_requested) is Transport.REFUSE:
             raise self._refusal(known, bulk_requested)
-        payloads = planned.execute()
-        # One message or a socket: no framing to bound, so large pieces (fewer sendall calls).
-        body = pieces(payloads, planned.metadata, chunk_bytes=_BULK_PIECE_BYTES,
-                      slab_bytes=self.config.slab_bytes)
-        header = next(body)
-        size = len(header) + sum(p.nbytes for p in payloads)
-        transport = self._transport(size, bulk_requested)
-        if transport is Transport.INLINE:
-            # A piece may be a view of a reused buffer: copy each before the next is made.
-            return encode_chunk(header, *(bytes(p) if isinstance(p, memoryview) else p
-                                          for p in body))
-        if transport is Transport.BULK:
-            assert self.bulk is not None
-            token = self.bulk.offer(itertools.chain((header,), body), size)
-            ticket = _pb.BulkTicket(port=self.bulk.port, token=token, nbytes=size)
-            return _pb.SliceChunk(ticket=ticket).SerializeToString()
-        raise self._refusal(size, bulk_requested)
+        hold = self.budget.hold()
+        payloads = planned.execute(hold, self.config.slab_bytes)
+        try:
+            # One message or a socket: no framing to bound, so large pieces (fewer sendall
+            # calls).
+            body = pieces(payloads, planned.metadata, chunk_bytes=_BULK_PIECE_BYTES,
+                          slab_bytes=self.config.slab_bytes)
+            header = next(body)
+            size = len(header) + sum(p.nbytes for p in payloads)
+            transport = self._transport(size, bulk_requested)
+            if transport is Transport.INLINE:
+                # A piece may be a view of a reused buffer: copy each before the next is made.
+                return encode_chunk(header, *(bytes(p) if isinstance(p, memoryview) else p
+                                              for p in body))
+            if transport is Transport.BULK:
+                assert self.bulk is not None
+                # The ticket owns what the result holds until it is sent or expires.
+                token = self.bulk.offer(itertools.chain((header,), body), size, hold.move())
+                ticket = _pb.BulkTicket(port=self.bulk.port, token=token, nbytes=size)
+                return _pb.SliceChunk(ticket=ticket).SerializeToString()
+            raise self._refusal(size, bulk_requested)
+        finally:
+            hold.release()  # nothing left once a ticket took it
 
     def _transport(self, size: int, bulk_requested: bool) -> Transport:
         return choose_transport(size, self.config, bulk_requested, self.bulk)

@@ -123,7 +123,13 @@ def _normalize(meta: TensorMeta, sel: Selector, d: int | None) -> Bound:
                 f"slice step cannot be zero (for {meta.dim(d)} of size {size})"
             )
         start, stop, step = slice(sel.start, sel.stop, sel.step).indices(size)
-        return BoundRange(d, start, stop, step, len(range(start, stop, step)))
+        length = len(range(start, stop, step))
+        if length <= 1:
+            # At most one position: the step no longer matters, and a huge one (2**62)
+            # would overflow a view's stride.
+            start = start if length else 0
+            return BoundRange(d, start, start + length, 1, length)
+        return BoundRange(d, start, stop, step, length)
     if isinstance(sel, Index):
         i = sel.index
         if not -size <= i < size:
@@ -198,7 +204,9 @@ def plan(meta: TensorMeta, selection: Selection, *, limit: int = 0) -> Plan:
     if any(isinstance(b, BoundThreshold) for b in bound):
         thr, base_bound = _threshold.check(meta, selection, bound)
         base = plan_region(meta, base_bound, selection.combine, meta.dtype)
-        return _threshold.plan_threshold(meta, selection, bound, thr, base, out_dtype, limit)
+        p = _threshold.plan_threshold(meta, selection, bound, thr, base, out_dtype, limit)
+        _check_limit(p, limit)  # a size the data decides (-1) is checked before its gather
+        return p
     p = plan_region(meta, bound, selection.combine, out_dtype, limit)
     _check_limit(p, limit)
     return p

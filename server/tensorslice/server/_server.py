@@ -12,19 +12,24 @@ from grpc_health.v1 import health_pb2 as _health_pb2
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
 
 from tensorslice.server._bulk import BulkServer
-from tensorslice.server._config import ServerConfig
+from tensorslice.server._config import HEALTH_THREADS, ServerConfig
 from tensorslice.server._service import SERVICE_NAME, TensorSliceService, generic_handler
 from tensorslice.server._store import TensorStore
 
-__all__ = ["SERVER_OPTIONS", "TensorSliceServer", "create_server"]
+__all__ = ["AddressInUse", "TensorSliceServer", "create_server", "server_options"]
 
-MAX_REQUEST_BYTES = 256 << 20
 
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-    ("grpc.max_send_message_length", -1),
-    ("grpc.so_reuseport", 0),
-]
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_request_bytes),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class AddressInUse(OSError):
+    """The server could not listen on an address (typically: another server holds it)."""
 
 
 class TensorSliceServer:
@@ -32,23 +37,36 @@ class TensorSliceServer:
     when enabled; `start`, `stop` and `wait_for_termination` act on all of them."""
 
     def __init__(self, grpc_server: grpc.Server, health: _health.HealthServicer,
-                 bulk: BulkServer | None) -> None:
+                 bulk: BulkServer | None, service: TensorSliceService | None = None) -> None:
         self.grpc_server = grpc_server
         self.health = health
         self.bulk = bulk
+        self.service = service
 
     def start(self) -> None:
         if self.bulk is not None:
             self.bulk.start()
+        if self.service is not None:
+            self.service.watchdog.start()
         self.grpc_server.start()
 
     def stop(self, grace: float | None) -> threading.Event:
-        """Stop accepting calls; in-flight ones get `grace` seconds. The event is set once
-        every call has ended."""
+        """Stop accepting calls; in-flight ones, bulk transfers included (and tickets
+        issued, which may still be redeemed), get `grace` seconds. The event is set once
+        every call and transfer has ended."""
         self.health.enter_graceful_shutdown()
-        done: threading.Event = self.grpc_server.stop(grace)
-        if self.bulk is not None:
-            self.bulk.stop()
+        grpc_done: threading.Event = self.grpc_server.stop(grace)
+        done = threading.Event()
+
+        def drain() -> None:
+            if self.bulk is not None:
+                self.bulk.stop(grace)
+            grpc_done.wait()
+            if self.service is not None:
+                self.service.watchdog.stop()
+            done.set()
+
+        threading.Thread(target=drain, name="tensorslice-stop", daemon=True).start()
         return done
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -62,23 +80,43 @@ def create_server(
 ) -> tuple[TensorSliceServer, int]:
     """A ready-to-start server for `store` bound to `address`, and the port it got
     (bind port 0 for a free one). Includes the standard gRPC health service, and the bulk
-    data plane on the same host unless ``config.bulk`` is off."""
+    data plane on the same host unless ``config.bulk`` is off. Raises `AddressInUse` when
+    either port cannot be bound."""
     config = config or ServerConfig()
     grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="slice"),
-        options=SERVER_OPTIONS,
+        # The TensorSlice calls, plus threads that health checks and refusals never
+        # find busy.
+        futures.ThreadPoolExecutor(max_workers=config.max_calls + HEALTH_THREADS,
+                                   thread_name_prefix="slice"),
+        options=server_options(config),
     )
+    try:
+        port = grpc_server.add_insecure_port(address)
+    except RuntimeError:  # recent grpcio raises where older ones returned 0
+        port = 0
+    if port == 0:
+        raise AddressInUse(f"cannot listen on {address} (gRPC): the address is in use or "
+                           f"not local")
     bulk = None
     if config.bulk:
         host = address.rsplit(":", 1)[0] if ":" in address else address
-        bulk = BulkServer(host, config.bulk_port, ticket_timeout=config.ticket_timeout)
+        try:
+            bulk = BulkServer(host, config.bulk_port, ticket_timeout=config.ticket_timeout,
+                              max_tickets=config.max_pending_tickets,
+                              max_ticket_bytes=config.max_ticket_bytes,
+                              max_connections=config.max_bulk_connections,
+                              handshake_timeout=config.handshake_timeout,
+                              send_timeout=config.send_timeout)
+        except OSError as exc:
+            grpc_server.stop(None)
+            raise AddressInUse(
+                f"cannot listen on {host}:{config.bulk_port} (bulk data plane): "
+                f"{exc.strerror or exc}"
+            ) from None
     service = TensorSliceService(store, config, bulk)
     grpc_server.add_generic_rpc_handlers((generic_handler(service),))
     health = _health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health.set(name, _health_pb2.HealthCheckResponse.SERVING)
     _health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
-    port = grpc_server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
-    return TensorSliceServer(grpc_server, health, bulk), port
+    return TensorSliceServer(grpc_server, health, bulk, service), port

@@ -4,17 +4,19 @@ What a call does is `_orchestrate`'s; the server around the servicer is `_server
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
 
 from tensorslice.core.codec import dtype_name
-from tensorslice.core.errors import TensorSliceError
+from tensorslice.core.errors import InvalidSelection, TensorSliceError
 from tensorslice.server._bulk import BulkServer
 from tensorslice.server._config import ServerConfig
+from tensorslice.server._limits import CallGate, StreamWatchdog, shorten
 from tensorslice.server._model import Plan
-from tensorslice.server._orchestrate import Calls
+from tensorslice.server._orchestrate import Calls, Frames
 from tensorslice.server._store import Entry, TensorStore
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
@@ -54,10 +56,13 @@ def plan_to_proto(p: Plan) -> _pb.SlicePlan:
     )
 
 
+_MESSAGE_CHARS = 1000  # an error message never echoes more than this back
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     """The one place where errors become status codes."""
     if isinstance(exc, TensorSliceError):
-        context.abort(grpc.StatusCode[exc.status.name], exc.message)
+        context.abort(grpc.StatusCode[exc.status.name], shorten(exc.message, _MESSAGE_CHARS))
     log.exception("internal error while serving a request", exc_info=exc)
     context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
 
@@ -71,6 +76,8 @@ class TensorSliceService:
         self.config = config or ServerConfig()
         self.bulk = bulk
         self.calls = Calls(store, self.config, bulk)
+        self.gate = CallGate(self.config.max_calls, "max_calls, serve --max-calls")
+        self.watchdog = StreamWatchdog(self.config.send_timeout)
 
     def ListTensors(self, request: _pb.ListTensorsRequest, context: grpc.ServicerContext
                     ) -> _pb.ListTensorsResponse:
@@ -85,26 +92,64 @@ class TensorSliceService:
         return plan_to_proto(p)
 
     def Slice(self, request: _pb.SliceRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
-        return self.calls.frames(self.calls.planned(request))
+        return _ending(self.calls.frames(self.calls.planned(request)), context)
 
     def Fetch(self, request: _pb.SliceRequest, context: grpc.ServicerContext) -> bytes:
         return self.calls.one_message(self.calls.planned(request), request.bulk)
 
     def SliceMany(self, request: _pb.SliceManyRequest, context: grpc.ServicerContext
                   ) -> Iterator[bytes]:
-        return self.calls.frames(self.calls.planned_many(request))
+        return _ending(self.calls.frames(self.calls.planned_many(request)), context)
 
     def FetchMany(self, request: _pb.SliceManyRequest, context: grpc.ServicerContext
                   ) -> bytes:
         return self.calls.one_message(self.calls.planned_many(request), request.bulk)
 
 
+def _ending(answer: Frames, context: grpc.ServicerContext) -> Iterator[bytes]:
+    """The frames of `answer`, whose memory is given back when the call ends, however it
+    ends (a cancelled stream's generator may never be resumed)."""
+    if not context.add_callback(answer.release):
+        answer.release()  # the call has ended already
+    return iter(answer)
+
+
+class _Malformed:
+    """A request message that did not parse; its handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _parser(cls: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: gRPC answers a deserializer's exception
+    with INTERNAL (and logs a traceback), so a request that does not parse becomes a
+    `_Malformed` for the handler to refuse."""
+    name = cls.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except Exception as exc:  # DecodeError, or anything else the parser raises
+            return _Malformed(f"malformed {name} ({len(data)} bytes): {shorten(str(exc), 200)}")
+
+    return parse
+
+
 def _unary(
-    fn: Callable[[Any, grpc.ServicerContext], T],
+    fn: Callable[[Any, grpc.ServicerContext], T], gate: CallGate | None,
 ) -> Callable[[Any, grpc.ServicerContext], T]:
     def handler(request: Any, context: grpc.ServicerContext) -> T:
         try:
-            return fn(request, context)
+            if isinstance(request, _Malformed):
+                raise InvalidSelection(request.message)
+            if gate is None:
+                return fn(request, context)
+            gate.enter()
+            try:
+                return fn(request, context)
+            finally:
+                gate.leave()
         except Exception as exc:
             _abort(context, exc)
             raise  # unreachable: abort raises
@@ -114,44 +159,86 @@ def _unary(
 
 def _stream(
     fn: Callable[[Any, grpc.ServicerContext], Iterator[bytes]],
+    gate: CallGate,
+    watchdog: StreamWatchdog,
 ) -> Callable[[Any, grpc.ServicerContext], Iterator[bytes]]:
+    """A streaming handler that holds a slot of `gate` until the stream ends, however it
+    ends, and tells `watchdog` while each message waits for the reader: a stream whose
+    reader stops is cancelled (gRPC's send wait would hold the thread for ever)."""
+
     def handler(request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
+        key = object()
+        leave = _once(gate.leave)
         try:
+            if isinstance(request, _Malformed):
+                raise InvalidSelection(request.message)
+            gate.enter()
+            if not context.add_callback(leave):
+                return
             it = fn(request, context)
-            yield from it
+            try:
+                for message in it:
+                    watchdog.sending(key, context.cancel)
+                    yield message  # resumes once gRPC has sent it and asks for the next
+                    watchdog.sent(key)
+            finally:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
         except Exception as exc:
             _abort(context, exc)
+        finally:
+            watchdog.done(key)
+            leave()
 
     return handler
 
 
-# Each method: (streams its answer, request class, response class; None where the answer is
-# framed by hand with `tensorslice.core.codec.encode_chunk` and passes through unchanged).
-_METHODS: dict[str, tuple[bool, Any, Any]] = {
-    "ListTensors": (False, _pb.ListTensorsRequest, _pb.ListTensorsResponse),
-    "DescribeTensor": (False, _pb.DescribeTensorRequest, _pb.TensorInfo),
-    "Explain": (False, _pb.SliceRequest, _pb.SlicePlan),
-    "Slice": (True, _pb.SliceRequest, None),
-    "Fetch": (False, _pb.SliceRequest, None),
-    "FetchMany": (False, _pb.SliceManyRequest, None),
-    "SliceMany": (True, _pb.SliceManyRequest, None),
+def _once(fn: Callable[[], object]) -> Callable[[], None]:
+    lock = threading.Lock()
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        with lock:
+            if done:
+                return
+            done = True
+        fn()
+
+    return call
+
+
+# Each method: (streams its answer, counted against `max_calls`, request class, response
+# class; None where the answer is framed by hand with `tensorslice.core.codec.encode_chunk`
+# and passes through unchanged). Listing and describing are cheap and bounded: not counted.
+_METHODS: dict[str, tuple[bool, bool, Any, Any]] = {
+    "ListTensors": (False, False, _pb.ListTensorsRequest, _pb.ListTensorsResponse),
+    "DescribeTensor": (False, False, _pb.DescribeTensorRequest, _pb.TensorInfo),
+    "Explain": (False, True, _pb.SliceRequest, _pb.SlicePlan),
+    "Slice": (True, True, _pb.SliceRequest, None),
+    "Fetch": (False, True, _pb.SliceRequest, None),
+    "FetchMany": (False, True, _pb.SliceManyRequest, None),
+    "SliceMany": (True, True, _pb.SliceManyRequest, None),
 }
 
 
 def generic_handler(service: TensorSliceService) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
-    """The service's handlers: errors become status codes (`_abort`)."""
+    """The service's handlers: requests parsed by us (`_parser`), calls counted
+    (`CallGate`), stalled streams cancelled (`StreamWatchdog`), errors become status codes
+    (`_abort`)."""
     handlers = {}
-    for name, (streams, request_cls, response_cls) in _METHODS.items():
+    for name, (streams, counted, request_cls, response_cls) in _METHODS.items():
         fn = getattr(service, name)
         serialize = None if response_cls is None else response_cls.SerializeToString
         if streams:
             handlers[name] = grpc.unary_stream_rpc_method_handler(
-                _stream(fn), request_deserializer=request_cls.FromString,
-                response_serializer=serialize,
+                _stream(fn, service.gate, service.watchdog),
+                request_deserializer=_parser(request_cls), response_serializer=serialize,
             )
         else:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                _unary(fn), request_deserializer=request_cls.FromString,
-                response_serializer=serialize,
+                _unary(fn, service.gate if counted else None),
+                request_deserializer=_parser(request_cls), response_serializer=serialize,
             )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from tensorslice.core.codec import DTYPE_NAMES, dtype_from_code
 from tensorslice.core.errors import InvalidSelection, ResultTooLarge, TensorNotFound
+from tensorslice.server._limits import shorten
 from tensorslice.server._model import TensorMeta
 
 __all__ = [
@@ -119,8 +120,13 @@ class TensorStore:
     def get(self, name: str) -> Entry:
         entry = self._entries.get(name)
         if entry is None:
-            held = ", ".join(sorted(self._entries)) or "none"
-            raise TensorNotFound(f"no tensor named {name!r}; the server holds: {held}")
+            names = sorted(self._entries)
+            held = ", ".join(shorten(n, 80) for n in names[:20]) or "none"
+            if len(names) > 20:
+                held += f" and {len(names) - 20} more"
+            raise TensorNotFound(
+                f"no tensor named {shorten(name, 80)!r}; the server holds: {held}"
+            )
         return entry
 
     def entries(self) -> list[Entry]:

@@ -257,3 +257,14 @@ def test_clients_pickle_without_their_channel(server: str) -> None:
     assert asyncio.run(ac.describe("demo")).name == "demo"
     acopy = pickle.loads(pickle.dumps(ac))
     assert acopy._channel is None and acopy._loop is None
+
+
+def test_a_closed_client_refuses_calls(api: Api) -> None:
+    assert api.run(api.client.describe("demo")).name == "demo"
+    if api.kind == "async":
+        api.run(api.client.close())
+    else:
+        api.client.close()
+    with pytest.raises(RuntimeError, match="is closed; a closed client makes no more calls"):
+        api.run(api.client.describe("demo"))
+    assert api.client._channel is None  # nothing was reopened

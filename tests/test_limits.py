@@ -19,6 +19,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorslice.core.codec import decode_chunk
+from tensorslice.core.endpoint import SERVICE_NAME
 from tensorslice.core.errors import ResultTooLarge, ServerUnavailable
 from tensorslice.core.selection import Combine, Indices, Range, Selection, Threshold
 from tensorslice.server import AddressInUse, ServerConfig, TensorStore, create_server
@@ -28,7 +29,6 @@ from tensorslice.server._limits import ByteBudget, CallGate, StreamWatchdog
 from tensorslice.server._model import TensorMeta
 from tensorslice.server._plan import plan
 from tensorslice.server._server import TensorSliceServer
-from tensorslice.server._service import SERVICE_NAME
 from tensorslice.v1 import tensorslice_pb2 as pb
 
 BIG = torch.arange(8 << 20, dtype=torch.float32).reshape(8192, 1024)  # 32 MiB

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from tensorslice.client import Client, RemoteTensor
 from tensorslice.core.codec import decode_chunk
-from tensorslice.server._service import SERVICE_NAME
+from tensorslice.core.endpoint import SERVICE_NAME
 from tensorslice.v1 import tensorslice_pb2 as pb
 
 I64 = (-(2**63), 2**63 - 1)

@@ -22,6 +22,7 @@ from tensorslice.core.codec import (
     encode_chunk,
     safetensors_header,
 )
+from tensorslice.core.endpoint import host_of
 from tensorslice.server._payload import ContiguousPayload, Payload, StridedPayload
 from tensorslice.server._stream import frames
 from tensorslice.v1 import tensorslice_pb2 as pb
@@ -239,3 +240,15 @@ def test_assembler_refuses_extra_bytes() -> None:
         f"stream holds more bytes than its header announces ({len(data)})"
     )):
         asm.feed(b"x")
+
+
+@pytest.mark.parametrize("address,host", [
+    ("127.0.0.1:50051", "127.0.0.1"),
+    ("[::1]:50051", "::1"),
+    ("[::]:0", "::"),
+    ("dns:///example.org:443", "example.org"),
+    ("localhost", "localhost"),
+    (":50051", ""),
+])
+def test_host_of_one_rule_for_both_sides(address: str, host: str) -> None:
+    assert host_of(address) == host

@@ -78,6 +78,7 @@ class AsyncClient(BaseClient):
             await channel.close(None)
         self._channel = None
         self._loop = None
+        self._closed = True
 
     async def __aenter__(self) -> AsyncClient:
         return self

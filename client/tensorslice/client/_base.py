@@ -23,7 +23,8 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from tensorslice.client._receive import Assembler
-from tensorslice.core.codec import split_chunk
+from tensorslice.core.codec import dtype_name, split_chunk
+from tensorslice.core.endpoint import SERVICE_NAME, host_of
 from tensorslice.core.errors import FailedPrecondition, InvalidSelection
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
 from tensorslice.core.selection import (
@@ -56,7 +57,7 @@ __all__ = [
     "make_selection",
 ]
 
-SERVICE = _pb.DESCRIPTOR.services_by_name["TensorSlice"].full_name
+SERVICE = SERVICE_NAME
 
 R = TypeVar("R")
 
@@ -143,11 +144,8 @@ class Stream(Generic[R]):
 
 
 def bulk_host(address: str) -> str:
-    """The host of a gRPC target (``host:port``, ``[v6]:port``, ``dns:///host:port``), where
-    the bulk data plane listens too."""
-    target = address.split("///", 1)[-1]
-    host = target.rsplit(":", 1)[0] if ":" in target else target
-    return host.strip("[]") or "127.0.0.1"
+    """The host of a gRPC target, where the bulk data plane listens too."""
+    return host_of(address) or "127.0.0.1"
 
 
 class BulkUnreachable(Exception):
@@ -252,6 +250,7 @@ class BaseClient:
         self.timeout = timeout
         self.retries = retries
         self._bulk_ok = True  # false once the bulk port proved unreachable
+        self._closed = False  # true once closed: a closed client makes no more calls
         self._channel: Any = None
         self._pid = 0
 
@@ -286,6 +285,8 @@ class BaseClient:
     # ------------------------------------------------------------------ flows
     def _flow(self, op: Unary[R] | Stream[R], timeout: Timeout) -> Flow[R]:
         """The steps of one call (see `CallUnary`); the subclasses drive them."""
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed; a closed client makes no more calls")
         deadline = self._deadline(timeout)
         if isinstance(op, Unary):
             return unary_flow(op, deadline)
@@ -437,7 +438,7 @@ class BaseRemoteTensor(Generic[C]):
                 f"dtype={self.dtype}, device={self.info.device!r})")
 
     def _cast_args(self, dtype: str | torch.dtype, max_bytes: int | None) -> dict[str, Any]:
-        name = str(dtype).removeprefix("torch.")
+        name = dtype_name(dtype)
         return {"dtype": name, "max_bytes": self._max_bytes if max_bytes is None else max_bytes}
 
     # ------------------------------------------------------------------ selections

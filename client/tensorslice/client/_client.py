@@ -66,6 +66,7 @@ class Client(BaseClient):
         if channel is not None:
             channel.close()
         self._channel = None
+        self._closed = True
 
     def __enter__(self) -> Client:
         return self

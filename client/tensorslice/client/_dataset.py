@@ -26,6 +26,7 @@ import torch.utils.data
 from torch.utils.data import get_worker_info
 
 from tensorslice.client._client import Client
+from tensorslice.core.codec import dtype_name
 from tensorslice.core.results import TensorInfo
 from tensorslice.core.selection import Combine, Full, Index, Indices, Range, Selection, Selector
 
@@ -88,7 +89,7 @@ class _Columns:
         if not self.names:
             raise ValueError("a dataset needs at least one tensor name")
         self.dim = dim
-        self.dtype = None if dtype is None else str(dtype).removeprefix("torch.")
+        self.dtype = None if dtype is None else dtype_name(dtype)
         self.infos: tuple[TensorInfo, ...] = tuple(self.client.describe(n) for n in self.names)
         sizes = []
         for info in self.infos:

@@ -72,7 +72,8 @@ def dtype_from_code(code: str) -> torch.dtype | None:
     return _FROM_ST.get(code)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``float32`` for ``torch.float32`` (or for ``"torch.float32"``, or ``"float32"``)."""
     return str(dtype).removeprefix("torch.")
 
 

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from tensorslice.client import Client, Combine, TensorSliceError
+from tensorslice.core.codec import dtype_name
 from tensorslice.core.parse import parse_index
 from tensorslice.core.selection import Selection, outer_selectors, selectors_from_index
 from tensorslice.server._config import ServerConfig
@@ -114,7 +115,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         infos = c.list_tensors()
     rows = [("NAME", "SHAPE", "DTYPE", "DEVICE", "BYTES", "DIMS")]
     for i in infos:
-        rows.append((i.name, str(list(i.shape)), str(i.dtype).removeprefix("torch."), i.device,
+        rows.append((i.name, str(list(i.shape)), dtype_name(i.dtype), i.device,
                      str(i.nbytes), ",".join(i.dim_names) or "-"))
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     for r in rows:
@@ -134,7 +135,7 @@ def cmd_get(args: argparse.Namespace) -> int:
             Path(args.output).write_bytes(data)
         values = c.slice(args.name, selection)["values"]
     print(f"shape: {list(values.shape)}")
-    print(f"dtype: {str(values.dtype).removeprefix('torch.')}")
+    print(f"dtype: {dtype_name(values.dtype)}")
     print(f"plan:  {plan}")
     if values.numel():
         v = values.double()

@@ -224,9 +224,10 @@ class Calls:
         """The `Fetch`/`FetchMany` answer: a whole result as one serialized `SliceChunk`,
         inline when small, else a ticket for the bulk data plane. A result too large for
         either is refused from its plan, before any work."""
-        known = planned.file_nbytes()
-        if known >= 0 and self._transport(known, bulk_requested) is Transport.REFUSE:
-            raise self._refusal(known, bulk_requested)
+        if not (bulk_requested and self.bulk is not None):  # a large result is refused
+            known = planned.file_nbytes()
+            if known >= 0 and self._transport(known, bulk_requested) is Transport.REFUSE:
+                raise self._refusal(known, bulk_requested)
         hold = self.budget.hold()
         payloads = planned.execute(hold, self.config.slab_bytes)
         try:

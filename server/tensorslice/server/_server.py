@@ -11,9 +11,10 @@ from grpc_health.v1 import health as _health
 from grpc_health.v1 import health_pb2 as _health_pb2
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
 
+from tensorslice.core.endpoint import SERVICE_NAME, host_of
 from tensorslice.server._bulk import BulkServer
 from tensorslice.server._config import HEALTH_THREADS, ServerConfig
-from tensorslice.server._service import SERVICE_NAME, TensorSliceService, generic_handler
+from tensorslice.server._service import TensorSliceService, generic_handler
 from tensorslice.server._store import TensorStore
 
 __all__ = ["AddressInUse", "TensorSliceServer", "create_server", "server_options"]
@@ -99,7 +100,7 @@ def create_server(
                            f"not local")
     bulk = None
     if config.bulk:
-        host = address.rsplit(":", 1)[0] if ":" in address else address
+        host = host_of(address)
         try:
             bulk = BulkServer(host, config.bulk_port, ticket_timeout=config.ticket_timeout,
                               max_tickets=config.max_pending_tickets,

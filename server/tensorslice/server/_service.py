@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import grpc
 
 from tensorslice.core.codec import dtype_name
+from tensorslice.core.endpoint import SERVICE_NAME
 from tensorslice.core.errors import InvalidSelection, TensorSliceError
 from tensorslice.server._bulk import BulkServer
 from tensorslice.server._config import ServerConfig
@@ -20,11 +21,9 @@ from tensorslice.server._orchestrate import Calls, Frames
 from tensorslice.server._store import Entry, TensorStore
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
-__all__ = ["SERVICE_NAME", "TensorSliceService", "generic_handler"]
+__all__ = ["TensorSliceService", "generic_handler"]
 
 log = logging.getLogger("tensorslice.server")
-
-SERVICE_NAME = _pb.DESCRIPTOR.services_by_name["TensorSlice"].full_name
 
 T = TypeVar("T")
 

@@ -116,7 +116,7 @@ def _code(fn: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
 
 
 def test_calls_beyond_max_calls_are_refused_health_and_listing_served(serve: Any) -> None:
-    srv, address = serve(max_calls=2, send_timeout=0, chunk_bytes=64 << 10)
+    srv, address = serve(max_calls=2, call_wait=0, send_timeout=0, chunk_bytes=64 << 10)
     with _channel(address) as a, _channel(address) as b, \
             _channel(address) as c:
         stalled = [_stall(a), _stall(b)]
@@ -165,6 +165,42 @@ def test_watchdog_cancels_only_messages_waiting_past_the_timeout() -> None:
     now[0] = 10.0
     dog.done("quick")
     assert dog.check() == 0 and cancelled == ["slow"]
+
+
+def test_call_gate_lets_a_call_wait_for_a_slot() -> None:
+    gate = CallGate(1, "max_calls", wait=30)
+    gate.enter()
+    entered = threading.Event()
+
+    def second() -> None:
+        gate.enter()
+        entered.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    assert _until(lambda: gate.waiting == 1)
+    assert not entered.is_set()
+    gate.leave()  # the slot goes to the waiting call
+    t.join(10)
+    assert entered.is_set() and gate.active == 1 and gate.refused == 0
+    full = CallGate(1, wait=0.05)
+    full.enter()
+    with pytest.raises(ServerUnavailable):
+        full.enter()  # waited for a slot that did not come
+    assert full.refused == 1 and full.waiting == 0
+
+
+def test_call_gate_bounds_the_waiting_calls() -> None:
+    gate = CallGate(1, wait=30)
+    gate.enter()
+    waiter = threading.Thread(target=gate.enter)
+    waiter.start()
+    assert _until(lambda: gate.waiting == 1)
+    with pytest.raises(ServerUnavailable):
+        gate.enter()  # one running, one waiting: the limit; refused at once
+    gate.leave()
+    waiter.join(10)
+    assert gate.active == 1 and gate.refused == 1
 
 
 def test_call_gate_counts_and_refuses() -> None:
@@ -462,6 +498,34 @@ def test_request_size_bounded_and_next_request_served(serve: Any) -> None:
         code, _ = _code(lambda: _unary(ch, "Fetch")(big, timeout=10))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         _small_ok(ch)
+
+
+def test_index_lists_beyond_the_result_limit_refused_before_conversion() -> None:
+    from tensorslice.server._orchestrate import Calls
+
+    store = TensorStore()
+    store.add("small", SMALL)
+    calls = Calls(store, ServerConfig(max_result_bytes=1000))
+    many = pb.SliceRequest(tensor="small", selectors=[
+        pb.Selector(indices=pb.Indices(values=[1] * 300))])
+    with pytest.raises(ResultTooLarge, match=re.escape(
+            "selector 0: an index list of 300 positions makes a result of at least 1200 "
+            "bytes, more than the limit of 1000 bytes")):
+        calls.plan(many)
+    few = pb.SliceRequest(tensor="small", selectors=[
+        pb.Selector(indices=pb.Indices(values=[1] * 20))])
+    assert calls.plan(few)[1].result_shape == (20, 8)
+
+
+def test_request_masks_decode_to_one_byte_bools() -> None:
+    from tensorslice.core.selection import Mask, selection_from_proto
+
+    bits = bytes([1, 0] * 50_000)
+    req = pb.SliceRequest(tensor="t", selectors=[pb.Selector(mask=pb.Mask(values=bits))])
+    mask = selection_from_proto(req).selectors[0]
+    assert isinstance(mask, Mask) and mask.values.dtype == torch.bool
+    assert int(mask.values.sum()) == 50_000
+    assert mask.values.untyped_storage().nbytes() == len(bits)  # one byte each, no widening
 
 
 def test_second_server_on_a_busy_port_raises_address_in_use(serve: Any) -> None:

@@ -108,6 +108,11 @@ BAD: list[tuple[str, str, bytes, grpc.StatusCode, str]] = [
      _req(_sel(mask=pb.Mask(values=b"", shape=[2**62, 4]))).SerializeToString(),
      grpc.StatusCode.INVALID_ARGUMENT,
      "selector 0: mask shape [4611686018427387904, 4] does not hold its 0 values"),
+    ("mask-larger-than-tensor", "Fetch",
+     _req(_sel(mask=pb.Mask(values=bytes(6000)))).SerializeToString(),
+     grpc.StatusCode.INVALID_ARGUMENT,
+     "selector 0: mask of 6000 values is larger than tensor 'demo' of shape "
+     "[16, 12, 6, 5] (5760 elements)"),
     ("huge-name", "Fetch", _req(tensor="n" * 1_000_000).SerializeToString(),
      grpc.StatusCode.INVALID_ARGUMENT,
      "tensor name of 1000000 characters is longer than any the server holds (at most 1024)"),

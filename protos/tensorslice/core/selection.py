@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -321,6 +322,14 @@ def _shape_of(shape: Sequence[int], count: int, what: str, pos: int) -> tuple[in
     return dims
 
 
+def _bool_view(raw: np.ndarray[Any, Any]) -> torch.Tensor:
+    """Mask bytes already checked to be 0 or 1, as a bool tensor sharing their memory (a
+    request's mask is read, never written: no copy, whatever its size)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the buffer is read-only
+        return torch.from_numpy(raw.view(np.bool_))
+
+
 def _selector_from_proto(msg: _pb.Selector, pos: int) -> Selector:
     kind = msg.WhichOneof("kind")
     if kind == "full":
@@ -335,7 +344,8 @@ def _selector_from_proto(msg: _pb.Selector, pos: int) -> Selector:
     if kind == "index":
         return Index(msg.index.index)
     if kind == "indices":
-        values = np.array(msg.indices.values, dtype=np.int64)
+        listed = msg.indices.values
+        values = np.fromiter(listed, dtype=np.int64, count=len(listed))  # no list between
         shape = _shape_of(msg.indices.shape, values.size, "index list", pos)
         return Indices(torch.from_numpy(values).reshape(shape))
     if kind == "mask":
@@ -343,7 +353,7 @@ def _selector_from_proto(msg: _pb.Selector, pos: int) -> Selector:
         if raw.size and raw.max() > 1:
             raise InvalidSelection(f"selector {pos}: mask values must be 0 or 1")
         shape = _shape_of(msg.mask.shape, raw.size, "mask", pos)
-        return Mask(torch.from_numpy(raw.copy()).to(torch.bool).reshape(shape))
+        return Mask(_bool_view(raw).reshape(shape))
     if kind == "threshold":
         t = msg.threshold
         if t.stat not in _PB_TO_STAT:

@@ -17,7 +17,7 @@ Guarantees:
   token through a selector, and a connection must present its whole token within
   `handshake_timeout` seconds of being accepted (not per read), or it is closed. Only a
   connection with a valid token gets a sending thread.
-- A reader that stops for `send_timeout` seconds is dropped.
+- A reader that takes no data for `send_timeout` seconds is dropped.
 - `stop(grace)` issues no more tickets, keeps redeeming the pending ones and lets transfers
   in flight finish, for up to `grace` seconds; then it cuts what is left.
 - Bad tokens are counted, logged at debug level, and summarised at most once a minute.
@@ -42,7 +42,8 @@ log = logging.getLogger("tensorslice.server")
 
 TOKEN_BYTES = 16
 _TICK = 0.1  # seconds between checks of deadlines and expiries
-_REPORT_EVERY = 60.0  # seconds between summaries of refused connections
+_REPORT_EVERY = 60.0
+_SEND_STEP = 1 << 20  # seconds between summaries of refused connections
 
 
 class _Transfer:
@@ -71,7 +72,7 @@ class BulkServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
                  ticket_timeout: float = 15.0, max_tickets: int = 256,
                  max_ticket_bytes: int = 0, max_connections: int = 64,
-                 handshake_timeout: float = 5.0, send_timeout: float = 30.0) -> None:
+                 handshake_timeout: float = 5.0, send_timeout: float = 10.0) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.create_server((host.strip("[]"), port), family=family,
                                               backlog=128)
@@ -343,12 +344,16 @@ class BulkServer:
         try:
             with sock:
                 sock.setblocking(True)
-                sock.settimeout(self.send_timeout or None)  # per piece, not per byte
+                # The timeout bounds each `sendall` of at most _SEND_STEP bytes: a reader
+                # that stops is dropped, a slow one that keeps reading is not.
+                sock.settimeout(self.send_timeout or None)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sent = 0
                 for piece in transfer.pieces:
-                    sock.sendall(piece)
-                    sent += len(piece)
+                    view = memoryview(piece)
+                    for at in range(0, len(view), _SEND_STEP):
+                        sock.sendall(view[at : at + _SEND_STEP])
+                    sent += len(view)
                 if sent != transfer.nbytes:
                     raise RuntimeError(f"sent {sent} of {transfer.nbytes} bytes")
                 with self._lock:

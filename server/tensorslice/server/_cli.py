@@ -66,6 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         max_result_bytes=_bytes_or_none(args.max_result_bytes),
         max_calls=args.max_calls,
+        call_wait=args.call_wait,
         send_timeout=args.send_timeout,
         max_materialized_bytes=_bytes_or_none(args.max_materialized_bytes),
         max_request_bytes=_bytes_or_none(args.max_request_bytes),
@@ -174,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-calls", type=int, default=None, metavar="N",
                    help="calls served at once; more are refused with UNAVAILABLE (health "
                         "checks not counted); default 4 per CPU, at least 8")
-    s.add_argument("--send-timeout", type=float, default=30.0, metavar="SECONDS",
+    s.add_argument("--call-wait", type=float, default=2.0, metavar="SECONDS",
+                   help="a call beyond --max-calls waits this long for a slot (at most "
+                        "--max-calls calls wait), then is refused; default 2")
+    s.add_argument("--send-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="cancel a stream (or drop a bulk transfer) whose reader stops this "
-                        "long; default 30")
+                        "long; default 10")
     s.add_argument("--max-materialized-bytes", default=None, metavar="BYTES",
                    help="bytes all calls may hold in memory at once (gathers, thresholds, "
                         "pending tickets); default a quarter of the memory")

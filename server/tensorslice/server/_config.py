@@ -9,7 +9,8 @@ from tensorslice.server._stream import CHUNK_BYTES, SLAB_BYTES
 __all__ = ["HEALTH_THREADS", "ServerConfig"]
 
 HEALTH_THREADS = 4
-"""Threads beyond `max_calls`: health checks and refusals never wait for a busy pool."""
+"""Threads beyond those of the calls (`max_calls` running, as many waiting): health checks
+and refusals never wait for a busy pool."""
 
 
 class ServerConfig:
@@ -24,7 +25,8 @@ class ServerConfig:
         chunk_bytes: int = CHUNK_BYTES,
         slab_bytes: int = SLAB_BYTES,
         max_calls: int | None = None,
-        send_timeout: float = 30.0,
+        call_wait: float = 2.0,
+        send_timeout: float = 10.0,
         max_materialized_bytes: int | None = None,
         max_request_bytes: int | None = None,
         unary_max_bytes: int = 1 << 20,
@@ -46,6 +48,9 @@ class ServerConfig:
         self.max_calls = max_calls if max_calls is not None else max(8, 4 * machine_cpus())
         """TensorSlice calls running at once; more are refused with UNAVAILABLE. Health
         checks are not counted. Default 4 per CPU, at least 8."""
+        self.call_wait = call_wait
+        """Seconds a call beyond `max_calls` waits for a slot before it is refused (at most
+        `max_calls` calls wait)."""
         self.send_timeout = send_timeout
         """Seconds a stream waits for its reader to take the next message before it is
         cancelled, freeing its thread (0: wait for ever)."""

@@ -73,29 +73,53 @@ def shorten(text: str, limit: int) -> str:
 
 
 class CallGate:
-    """A count of calls in progress, refused beyond `limit` (0: no limit)."""
+    """Calls in progress, at most `limit` (0: no limit). A call beyond it waits up to `wait`
+    seconds for a slot, with at most `limit` others waiting; then it is refused. Waiting
+    holds a thread, so a pool of 2 * `limit` threads plus a few never runs out for the
+    calls the gate does not count (health checks) or for refusals."""
 
-    def __init__(self, limit: int, setting: str = "max_calls") -> None:
+    def __init__(self, limit: int, setting: str = "max_calls", *, wait: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
         self.setting = setting
-        self._lock = threading.Lock()
+        self.wait = wait
+        self._clock = clock
+        self._cond = threading.Condition()
         self.active = 0
+        self.waiting = 0
         self.refused = 0
 
     def enter(self) -> None:
-        """Take a slot or raise ServerUnavailable (UNAVAILABLE: retry shortly)."""
-        with self._lock:
-            if self.limit and self.active >= self.limit:
-                self.refused += 1
-                raise ServerUnavailable(
-                    f"server busy: {self.active} calls in progress, the limit of "
-                    f"{self.limit} ({self.setting}); retry shortly"
-                )
-            self.active += 1
+        """Take a slot (waiting up to `wait` seconds for one) or raise ServerUnavailable
+        (UNAVAILABLE: retry shortly)."""
+        with self._cond:
+            if not self.limit or self.active < self.limit:
+                self.active += 1
+                return
+            if self.wait > 0 and self.waiting < self.limit:
+                self.waiting += 1
+                try:
+                    deadline = self._clock() + self.wait
+                    while self.active >= self.limit:
+                        left = deadline - self._clock()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    if self.active < self.limit:
+                        self.active += 1
+                        return
+                finally:
+                    self.waiting -= 1
+            self.refused += 1
+            raise ServerUnavailable(
+                f"server busy: {self.active} calls in progress, the limit of "
+                f"{self.limit} ({self.setting}); retry shortly"
+            )
 
     def leave(self) -> None:
-        with self._lock:
+        with self._cond:
             self.active -= 1
+            self._cond.notify()
 
 
 class ByteBudget:

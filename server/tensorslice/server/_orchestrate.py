@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import itertools
 import json
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -161,6 +162,7 @@ class Calls:
         return entry, p
 
     def _plan_fresh(self, entry: Entry, request: _pb.SliceRequest) -> Plan:
+        _check_sizes(entry, request, self.config.max_result_bytes)
         selection = selection_from_proto(request)
         return plan(entry.meta, selection, limit=self.config.max_result_bytes)
 
@@ -261,6 +263,31 @@ class Calls:
             f"result of {size} bytes is larger than the {self.config.unary_max_bytes}-byte "
             f"limit of a single response{no_bulk}; use Slice (streaming)"
         )
+
+
+def _check_sizes(entry: Entry, request: _pb.SliceRequest, limit: int) -> None:
+    """Refuse masks and index lists too large for the tensor or the result limit before
+    they are converted (their conversion costs memory in proportion to their size)."""
+    meta = entry.meta
+    numel = math.prod(meta.shape)
+    for pos, sel in enumerate(request.selectors):
+        kind = sel.WhichOneof("kind")
+        if kind == "mask":
+            n = len(sel.mask.values)
+            if n > max(numel, 1):
+                raise InvalidSelection(
+                    f"selector {pos}: mask of {n} values is larger than tensor "
+                    f"{meta.name!r} of shape {list(meta.shape)} ({numel} elements)"
+                )
+        elif kind == "indices" and limit:
+            n = len(sel.indices.values)
+            # Each position selects at least one element (of at least one byte if cast).
+            least = n * (1 if request.dtype else meta.dtype.itemsize)
+            if numel and least > limit:
+                raise ResultTooLarge(
+                    f"selector {pos}: an index list of {n} positions makes a result of at "
+                    f"least {least} bytes, more than the limit of {limit} bytes"
+                )
 
 
 def _check_total(total: int, limit: int) -> None:

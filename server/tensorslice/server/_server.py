@@ -85,9 +85,9 @@ def create_server(
     either port cannot be bound."""
     config = config or ServerConfig()
     grpc_server = grpc.server(
-        # The TensorSlice calls, plus threads that health checks and refusals never
-        # find busy.
-        futures.ThreadPoolExecutor(max_workers=config.max_calls + HEALTH_THREADS,
+        # The TensorSlice calls (running and waiting for a slot), plus threads that
+        # health checks and refusals never find busy.
+        futures.ThreadPoolExecutor(max_workers=2 * config.max_calls + HEALTH_THREADS,
                                    thread_name_prefix="slice"),
         options=server_options(config),
     )

@@ -75,7 +75,8 @@ class TensorSliceService:
         self.config = config or ServerConfig()
         self.bulk = bulk
         self.calls = Calls(store, self.config, bulk)
-        self.gate = CallGate(self.config.max_calls, "max_calls, serve --max-calls")
+        self.gate = CallGate(self.config.max_calls, "max_calls, serve --max-calls",
+                             wait=self.config.call_wait)
         self.watchdog = StreamWatchdog(self.config.send_timeout)
 
     def ListTensors(self, request: _pb.ListTensorsRequest, context: grpc.ServicerContext

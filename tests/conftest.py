@@ -37,7 +37,18 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"tensorslice test device: {TEST_DEVICE}"
 
 
+LAYERS = ("unit", "e2e")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Every test names its layer (`unit`: no server, no network; `e2e`: a server and the
+    # network), so `scripts/test -m unit` and `-m e2e` together run the whole suite.
+    unlayered = [item.nodeid for item in items
+                 if sum(item.get_closest_marker(m) is not None for m in LAYERS) != 1]
+    if unlayered:
+        raise pytest.UsageError(
+            "tests must be marked exactly one of unit or e2e: " + ", ".join(unlayered)
+        )
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -40,6 +40,8 @@ from tensorslice.client import (
 )
 from tensorslice.v1 import tensorslice_pb2 as pb
 
+pytestmark = pytest.mark.e2e
+
 
 @dataclass
 class Api:

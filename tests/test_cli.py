@@ -20,6 +20,7 @@ from tensorslice.server import TensorStore
 from tensorslice.server._cli import main
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -35,6 +36,7 @@ def test_parse_index(text: str, expected: tuple[object, ...]) -> None:
     assert parse_index(text) == expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -52,6 +54,7 @@ def test_parse_index_refuses(text: str, message: str | None) -> None:
         parse_index(text)
 
 
+@pytest.mark.e2e
 def test_get_prints_shape_plan_and_writes_file(
     server: str, demo: torch.Tensor, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -64,17 +67,20 @@ def test_get_prints_shape_plan_and_writes_file(
     assert torch.equal(load_file(str(out))["values"], demo[0:3, [3, 1], ..., 0])
 
 
+@pytest.mark.e2e
 def test_get_unknown_tensor_exits_1(server: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["get", server, "nope", "0"]) == 1
     assert "TensorNotFound: no tensor named 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_ls(server: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ls", server]) == 0
     out = capsys.readouterr().out
     assert re.search(r"demo\s+\[16, 12, 6, 5\]\s+float32\s+\S+\s+23040\s+N,C,H,W", out), out
 
 
+@pytest.mark.unit
 def test_store_file_rules(tmp_path: Path) -> None:
     a = torch.arange(12.0).reshape(3, 4)
     save_file({"a": a, "b": a * 2}, str(tmp_path / "multi.safetensors"))
@@ -92,6 +98,7 @@ def test_store_file_rules(tmp_path: Path) -> None:
         store.load_file(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.unit
 def test_store_dir_names_clashes_by_file(tmp_path: Path) -> None:
     save_file({"x": torch.zeros(2), "y": torch.ones(3)}, str(tmp_path / "part1.safetensors"))
     save_file({"x": torch.ones(4)}, str(tmp_path / "part2.safetensors"))
@@ -115,6 +122,7 @@ def _wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 6
     raise AssertionError(f"no line matching {pattern!r}")
 
 
+@pytest.mark.e2e
 def test_serve_subprocess_demo_and_sigterm(tmp_path: Path) -> None:
     x = torch.randn(40, 3)
     path = tmp_path / "x.safetensors"
@@ -141,6 +149,7 @@ def test_serve_subprocess_demo_and_sigterm(tmp_path: Path) -> None:
             proc.wait()
 
 
+@pytest.mark.e2e
 def test_serve_without_tensors_serves_demo() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tensorslice.server._cli", "serve", "--port", "0"],

@@ -23,6 +23,8 @@ from tensorslice.client import (
     ServerUnavailable,
 )
 
+pytestmark = pytest.mark.e2e
+
 N, D = 1000, 6  # 1000 rows: batches of 64 leave a partial last batch
 LOADER_TIMEOUT = 30  # seconds a loader waits for a batch: a stuck worker fails, never hangs
 

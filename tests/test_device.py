@@ -52,6 +52,7 @@ def serving() -> Iterator[Callable[[TensorStore], Client]]:
 # ------------------------------------------------------------------------- accounting
 
 
+@pytest.mark.unit
 def test_budget_refuses_a_load_with_the_sizes(device: str) -> None:
     store = TensorStore(device, max_device_memory=1000)
     store.add("a", torch.zeros(200))  # 800 bytes
@@ -65,6 +66,7 @@ def test_budget_refuses_a_load_with_the_sizes(device: str) -> None:
     assert store.device_memory_used == 1000
 
 
+@pytest.mark.unit
 def test_budget_counts_replacements_and_frees_on_failure(device: str) -> None:
     store = TensorStore(device, max_device_memory=1000)
     store.add("a", torch.zeros(100))
@@ -76,6 +78,7 @@ def test_budget_counts_replacements_and_frees_on_failure(device: str) -> None:
     assert store.get("a").meta.shape == (150,)
 
 
+@pytest.mark.unit
 def test_load_file_is_refused_and_unreserved(
     device: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -97,6 +100,7 @@ def test_load_file_is_refused_and_unreserved(
     assert store.device_memory_used == 0  # a failed load gives its reservation back
 
 
+@pytest.mark.unit
 def test_default_budget() -> None:
     assert default_device_budget(torch.device("cpu")) is None
     assert TensorStore("cpu").max_device_memory is None
@@ -104,6 +108,7 @@ def test_default_budget() -> None:
         TensorStore("cpu", max_device_memory=-1)
 
 
+@pytest.mark.e2e
 def test_server_keeps_serving_after_a_refused_load(
     device: str, serving: Callable[[TensorStore], Client], demo: torch.Tensor
 ) -> None:
@@ -119,6 +124,7 @@ def test_server_keeps_serving_after_a_refused_load(
     assert torch.equal(c.tensor("demo")[3:5, :, 2], demo[3:5, :, 2])
 
 
+@pytest.mark.e2e
 def test_cli_refuses_what_does_not_fit(
     device: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -147,6 +153,7 @@ class _RecordingSlice:
         return piece
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("shape", [(2, 3, 40), (1, 100), (50, 2), (7,), (3, 0, 2), (1, 1, 33)])
 def test_read_into_never_holds_more_than_a_slab(device: str, shape: tuple[int, ...]) -> None:
     x = torch.arange(max(1, torch.Size(shape).numel()), dtype=torch.float32)
@@ -160,6 +167,7 @@ def test_read_into_never_holds_more_than_a_slab(device: str, shape: tuple[int, .
     assert sum(done) == x.nbytes
 
 
+@pytest.mark.unit
 def test_load_file_onto_the_store_device(
     device: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -217,6 +225,7 @@ _VIEWS: list[tuple[Callable[[Any], Any], Callable[[torch.Tensor], torch.Tensor]]
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", range(len(_VIEWS)))
 def test_cuda_results_equal_cpu_results(pair: tuple[Client, Client, torch.Tensor],
@@ -241,6 +250,7 @@ _WHERE = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", range(len(_WHERE)))
 def test_cuda_thresholds_equal_cpu(pair: tuple[Client, Client, torch.Tensor], case: int
@@ -266,6 +276,7 @@ _BAD: list[tuple[Callable[[Any], Any], str]] = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", range(len(_BAD)))
 def test_cuda_bad_index_is_refused_before_any_kernel(
@@ -279,6 +290,7 @@ def test_cuda_bad_index_is_refused_before_any_kernel(
     assert torch.equal(cuda.tensor("x")[[0, 23], 2], x[[0, 23], 2])
 
 
+@pytest.mark.e2e
 @pytest.mark.gpu
 def test_cuda_pinned_pool_reused_across_requests(pair: tuple[Client, Client, torch.Tensor]
                                                  ) -> None:
@@ -293,6 +305,7 @@ def test_cuda_pinned_pool_reused_across_requests(pair: tuple[Client, Client, tor
     assert pool.cached == pool.allocations
 
 
+@pytest.mark.unit
 @pytest.mark.gpu
 def test_cuda_store_reports_device_and_budget(tmp_path: Path) -> None:
     store = TensorStore("cuda")

@@ -111,6 +111,7 @@ def remote(client: Client) -> RemoteTensor:
     return client.tensor("demo")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("call,cls,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_request(
     remote: RemoteTensor, demo: torch.Tensor, call: Callable[[RemoteTensor], Any],
@@ -178,6 +179,7 @@ RAW: list[tuple[str, pb.SliceRequest, grpc.StatusCode, str]] = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("request_,code,message", [c[1:] for c in RAW], ids=[c[0] for c in RAW])
 def test_raw_status(server: str, demo: torch.Tensor, request_: pb.SliceRequest,
                     code: grpc.StatusCode, message: str) -> None:
@@ -192,6 +194,7 @@ def test_raw_status(server: str, demo: torch.Tensor, request_: pb.SliceRequest,
     assert torch.equal(load(data)["values"], demo[1])
 
 
+@pytest.mark.e2e
 def test_generated_stub_status_codes(server: str) -> None:
     with grpc.insecure_channel(server) as ch:
         stub = pb_grpc.TensorSliceStub(ch)
@@ -210,6 +213,7 @@ def test_generated_stub_status_codes(server: str) -> None:
         assert plan.zero_copy
 
 
+@pytest.mark.unit
 def test_error_classes_carry_their_status_codes() -> None:
     assert TensorNotFound.status.name == grpc.StatusCode.NOT_FOUND.name
     assert InvalidSelection.status.name == grpc.StatusCode.INVALID_ARGUMENT.name
@@ -233,6 +237,7 @@ def small_server(device: str) -> Iterator[str]:
     srv.stop(grace=None)
 
 
+@pytest.mark.e2e
 def test_server_limit(small_server: str) -> None:
     with Client(small_server, timeout=30) as c:
         r = c.tensor("x")

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import tensorslice.client
 import tensorslice.server
+
+pytestmark = pytest.mark.unit
 
 CLIENT = [
     "AsyncClient",

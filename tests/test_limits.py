@@ -115,6 +115,7 @@ def _code(fn: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
 # ------------------------------------------------------------------ concurrent calls
 
 
+@pytest.mark.e2e
 def test_calls_beyond_max_calls_are_refused_health_and_listing_served(serve: Any) -> None:
     srv, address = serve(max_calls=2, call_wait=0, send_timeout=0, chunk_bytes=64 << 10)
     with _channel(address) as a, _channel(address) as b, \
@@ -132,6 +133,7 @@ def test_calls_beyond_max_calls_are_refused_health_and_listing_served(serve: Any
         _small_ok(c)
 
 
+@pytest.mark.e2e
 def test_stalled_streams_are_cancelled_after_send_timeout(serve: Any) -> None:
     srv, address = serve(max_calls=2, send_timeout=0.5, chunk_bytes=64 << 10)
     assert srv.service is not None
@@ -150,6 +152,7 @@ def test_stalled_streams_are_cancelled_after_send_timeout(serve: Any) -> None:
         assert torch.equal(safetensors.torch.load(data)["values"], BIG)
 
 
+@pytest.mark.unit
 def test_watchdog_cancels_only_messages_waiting_past_the_timeout() -> None:
     now = [0.0]
     dog = StreamWatchdog(2.0, clock=lambda: now[0])
@@ -167,6 +170,7 @@ def test_watchdog_cancels_only_messages_waiting_past_the_timeout() -> None:
     assert dog.check() == 0 and cancelled == ["slow"]
 
 
+@pytest.mark.unit
 def test_call_gate_lets_a_call_wait_for_a_slot() -> None:
     gate = CallGate(1, "max_calls", wait=30)
     gate.enter()
@@ -190,6 +194,7 @@ def test_call_gate_lets_a_call_wait_for_a_slot() -> None:
     assert full.refused == 1 and full.waiting == 0
 
 
+@pytest.mark.unit
 def test_call_gate_bounds_the_waiting_calls() -> None:
     gate = CallGate(1, wait=30)
     gate.enter()
@@ -203,6 +208,7 @@ def test_call_gate_bounds_the_waiting_calls() -> None:
     assert gate.active == 1 and gate.refused == 1
 
 
+@pytest.mark.unit
 def test_call_gate_counts_and_refuses() -> None:
     gate = CallGate(1, "max_calls")
     gate.enter()
@@ -217,6 +223,7 @@ def test_call_gate_counts_and_refuses() -> None:
 # ------------------------------------------------------------------ materialised bytes
 
 
+@pytest.mark.unit
 def test_byte_budget_refuses_too_large_and_busy() -> None:
     budget = ByteBudget(1000, "max_materialized_bytes")
     with pytest.raises(ResultTooLarge, match=re.escape(
@@ -247,6 +254,7 @@ def _gather_request() -> pb.SliceRequest:
                            selectors=[pb.Selector(indices=rows), pb.Selector(indices=cols)])
 
 
+@pytest.mark.e2e
 def test_materialized_budget_refuses_gathers_beyond_it_views_still_served(serve: Any) -> None:
     srv, address = serve(max_materialized_bytes=512 << 10, unary_max_bytes=64 << 20)
     with _channel(address) as ch:
@@ -262,6 +270,7 @@ def test_materialized_budget_refuses_gathers_beyond_it_views_still_served(serve:
         assert srv.service is not None and srv.service.calls.budget.used == 0
 
 
+@pytest.mark.e2e
 def test_materialized_budget_busy_then_served(serve: Any) -> None:
     srv, address = serve(max_materialized_bytes=2 << 20, unary_max_bytes=64 << 20)
     assert srv.service is not None
@@ -290,6 +299,7 @@ class _Recorder:
         self.dropped += nbytes
 
 
+@pytest.mark.unit
 def test_threshold_result_checked_against_limit_before_it_is_gathered() -> None:
     x = torch.randn(4, 64, 32)
     meta = TensorMeta("t", tuple(x.shape), x.dtype)
@@ -308,6 +318,7 @@ def test_threshold_result_checked_against_limit_before_it_is_gathered() -> None:
     assert rec.added[-1][0] == out[0].nbytes + out[1].nbytes
 
 
+@pytest.mark.unit
 def test_gather_reserves_its_result_before_building_it() -> None:
     x = torch.randn(64, 64)
     meta = TensorMeta("t", tuple(x.shape), x.dtype)
@@ -322,6 +333,7 @@ def test_gather_reserves_its_result_before_building_it() -> None:
     assert rec.added == [(0, "the result of 't'")]
 
 
+@pytest.mark.unit
 def test_default_result_limit_fits_the_machine() -> None:
     from tensorslice.server._limits import machine_memory
 
@@ -351,6 +363,7 @@ def _redeem(port: int, token: bytes) -> bytes:
         return bytes(out)
 
 
+@pytest.mark.e2e
 def test_pending_tickets_bounded_in_count(serve: Any) -> None:
     _, address = serve(max_pending_tickets=3, unary_max_bytes=1024)
     with _channel(address) as ch:
@@ -365,6 +378,7 @@ def test_pending_tickets_bounded_in_count(serve: Any) -> None:
         _ticket(ch, _whole("big"))  # room again
 
 
+@pytest.mark.e2e
 def test_pending_tickets_bounded_in_bytes_and_expiry_gives_them_back(serve: Any) -> None:
     srv, address = serve(max_ticket_bytes=(1 << 20) + 1000, unary_max_bytes=1024,
                          ticket_timeout=0.5)
@@ -387,6 +401,7 @@ def test_pending_tickets_bounded_in_bytes_and_expiry_gives_them_back(serve: Any)
 # ------------------------------------------------------------------ bulk connections
 
 
+@pytest.mark.e2e
 def test_idle_bulk_connections_bounded_without_threads() -> None:
     bulk = BulkServer("127.0.0.1", 0, max_connections=8, handshake_timeout=30).start()
     idle: list[socket.socket] = []
@@ -411,6 +426,7 @@ def test_idle_bulk_connections_bounded_without_threads() -> None:
         bulk.stop()
 
 
+@pytest.mark.e2e
 def test_handshake_deadline_is_whole_not_per_read() -> None:
     bulk = BulkServer("127.0.0.1", 0, handshake_timeout=0.5).start()
     try:
@@ -431,6 +447,7 @@ def test_handshake_deadline_is_whole_not_per_read() -> None:
         bulk.stop()
 
 
+@pytest.mark.e2e
 def test_normal_bulk_clients_served_beside_idle_ones() -> None:
     bulk = BulkServer("127.0.0.1", 0, max_connections=8, handshake_timeout=30).start()
     idle = [socket.create_connection(("127.0.0.1", bulk.port), timeout=10) for _ in range(4)]
@@ -445,6 +462,7 @@ def test_normal_bulk_clients_served_beside_idle_ones() -> None:
         bulk.stop()
 
 
+@pytest.mark.e2e
 def test_bad_tokens_do_not_log_a_warning_each(caplog: pytest.LogCaptureFixture) -> None:
     bulk = BulkServer("127.0.0.1", 0).start()
     try:
@@ -458,6 +476,7 @@ def test_bad_tokens_do_not_log_a_warning_each(caplog: pytest.LogCaptureFixture) 
         bulk.stop()
 
 
+@pytest.mark.e2e
 def test_stop_lets_transfers_in_flight_and_pending_tickets_finish() -> None:
     bulk = BulkServer("127.0.0.1", 0).start()
     gate = threading.Event()
@@ -490,6 +509,7 @@ def test_stop_lets_transfers_in_flight_and_pending_tickets_finish() -> None:
 # ------------------------------------------------------------------ requests, ports
 
 
+@pytest.mark.e2e
 def test_request_size_bounded_and_next_request_served(serve: Any) -> None:
     _, address = serve(max_request_bytes=64 << 10)
     big = pb.SliceRequest(tensor="big", selectors=[
@@ -500,6 +520,7 @@ def test_request_size_bounded_and_next_request_served(serve: Any) -> None:
         _small_ok(ch)
 
 
+@pytest.mark.unit
 def test_index_lists_beyond_the_result_limit_refused_before_conversion() -> None:
     from tensorslice.server._orchestrate import Calls
 
@@ -517,6 +538,7 @@ def test_index_lists_beyond_the_result_limit_refused_before_conversion() -> None
     assert calls.plan(few)[1].result_shape == (20, 8)
 
 
+@pytest.mark.unit
 def test_request_masks_decode_to_one_byte_bools() -> None:
     from tensorslice.core.selection import Mask, selection_from_proto
 
@@ -528,6 +550,7 @@ def test_request_masks_decode_to_one_byte_bools() -> None:
     assert mask.values.untyped_storage().nbytes() == len(bits)  # one byte each, no widening
 
 
+@pytest.mark.e2e
 def test_second_server_on_a_busy_port_raises_address_in_use(serve: Any) -> None:
     srv, address = serve()
     store = TensorStore()

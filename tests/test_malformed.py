@@ -22,6 +22,8 @@ from tensorslice.core.codec import decode_chunk
 from tensorslice.core.endpoint import SERVICE_NAME
 from tensorslice.v1 import tensorslice_pb2 as pb
 
+pytestmark = pytest.mark.e2e
+
 I64 = (-(2**63), 2**63 - 1)
 UNARY = ("ListTensors", "DescribeTensor", "Explain", "Fetch", "FetchMany")
 STREAMS = ("Slice", "SliceMany")

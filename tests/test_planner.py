@@ -73,6 +73,7 @@ VIEWS: list[tuple[Any, tuple[int, ...], list[tuple[str, int]]]] = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("index,shape,steps", VIEWS, ids=[repr(v[0])[:40] for v in VIEWS])
 def test_zero_copy_views(index: Any, shape: tuple[int, ...], steps: list[Any],
                          x: torch.Tensor) -> None:
@@ -87,6 +88,7 @@ def test_zero_copy_views(index: Any, shape: tuple[int, ...], steps: list[Any],
     assert torch.equal(payload.tensor, x[index])
 
 
+@pytest.mark.e2e
 def test_contiguous_slice_is_served_from_the_source_memory(x: torch.Tensor) -> None:
     p = plan_of((slice(2, 5),))
     (payload,) = execute(p, x)
@@ -103,6 +105,7 @@ def test_contiguous_slice_is_served_from_the_source_memory(x: torch.Tensor) -> N
 # ---------------------------------------------------------------------------- copies, gathers
 
 
+@pytest.mark.unit
 def test_channel_range_is_a_strided_copy_not_zero_copy(x: torch.Tensor) -> None:
     p = plan_of((slice(None), slice(2, 5)))
     result = 16 * 3 * ROW
@@ -115,6 +118,7 @@ def test_channel_range_is_a_strided_copy_not_zero_copy(x: torch.Tensor) -> None:
     assert torch.equal(_run_one(p, x), x[:, 2:5])
 
 
+@pytest.mark.unit
 def test_index_list_on_dim_0_is_a_row_gather(x: torch.Tensor) -> None:
     p = plan_of(([0, 2, 5],))
     assert p.zero_copy is False
@@ -126,6 +130,7 @@ def test_index_list_on_dim_0_is_a_row_gather(x: torch.Tensor) -> None:
     assert torch.equal(_run_one(p, x), x[[0, 2, 5]])
 
 
+@pytest.mark.unit
 def test_outer_two_lists_is_one_row_gather_never_the_intermediate(x: torch.Tensor) -> None:
     b, c = [0, 2, 5, 5, 15], [1, 4, 5, 11]
     p = plan_of((b, c), Combine.OUTER)
@@ -142,6 +147,7 @@ def test_outer_two_lists_is_one_row_gather_never_the_intermediate(x: torch.Tenso
     assert torch.equal(_run_one(p, x), x[b][:, c])
 
 
+@pytest.mark.unit
 def test_outer_gathers_with_a_view_between(x: torch.Tensor) -> None:
     """Lists on dims 0 and 1 with dim 2 narrowed: view first, then index_select, most
     selective first; each step's bytes are what that index_select reads and writes."""
@@ -153,6 +159,7 @@ def test_outer_gathers_with_a_view_between(x: torch.Tensor) -> None:
     assert torch.equal(_run_one(p, x), x[[0, 2, 5]][:, [1, 4, 5]][:, :, 1:3])
 
 
+@pytest.mark.unit
 def test_views_come_before_gathers_and_orders_are_sequential() -> None:
     cases = [
         plan_of((slice(1, 9), [1, 4, 5]), Combine.OUTER),
@@ -169,6 +176,7 @@ def test_views_come_before_gathers_and_orders_are_sequential() -> None:
         assert "view" not in ks[first_gather:]
 
 
+@pytest.mark.unit
 def test_cast_step_and_result_dtype() -> None:
     p = plan_of((slice(0, 2),), dtype="float16")
     assert p.zero_copy is False
@@ -178,6 +186,7 @@ def test_cast_step_and_result_dtype() -> None:
     assert p.steps[-1].bytes_moved == 2 * 12 * 30 * (4 + 2)
 
 
+@pytest.mark.unit
 def test_threshold_plan_is_data_dependent() -> None:
     p = plan(META, Selection((Full(), Threshold("mean", ">", 0.1))))
     assert p.result_shape == (16, -1, 6, 5)
@@ -186,6 +195,7 @@ def test_threshold_plan_is_data_dependent() -> None:
     assert [s.kind for s in p.steps] == ["reduce", "gather"]
 
 
+@pytest.mark.unit
 def test_vectorized_mask_nd_plans_and_executes(x: torch.Tensor) -> None:
     m = torch.rand(16, 12) > 0.5
     p = plan_of((m,))
@@ -193,6 +203,7 @@ def test_vectorized_mask_nd_plans_and_executes(x: torch.Tensor) -> None:
     assert torch.equal(_run_one(p, x), x[m])
 
 
+@pytest.mark.unit
 def test_row_gather_reuses_its_buffer(x: torch.Tensor) -> None:
     pool = BufferPool()
     ptrs = set()
@@ -208,6 +219,7 @@ def test_row_gather_reuses_its_buffer(x: torch.Tensor) -> None:
     assert len(ptrs) == 1
 
 
+@pytest.mark.unit
 def test_strided_copy_reuses_its_buffer(x: torch.Tensor) -> None:
     pool = BufferPool()
     for _ in range(4):
@@ -216,6 +228,7 @@ def test_strided_copy_reuses_its_buffer(x: torch.Tensor) -> None:
     assert pool.allocations == 1
 
 
+@pytest.mark.unit
 def test_frames_of_a_row_gather_reuse_the_default_pool(x: torch.Tensor) -> None:
     p = plan_of(([3, 1, 4], [1, 5, 9]), Combine.OUTER)
     list(frames(execute(p, x), {}))  # warm up
@@ -238,6 +251,7 @@ EXPLAINED: list[Any] = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("index", EXPLAINED, ids=[repr(e)[:40] for e in EXPLAINED])
 def test_explain_via_client_matches_plan(client: Client, store: TensorStore, index: Any) -> None:
     meta = store.get("demo").meta
@@ -253,6 +267,7 @@ def test_explain_via_client_matches_plan(client: Client, store: TensorStore, ind
     ]
 
 
+@pytest.mark.e2e
 def test_explain_outer_via_client(client: Client) -> None:
     sel = Selection(selectors_from_index(([0, 2, 5], [1, 4, 5])), Combine.OUTER)
     got = client.explain("demo", sel)
@@ -264,6 +279,7 @@ def test_explain_outer_via_client(client: Client) -> None:
     assert zc.result_nbytes == 10 * 12 * 6 * 5 * 4
 
 
+@pytest.mark.e2e
 def test_served_contiguous_slice_and_repeated_gathers(client: Client, demo: torch.Tensor) -> None:
     """Through the server: results equal local ones; repeated gathers allocate nothing new."""
     r = client.tensor("demo")

@@ -335,6 +335,7 @@ def _assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------- properties
 
 
+@pytest.mark.e2e
 @SETTINGS
 @given(name=st.sampled_from(NAMES), mode=MODES, data=st.data())
 def test_getitem_matches_torch(
@@ -365,6 +366,7 @@ def test_getitem_matches_torch(
     _assert_same(remotes[name][idx], want)
 
 
+@pytest.mark.e2e
 @SETTINGS
 @given(name=st.sampled_from(NAMES), mode=MODES, data=st.data())
 def test_oindex_matches_per_dimension(
@@ -386,6 +388,7 @@ def test_oindex_matches_per_dimension(
     _assert_same(remotes[name].oindex[idx], want)
 
 
+@pytest.mark.e2e
 @settings(max_examples=60, deadline=None)
 @given(name=st.sampled_from(NAMES), data=st.data())
 def test_oindex_equals_sequential_indexing(
@@ -439,6 +442,7 @@ EXAMPLES: list[Any] = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("idx", EXAMPLES, ids=[repr(e)[:40] for e in EXAMPLES])
 def test_examples_on_demo(client: Client, demo: torch.Tensor, idx: Any) -> None:
     _assert_same(client.tensor("demo")[idx], reference(demo, idx))
@@ -453,11 +457,13 @@ OEXAMPLES: list[Any] = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("idx", OEXAMPLES, ids=[repr(e)[:40] for e in OEXAMPLES])
 def test_oindex_examples_on_demo(client: Client, demo: torch.Tensor, idx: Any) -> None:
     _assert_same(client.tensor("demo").oindex[idx], oreference(demo, idx))
 
 
+@pytest.mark.unit
 def test_reference_helper_is_numpy_meaning() -> None:
     """The reference itself: negative steps as NumPy reads them."""
     a = torch.arange(60).reshape(3, 4, 5)
@@ -467,6 +473,7 @@ def test_reference_helper_is_numpy_meaning() -> None:
         assert torch.equal(reference(a, idx), want)
 
 
+@pytest.mark.e2e
 def test_two_ellipses_are_refused_though_torch_accepts_them(client: Client) -> None:
     with pytest.raises(
         InvalidSelection,

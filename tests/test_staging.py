@@ -22,6 +22,8 @@ from tensorslice.server._staging import (
 )
 from tensorslice.server._stream import frames
 
+pytestmark = pytest.mark.unit
+
 
 def _bytes_of(*ts: torch.Tensor) -> bytes:
     return b"".join(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in ts)

@@ -58,6 +58,7 @@ def remote(client: Client) -> RemoteTensor:
 # ---------------------------------------------------------------------------- the mistake
 
 
+@pytest.mark.unit
 def test_article_mask_raises_when_batch_differs_from_channels() -> None:
     x = demo_tensor((4, 6, 5, 3))  # B=4, C=6, H=5
     m = x.mean(dim=(2, 3)) > 0.0  # (B, C)
@@ -68,6 +69,7 @@ def test_article_mask_raises_when_batch_differs_from_channels() -> None:
         x[:, m]
 
 
+@pytest.mark.unit
 def test_article_mask_silently_wrong_when_batch_channels_and_height_agree() -> None:
     x = demo_tensor((5, 5, 5, 3))  # B == C == H
     m = x.mean(dim=(2, 3)) > 0.0
@@ -84,6 +86,7 @@ def test_article_mask_silently_wrong_when_batch_channels_and_height_agree() -> N
     assert wrong.shape != meant.shape
 
 
+@pytest.mark.e2e
 def test_service_does_not_repeat_the_mistake(remote: RemoteTensor, demo: torch.Tensor) -> None:
     m = demo.mean(dim=(2, 3)) > 0.0  # (16, 12)
     with pytest.raises(IndexError):  # the article's line, locally
@@ -96,6 +99,7 @@ def test_service_does_not_repeat_the_mistake(remote: RemoteTensor, demo: torch.T
 # ---------------------------------------------------------------------------- scopes
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stat", list(STATS))
 @pytest.mark.parametrize("op", list(OPS))
 def test_any_and_all(remote: RemoteTensor, demo: torch.Tensor, stat: str, op: str) -> None:
@@ -128,6 +132,7 @@ def _per_sample_reference(
     return rows, torch.cat(idx), torch.tensor(offsets, dtype=torch.int64)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stat", list(STATS))
 @pytest.mark.parametrize("op", list(OPS))
 def test_per_sample(remote: RemoteTensor, demo: torch.Tensor, stat: str, op: str) -> None:
@@ -155,6 +160,7 @@ def test_per_sample(remote: RemoteTensor, demo: torch.Tensor, stat: str, op: str
         _same(got, want)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stat", list(STATS))
 @pytest.mark.parametrize("k", [1, 3, 12])
 def test_topk(remote: RemoteTensor, demo: torch.Tensor, stat: str, k: int) -> None:
@@ -168,6 +174,7 @@ def test_topk(remote: RemoteTensor, demo: torch.Tensor, stat: str, k: int) -> No
     assert r.offsets is None
 
 
+@pytest.mark.e2e
 def test_explicit_over_matches_default(remote: RemoteTensor, demo: torch.Tensor) -> None:
     s = demo.abs().mean((2, 3))
     t = _safe_threshold(s)
@@ -180,6 +187,7 @@ def test_explicit_over_matches_default(remote: RemoteTensor, demo: torch.Tensor)
         _same(r.values, want)
 
 
+@pytest.mark.e2e
 def test_over_part_of_the_rest_with_an_index(remote: RemoteTensor, demo: torch.Tensor) -> None:
     """`over` W alone, with H fixed by the index: the statistic of one row per channel."""
     x = demo[:, :, 2]  # (B, C, W)
@@ -197,6 +205,7 @@ def test_over_part_of_the_rest_with_an_index(remote: RemoteTensor, demo: torch.T
     _same(rp.offsets, offsets)
 
 
+@pytest.mark.e2e
 def test_over_must_cover_the_rest(remote: RemoteTensor) -> None:
     with pytest.raises(InvalidSelection, match=re.escape(
         "the statistic must reduce every dimension but the batch (0) and the threshold's "
@@ -209,6 +218,7 @@ def test_over_must_cover_the_rest(remote: RemoteTensor) -> None:
         remote.where(1, "mean", over=(1, 2, 3))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stat", list(STATS))
 def test_threshold_on_dim_0(remote: RemoteTensor, demo: torch.Tensor, stat: str) -> None:
     s = STATS[stat](demo, (1, 2, 3))  # one value per sample
@@ -229,6 +239,7 @@ def test_threshold_on_dim_0(remote: RemoteTensor, demo: torch.Tensor, stat: str)
         remote.where(0, stat, scope="per_sample")
 
 
+@pytest.mark.e2e
 def test_threshold_with_view_selectors(remote: RemoteTensor, demo: torch.Tensor) -> None:
     """The statistic is computed on the region the other selectors leave."""
     x = demo[2:10, :, 1:4]
@@ -240,6 +251,7 @@ def test_threshold_with_view_selectors(remote: RemoteTensor, demo: torch.Tensor)
     _same(r.indices, m.nonzero().reshape(-1))
 
 
+@pytest.mark.e2e
 def test_where_result_of_dense_scope_is_not_jagged(remote: RemoteTensor) -> None:
     r = remote.where(1, "mean", scope="any")
     assert isinstance(r, WhereResult)

@@ -54,6 +54,7 @@ def transport(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, object
     srv.stop(grace=None)  # type: ignore[attr-defined]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("index", "local"), CASES, ids=[str(i) for i in range(len(CASES))])
 def test_results_identical_over_every_transport(
     transport: tuple[str, str, object], index: tuple[object, ...], local: torch.Tensor
@@ -64,6 +65,7 @@ def test_results_identical_over_every_transport(
         assert got.shape == local.shape and torch.equal(got, local)
 
 
+@pytest.mark.e2e
 def test_slice_bytes_and_threshold_over_every_transport(
     transport: tuple[str, str, object],
 ) -> None:
@@ -77,6 +79,7 @@ def test_slice_bytes_and_threshold_over_every_transport(
         assert torch.equal(w.values.cpu(), X.movedim(1, 1)[m.nonzero(as_tuple=True)])
 
 
+@pytest.mark.e2e
 def test_bulk_transfers_counted(transport: tuple[str, str, object]) -> None:
     kind, address, srv = transport
     bulk: BulkServer | None = srv.bulk  # type: ignore[attr-defined]
@@ -95,6 +98,7 @@ def test_bulk_transfers_counted(transport: tuple[str, str, object]) -> None:
     assert bulk.pending == 0
 
 
+@pytest.mark.e2e
 def test_async_client_over_bulk() -> None:
     srv, address = _server(unary_max_bytes=1024)
     try:
@@ -108,6 +112,7 @@ def test_async_client_over_bulk() -> None:
         srv.stop(grace=None)  # type: ignore[attr-defined]
 
 
+@pytest.mark.e2e
 def test_fetch_too_large_without_bulk_is_failed_precondition() -> None:
     srv, address = _server(unary_max_bytes=1024, bulk=False)
     try:
@@ -146,6 +151,7 @@ def _redeem(port: int, token: bytes) -> bytes:
             out += part
 
 
+@pytest.mark.e2e
 def test_bulk_server_tokens_are_one_time_and_expire() -> None:
     bulk = BulkServer("127.0.0.1", 0, ticket_timeout=0.3).start()
     try:
@@ -164,6 +170,7 @@ def test_bulk_server_tokens_are_one_time_and_expire() -> None:
         bulk.stop()
 
 
+@pytest.mark.e2e
 def test_truncated_bulk_transfer_raises() -> None:
     bulk = BulkServer("127.0.0.1", 0).start()
     try:
@@ -181,6 +188,7 @@ def test_truncated_bulk_transfer_raises() -> None:
         bulk.stop()
 
 
+@pytest.mark.e2e
 def test_inline_fetch_frame_is_a_slice_chunk() -> None:
     srv, address = _server()
     try:
@@ -198,6 +206,7 @@ def test_inline_fetch_frame_is_a_slice_chunk() -> None:
         srv.stop(grace=None)  # type: ignore[attr-defined]
 
 
+@pytest.mark.unit
 def test_receive_buffers_are_recycled_only_once_their_tensors_are_gone() -> None:
     import gc
 
@@ -236,6 +245,7 @@ def _address(piece: bytes | memoryview) -> int:
     return int(np.frombuffer(piece, dtype=np.uint8).ctypes.data)
 
 
+@pytest.mark.unit
 def test_contiguous_slice_reaches_the_wire_from_the_source_memory() -> None:
     """No copy of the source before the wire: every data piece the bulk plane writes with
     `sendall` is a view of the tensor's own memory."""
@@ -257,6 +267,7 @@ def test_contiguous_slice_reaches_the_wire_from_the_source_memory() -> None:
     assert seen == end - start
 
 
+@pytest.mark.unit
 def test_gather_makes_exactly_one_copy() -> None:
     """A row gather writes each slab once, into a reused buffer, and the wire reads it from
     there: every data piece is a view of that one buffer."""
@@ -283,6 +294,7 @@ def test_gather_makes_exactly_one_copy() -> None:
     assert bytes(got) == want.numpy().tobytes()
 
 
+@pytest.mark.e2e
 def test_plan_cache_follows_a_reloaded_tensor() -> None:
     store = TensorStore()
     store.add("t", torch.arange(24.0).reshape(4, 6))
@@ -300,6 +312,7 @@ def test_plan_cache_follows_a_reloaded_tensor() -> None:
         srv.stop(grace=None)
 
 
+@pytest.mark.e2e
 def test_slice_many_into_shared_memory() -> None:
     srv, address = _server(unary_max_bytes=1024)  # over the bulk plane
     try:
@@ -313,6 +326,7 @@ def test_slice_many_into_shared_memory() -> None:
         srv.stop(grace=None)  # type: ignore[attr-defined]
 
 
+@pytest.mark.e2e
 def test_unreachable_bulk_port_falls_back_to_streaming() -> None:
     srv, address = _server(unary_max_bytes=1024)
     try:
@@ -334,6 +348,7 @@ def test_unreachable_bulk_port_falls_back_to_streaming() -> None:
         srv.stop(grace=None)  # type: ignore[attr-defined]
 
 
+@pytest.mark.unit
 def test_fetch_refuses_from_the_plan_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
     """A result too large for one message on a server without bulk listener is refused from
     its plan's size: nothing is executed (the client then streams it, computed once)."""

@@ -36,6 +36,7 @@ def _payload(n: int) -> bytes:
     return bytes((i * 7 + 3) % 256 for i in range(n))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n", SIZES)
 def test_encode_chunk_is_protobufs_slice_chunk(n: int) -> None:
     b = _payload(n)
@@ -47,6 +48,7 @@ def test_encode_chunk_is_protobufs_slice_chunk(n: int) -> None:
     assert encode_chunk(b[:half], memoryview(b[half:])) == frame
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n", SIZES)
 def test_decode_chunk_reads_protobufs_slice_chunk(n: int) -> None:
     b = _payload(n)
@@ -55,6 +57,7 @@ def test_decode_chunk_reads_protobufs_slice_chunk(n: int) -> None:
     assert bytes(data) == b
 
 
+@pytest.mark.unit
 def test_decode_chunk_skips_unknown_fields_and_refuses_truncation() -> None:
     b = _payload(300)
     extra = bytes([0x10, 0x96, 0x01]) + bytes([0x1A, 0x02]) + b"zz"  # field 2 varint, 3 bytes
@@ -87,6 +90,7 @@ def _check_layout(data: bytes) -> dict[str, object]:
     return header  # type: ignore[no-any-return]
 
 
+@pytest.mark.unit
 def test_mixed_dtypes_load_with_safetensors(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(1)
     tensors = {
@@ -118,6 +122,7 @@ def test_mixed_dtypes_load_with_safetensors(tmp_path: Path) -> None:
         assert torch.equal(loaded[k], v)
 
 
+@pytest.mark.unit
 def test_strided_payload_bytes_across_small_slabs() -> None:
     x = torch.randn(6, 7, 5)
     view = x[:, 1:6:2, ::2]
@@ -128,6 +133,7 @@ def test_strided_payload_bytes_across_small_slabs() -> None:
     assert torch.equal(load(cast)["values"], view.to(torch.bfloat16))
 
 
+@pytest.mark.unit
 def test_header_matches_declared_entries() -> None:
     header, entries = safetensors_header(
         [("a", torch.float32, (2, 3)), ("b", torch.int64, (4,))], {"m": "1"}
@@ -146,6 +152,7 @@ RESPONSES: list[tuple[tuple[object, ...], Callable[[torch.Tensor], torch.Tensor]
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("index,ref", RESPONSES, ids=[repr(r[0]) for r in RESPONSES])
 def test_response_bytes_load(client: Client, demo: torch.Tensor, tmp_path: Path,
                              index: tuple[object, ...],
@@ -167,6 +174,7 @@ def test_response_bytes_load(client: Client, demo: torch.Tensor, tmp_path: Path,
         assert f.metadata()["tensorslice.tensor"] == "demo"
 
 
+@pytest.mark.e2e
 def test_threshold_response_is_one_file(client: Client, demo: torch.Tensor,
                                         tmp_path: Path) -> None:
     data = client.slice_bytes(
@@ -193,6 +201,7 @@ def _file() -> tuple[bytes, dict[str, torch.Tensor]]:
     return data, tensors
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("as_bytes", [False, True])
 @pytest.mark.parametrize("cut", [1, 3, 7, 8, 9, 20, 57])
 def test_assembler_header_split_across_chunks(cut: int, as_bytes: bool) -> None:
@@ -213,6 +222,7 @@ def test_assembler_header_split_across_chunks(cut: int, as_bytes: bool) -> None:
         assert type(asm.file_bytes()) is bytes
 
 
+@pytest.mark.unit
 def test_assembler_refuses_a_truncated_stream() -> None:
     data, _ = _file()
     asm = Assembler()
@@ -232,6 +242,7 @@ def test_assembler_refuses_a_truncated_stream() -> None:
         Assembler().tensors()
 
 
+@pytest.mark.unit
 def test_assembler_refuses_extra_bytes() -> None:
     data, _ = _file()
     asm = Assembler()
@@ -242,6 +253,7 @@ def test_assembler_refuses_extra_bytes() -> None:
         asm.feed(b"x")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("address,host", [
     ("127.0.0.1:50051", "127.0.0.1"),
     ("[::1]:50051", "::1"),

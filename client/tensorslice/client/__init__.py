@@ -9,6 +9,7 @@ own indexing.
 """
 
 from tensorslice.client._async import AsyncClient, AsyncRemoteTensor
+from tensorslice.client._auth import TlsConfig
 from tensorslice.client._client import Client, RemoteTensor
 from tensorslice.client._dataset import RemoteTensorDataset, RemoteTensorIterableDataset
 from tensorslice.core.errors import (
@@ -64,6 +65,7 @@ __all__ = [
     "TensorNotFound",
     "TensorSliceError",
     "Threshold",
+    "TlsConfig",
     "Unauthenticated",
     "WhereResult",
 ]

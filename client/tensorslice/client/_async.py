@@ -22,6 +22,7 @@ import grpc
 import grpc.aio
 import torch
 
+from tensorslice.client._auth import TlsConfig
 from tensorslice.client._base import (
     DEFAULT,
     BaseClient,
@@ -55,8 +56,9 @@ class AsyncClient(BaseClient):
     it). Pickling drops the channel, as for `Client`.
     """
 
-    def __init__(self, address: str, *, timeout: float | None = 60.0, retries: int = 3) -> None:
-        super().__init__(address, timeout=timeout, retries=retries)
+    def __init__(self, address: str, *, timeout: float | None = 60.0, retries: int = 3,
+                 token: str | None = None, tls: TlsConfig | bool | str | None = None) -> None:
+        super().__init__(address, timeout=timeout, retries=retries, token=token, tls=tls)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ channel
@@ -66,9 +68,13 @@ class AsyncClient(BaseClient):
         if channel is not None and self._loop is not loop:
             channel = None  # its loop is gone or another one: leave it to the collector
         if channel is None:
-            channel = self._set_channel(
-                grpc.aio.insecure_channel(self.address, options=self._options())
-            )
+            if self.tls is None:
+                channel = grpc.aio.insecure_channel(self.address, options=self._options())
+            else:
+                ca, cert, key = self._tls_pem()
+                creds = grpc.ssl_channel_credentials(ca, key, cert)
+                channel = grpc.aio.secure_channel(self.address, creds, options=self._options())
+            channel = self._set_channel(channel)
             self._loop = loop
         return channel
 
@@ -111,7 +117,8 @@ class AsyncClient(BaseClient):
     async def _perform(self, step: Step) -> Any:
         if isinstance(step, ReceiveBulk):
             # The socket part blocks: run it off the event loop.
-            await asyncio.to_thread(receive_bulk, step)
+            await asyncio.to_thread(receive_bulk, step, self._credentials.ssl_context(),
+                                    self._server_name())
             return None
         serialize = type(step.request).SerializeToString
         if isinstance(step, CallUnary):
@@ -119,11 +126,12 @@ class AsyncClient(BaseClient):
             call = self._chan().unary_unary(step.path, request_serializer=serialize,
                                             response_deserializer=deserialize)
             with map_rpc_errors():
-                return await call(step.request, timeout=step.timeout)
+                return await call(step.request, timeout=step.timeout, metadata=self._metadata)
         stream = self._chan().unary_stream(step.path, request_serializer=serialize,
                                            response_deserializer=None)
         with map_rpc_errors():
-            async for chunk in stream(step.request, timeout=step.timeout):
+            async for chunk in stream(step.request, timeout=step.timeout,
+                                      metadata=self._metadata):
                 step.sink.feed(decode_chunk(chunk))
         return None
 
@@ -131,6 +139,10 @@ class AsyncClient(BaseClient):
         return await self._run(self._flow(op, timeout))
 
     # ------------------------------------------------------------------ metadata
+    async def health(self, service: str = "", *, timeout: Timeout = DEFAULT) -> str:
+        """As `Client.health`."""
+        return await self._call(self._op_health(service), timeout)
+
     async def list_tensors(self, *, timeout: Timeout = DEFAULT) -> list[TensorInfo]:
         """Every tensor the server holds."""
         return await self._call(self._op_list_tensors(), timeout)

@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from tensorslice.client._auth import Credentials, TlsConfig, resolve_tls, resolve_token
 from tensorslice.client._receive import Assembler
 from tensorslice.core.codec import dtype_name, split_chunk
 from tensorslice.core.endpoint import SERVICE_NAME, host_of
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 SERVICE = SERVICE_NAME
+HEALTH_SERVICE = "grpc.health.v1.Health"
 
 R = TypeVar("R")
 
@@ -111,10 +113,11 @@ class Unary(Generic[R]):
     request: Any
     response_cls: Any
     finish: Callable[[Any], R]
+    service: str = SERVICE
 
     @property
     def path(self) -> str:
-        return f"/{SERVICE}/{self.method}"
+        return f"/{self.service}/{self.method}"
 
 
 @dataclass(frozen=True)
@@ -241,21 +244,42 @@ class BaseClient:
 
     `timeout` (seconds, None for none) is the deadline of every call; each method takes
     ``timeout=`` to override it. `retries` is how many times gRPC itself retries a call
-    that fails with UNAVAILABLE (0 disables retries)."""
+    that fails with UNAVAILABLE (0 disables retries). `token` is the bearer token sent with
+    every call, `tls` the TLS settings (a `TlsConfig`, True for the system's CAs, a CA file's
+    path, False for plaintext); left as None, both follow the environment
+    (``TENSORSLICE_TOKEN``, ``TENSORSLICE_TLS_CA``, ...: see `tensorslice.client.TlsConfig`)."""
 
-    def __init__(self, address: str, *, timeout: float | None = 60.0, retries: int = 3) -> None:
+    def __init__(self, address: str, *, timeout: float | None = 60.0, retries: int = 3,
+                 token: str | None = None, tls: TlsConfig | bool | str | None = None) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0; got {retries}")
         self.address = address
         self.timeout = timeout
         self.retries = retries
+        self._credentials = Credentials(resolve_token(token), resolve_tls(tls))
         self._bulk_ok = True  # false once the bulk port proved unreachable
         self._closed = False  # true once closed: a closed client makes no more calls
         self._channel: Any = None
         self._pid = 0
 
     def _options(self) -> list[tuple[str, Any]]:
-        return channel_options(self.retries)
+        return channel_options(self.retries) + self._credentials.grpc_options()
+
+    @property
+    def tls(self) -> TlsConfig | None:
+        """The TLS settings in use, or None for plaintext."""
+        return self._credentials.tls
+
+    def _server_name(self) -> str | None:
+        tls = self._credentials.tls
+        return None if tls is None else tls.server_name
+
+    def _tls_pem(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        return self._credentials.pem
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return self._credentials.metadata
 
     def _owned_channel(self) -> Any:
         """This process's channel, or None. A channel inherited across ``fork`` is never
@@ -322,6 +346,16 @@ class BaseClient:
         return op.finish(asm)
 
     # ------------------------------------------------------------------ operations
+    @staticmethod
+    def _op_health(service: str) -> Unary[str]:
+        from grpc_health.v1 import health_pb2
+
+        def status(resp: Any) -> str:
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+        return Unary("Check", health_pb2.HealthCheckRequest(service=service),
+                     health_pb2.HealthCheckResponse, status, service=HEALTH_SERVICE)
+
     @staticmethod
     def _op_list_tensors() -> Unary[list[TensorInfo]]:
         return Unary("ListTensors", _pb.ListTensorsRequest(), _pb.ListTensorsResponse,

@@ -7,6 +7,7 @@ module only runs the calls, with blocking gRPC.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -56,9 +57,13 @@ class Client(BaseClient):
     def _chan(self) -> grpc.Channel:
         channel: grpc.Channel | None = self._owned_channel()
         if channel is None:
-            channel = self._set_channel(
-                grpc.insecure_channel(self.address, options=self._options())
-            )
+            if self.tls is None:
+                channel = grpc.insecure_channel(self.address, options=self._options())
+            else:
+                ca, cert, key = self._tls_pem()
+                creds = grpc.ssl_channel_credentials(ca, key, cert)
+                channel = grpc.secure_channel(self.address, creds, options=self._options())
+            channel = self._set_channel(channel)
         return channel
 
     def close(self) -> None:
@@ -93,7 +98,7 @@ class Client(BaseClient):
 
     def _perform(self, step: Step) -> Any:
         if isinstance(step, ReceiveBulk):
-            receive_bulk(step)
+            receive_bulk(step, self._credentials.ssl_context(), self._server_name())
             return None
         serialize = type(step.request).SerializeToString
         if isinstance(step, CallUnary):
@@ -101,11 +106,11 @@ class Client(BaseClient):
             call = self._chan().unary_unary(step.path, request_serializer=serialize,
                                             response_deserializer=deserialize)
             with map_rpc_errors():
-                return call(step.request, timeout=step.timeout)
+                return call(step.request, timeout=step.timeout, metadata=self._metadata)
         stream = self._chan().unary_stream(step.path, request_serializer=serialize,
                                            response_deserializer=None)
         with map_rpc_errors():
-            for chunk in stream(step.request, timeout=step.timeout):
+            for chunk in stream(step.request, timeout=step.timeout, metadata=self._metadata):
                 step.sink.feed(decode_chunk(chunk))
         return None
 
@@ -113,6 +118,11 @@ class Client(BaseClient):
         return self._run(self._flow(op, timeout))
 
     # ------------------------------------------------------------------ metadata
+    def health(self, service: str = "", *, timeout: Timeout = DEFAULT) -> str:
+        """The server's health status by the standard gRPC health protocol: ``SERVING``,
+        ``NOT_SERVING``, ...; `service` "" for the server as a whole. Needs no token."""
+        return self._call(self._op_health(service), timeout)
+
     def list_tensors(self, *, timeout: Timeout = DEFAULT) -> list[TensorInfo]:
         """Every tensor the server holds."""
         return self._call(self._op_list_tensors(), timeout)
@@ -227,14 +237,24 @@ class RemoteTensor(BaseRemoteTensor[Client]):
         return where_result(self.client.slice(self.name, sel))
 
 
-def receive_bulk(step: ReceiveBulk) -> None:
-    """Perform a `ReceiveBulk` step: a TCP connection to the bulk data plane, the token
-    sent, the file read straight into the step's buffer. (Blocking; `AsyncClient` runs it
-    in a thread.)"""
+def receive_bulk(step: ReceiveBulk, tls: ssl.SSLContext | None = None,
+                 server_name: str | None = None) -> None:
+    """Perform a `ReceiveBulk` step: a TCP connection to the bulk data plane (TLS with
+    `tls`, verifying the certificate for `server_name` or the host), the token sent, the
+    file read straight into the step's buffer. (Blocking; `AsyncClient` runs it in a
+    thread.)"""
     try:
         sock = socket.create_connection((step.host, step.port), timeout=step.connect_timeout)
     except OSError as exc:
         raise BulkUnreachable(f"bulk port {step.host}:{step.port} unreachable: {exc}") from None
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock, server_hostname=server_name or step.host)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            sock.close()
+            raise ServerUnavailable(
+                f"TLS handshake with the bulk port {step.host}:{step.port} failed: {exc}"
+            ) from None
     try:
         with sock:
             sock.settimeout(step.timeout)

@@ -10,6 +10,7 @@ import importlib as _importlib
 import typing as _typing
 
 if _typing.TYPE_CHECKING:
+    from tensorslice.server._auth import StartupError, TlsFiles
     from tensorslice.server._config import ServerConfig
     from tensorslice.server._execute import execute
     from tensorslice.server._model import Plan, Step, TensorMeta
@@ -23,10 +24,12 @@ __all__ = [
     "Entry",
     "Plan",
     "ServerConfig",
+    "StartupError",
     "Step",
     "TensorMeta",
     "TensorSliceService",
     "TensorStore",
+    "TlsFiles",
     "create_server",
     "demo_tensor",
     "execute",
@@ -38,6 +41,8 @@ _WHERE = {
     "Entry": "_store",
     "Plan": "_model",
     "ServerConfig": "_config",
+    "StartupError": "_auth",
+    "TlsFiles": "_auth",
     "Step": "_model",
     "TensorMeta": "_model",
     "TensorSliceService": "_service",

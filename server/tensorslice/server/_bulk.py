@@ -21,6 +21,10 @@ Guarantees:
 - `stop(grace)` issues no more tickets, keeps redeeming the pending ones and lets transfers
   in flight finish, for up to `grace` seconds; then it cuts what is left.
 - Bad tokens are counted, logged at debug level, and summarised at most once a minute.
+- Tickets come only from calls that passed the gRPC port's authentication, and each is
+  redeemed at most once. With an `ssl` context (the server's TLS certificate), every
+  connection completes a TLS handshake before its token is read, within the same
+  handshake deadline, and the file travels encrypted.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import logging
 import secrets
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -60,9 +65,10 @@ class _Transfer:
 
 
 class _Handshake:
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float, secure: bool) -> None:
         self.token = b""
         self.deadline = deadline
+        self.secure = secure  # the TLS handshake is done (or there is none)
 
 
 class BulkServer:
@@ -72,7 +78,8 @@ class BulkServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
                  ticket_timeout: float = 15.0, max_tickets: int = 256,
                  max_ticket_bytes: int = 0, max_connections: int = 64,
-                 handshake_timeout: float = 5.0, send_timeout: float = 10.0) -> None:
+                 handshake_timeout: float = 5.0, send_timeout: float = 10.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.create_server((host.strip("[]"), port), family=family,
                                               backlog=128)
@@ -84,6 +91,8 @@ class BulkServer:
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self.send_timeout = send_timeout
+        self.ssl_context = ssl_context
+        """TLS for every connection (the gRPC port's certificate), or None for plain TCP."""
         self._pending: dict[bytes, _Transfer] = {}
         self._held = 0  # materialised bytes of pending tickets
         self._lock = threading.Lock()
@@ -100,6 +109,8 @@ class BulkServer:
         self._thread = threading.Thread(target=self._loop, name="bulk-accept", daemon=True)
         self.sent = 0  # transfers completed (for tests and logs)
         self.refused = 0  # connections closed: over the limit, bad token or too slow
+        self.expired = 0  # tickets that expired unredeemed
+        self.bytes_sent = 0  # bytes of completed and partial transfers
         self._reported = (0.0, 0)
 
     # ---------------------------------------------------------------- tickets
@@ -156,6 +167,12 @@ class BulkServer:
             return self._held
 
     @property
+    def sending(self) -> int:
+        """Transfers sending now."""
+        with self._lock:
+            return len(self._sending)
+
+    @property
     def connections(self) -> int:
         """Connections open now: handshaking or sending."""
         with self._lock:
@@ -176,6 +193,8 @@ class BulkServer:
         for x in gone:
             x.release()
         if gone:
+            with self._lock:
+                self.expired += len(gone)
             log.warning("%d bulk ticket(s) expired unredeemed after %gs (ticket_timeout)",
                         len(gone), self.ticket_timeout)
 
@@ -282,27 +301,52 @@ class BulkServer:
                 sock.close()
                 continue
             sock.setblocking(False)
+            if self.ssl_context is not None:
+                try:
+                    sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                        do_handshake_on_connect=False)
+                except (OSError, ValueError) as exc:
+                    self._refuse(sock, f"TLS setup failed: {exc}")
+                    continue
             with self._lock:
-                self._handshakes[sock] = _Handshake(time.monotonic() + self.handshake_timeout)
+                self._handshakes[sock] = _Handshake(time.monotonic() + self.handshake_timeout,
+                                                    secure=self.ssl_context is None)
             self._selector.register(sock, selectors.EVENT_READ)
 
     def _read_token(self, sock: socket.socket) -> None:
         h = self._handshakes.get(sock)
         if h is None:
             return
-        try:
-            part = sock.recv(TOKEN_BYTES - len(h.token))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._refuse(sock, f"read failed: {exc}")
-            return
-        if not part:
-            self._refuse(sock, "closed before sending a whole token")
-            return
-        h.token += part
-        if len(h.token) < TOKEN_BYTES:
-            return
+        if not h.secure:
+            assert isinstance(sock, ssl.SSLSocket)
+            try:
+                sock.do_handshake()
+            except ssl.SSLWantReadError:
+                self._selector.modify(sock, selectors.EVENT_READ)
+                return
+            except ssl.SSLWantWriteError:
+                self._selector.modify(sock, selectors.EVENT_WRITE)
+                return
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                self._refuse(sock, f"TLS handshake failed: {exc}")
+                return
+            h.secure = True
+            self._selector.modify(sock, selectors.EVENT_READ)
+        while len(h.token) < TOKEN_BYTES:
+            try:
+                part = sock.recv(TOKEN_BYTES - len(h.token))
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                return
+            except ssl.SSLWantWriteError:  # a TLS renegotiation wants to write first
+                self._selector.modify(sock, selectors.EVENT_WRITE)
+                return
+            except OSError as exc:
+                self._refuse(sock, f"read failed: {exc}")
+                return
+            if not part:
+                self._refuse(sock, "closed before sending a whole token")
+                return
+            h.token += part
         transfer = self._take(h.token)
         if transfer is None:
             self._refuse(sock, "unknown or expired token")
@@ -354,6 +398,8 @@ class BulkServer:
                     for at in range(0, len(view), _SEND_STEP):
                         sock.sendall(view[at : at + _SEND_STEP])
                     sent += len(view)
+                    with self._lock:
+                        self.bytes_sent += len(view)
                 if sent != transfer.nbytes:
                     raise RuntimeError(f"sent {sent} of {transfer.nbytes} bytes")
                 with self._lock:

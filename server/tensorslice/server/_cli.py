@@ -1,9 +1,10 @@
-"""The `tensorslice` command: serve, ls, get, demo."""
+"""The `tensorslice` command: serve, ls, get, health, demo."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,6 +14,7 @@ from tensorslice.client import Client, Combine, TensorSliceError
 from tensorslice.core.codec import dtype_name
 from tensorslice.core.parse import parse_index
 from tensorslice.core.selection import Selection, outer_selectors, selectors_from_index
+from tensorslice.server._auth import StartupError, TlsFiles, read_token
 from tensorslice.server._config import ServerConfig
 from tensorslice.server._server import AddressInUse, create_server
 from tensorslice.server._store import DEMO_DIM_NAMES, DEMO_NAME, TensorStore, demo_tensor
@@ -57,10 +59,25 @@ def build_store(args: argparse.Namespace) -> TensorStore:
     return store
 
 
+def _security(args: argparse.Namespace) -> tuple[str | None, TlsFiles | None]:
+    """The token and TLS files of `serve`, checked before anything loads."""
+    token = read_token(args.token_file)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise StartupError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise StartupError("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = None
+    if args.tls_cert is not None:
+        tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+        tls.load()  # every file readable and usable, or exit now
+    return token, tls
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
+        token, tls = _security(args)
         store = build_store(args)
-    except TensorSliceError as exc:
+    except (TensorSliceError, StartupError) as exc:
         print(f"tensorslice: {exc}", file=sys.stderr)
         return 2
     config = ServerConfig(
@@ -77,17 +94,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_ticket_bytes=_bytes_or_none(args.max_ticket_bytes),
         max_bulk_connections=args.max_bulk_connections,
         handshake_timeout=args.handshake_timeout,
+        token=token,
+        tls=tls,
+        metrics_port=args.metrics_port,
+        reflection=not args.no_reflection,
     )
     try:
         server, port = create_server(store, f"{args.host}:{args.port}", config)
-    except AddressInUse as exc:
+        server.start()
+    except (AddressInUse, StartupError) as exc:
         print(f"tensorslice: {exc}", file=sys.stderr)
         return 2
-    server.start()
     address = f"{args.host}:{port}"
-    print(f"tensorslice serving {len(store)} tensor(s) on {address} ({store.device})", flush=True)
+    security = ", ".join(w for w in ("TLS" if tls else "plaintext",
+                                     "mutual TLS" if tls and tls.client_ca else "",
+                                     "token required" if token else "no token") if w)
+    print(f"tensorslice serving {len(store)} tensor(s) on {address} ({store.device}; "
+          f"{security})", flush=True)
     if server.bulk is not None:
-        print(f"  bulk data plane on port {server.bulk.port}", flush=True)
+        print(f"  bulk data plane on port {server.bulk.port}{' (TLS)' if tls else ''}",
+              flush=True)
+    if server.metrics_port is not None:
+        print(f"  metrics on http://{args.host}:{server.metrics_port}/metrics", flush=True)
     if store.max_device_memory is not None:
         print(f"  device memory: {store.device_memory_used} of {store.max_device_memory} "
               f"bytes used", flush=True)
@@ -147,6 +175,18 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 only when the server answers SERVING (for HEALTHCHECK and probes)."""
+    try:
+        with Client(args.address, timeout=args.timeout, retries=0) as c:
+            status = c.health(args.service)
+    except (TensorSliceError, ValueError) as exc:
+        print(f"tensorslice: {args.address}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tensorslice.server._demo import run_demo
 
@@ -158,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="serve tensors")
+    # No abbreviations: `--token VALUE` must not pass for `--token-file`.
+    s = sub.add_parser("serve", help="serve tensors", allow_abbrev=False)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--tensor", action="append", metavar="NAME=PATH[:KEY]",
@@ -201,6 +242,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="bulk connections open at once; more are closed; default 64")
     s.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="time a bulk connection has to present its whole token; default 5")
+    s.add_argument("--token-file", default=os.environ.get("TENSORSLICE_TOKEN_FILE"),
+                   metavar="PATH",
+                   help="require the bearer token this file holds on every call but health "
+                        "checks (default: $TENSORSLICE_TOKEN_FILE, else the token in "
+                        "$TENSORSLICE_TOKEN, else none)")
+    s.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="serve TLS (gRPC and bulk) with this certificate chain")
+    s.add_argument("--tls-key", default=None, metavar="PEM", help="the certificate's key")
+    s.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                   help="require client certificates signed by this CA (mutual TLS)")
+    s.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port)")
+    s.add_argument("--no-reflection", action="store_true",
+                   help="do not serve gRPC server reflection")
     s.add_argument("--no-progress", action="store_true", help="no progress bars while loading")
     s.set_defaults(fn=cmd_serve)
 
@@ -220,6 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dtype", default=None, help="cast the result, e.g. float16")
     g.add_argument("--timeout", type=float, default=60.0)
     g.set_defaults(fn=cmd_get)
+
+    h = sub.add_parser("health", help="exit 0 when the server is SERVING, 1 otherwise")
+    h.add_argument("address")
+    h.add_argument("--service", default="",
+                   help="the health service name: '' (default) for the server, or "
+                        "tensorslice.v1.TensorSlice")
+    h.add_argument("--timeout", type=float, default=5.0)
+    h.set_defaults(fn=cmd_health)
 
     d = sub.add_parser("demo", help="run a server and a client in one process")
     d.add_argument("--quick", action="store_true", help="a smaller tensor")

@@ -3,8 +3,13 @@ them (`_limits` says what each guarantees), its default taken from the machine."
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tensorslice.server._limits import machine_cpus, machine_memory
 from tensorslice.server._stream import CHUNK_BYTES, SLAB_BYTES
+
+if TYPE_CHECKING:
+    from tensorslice.server._auth import TlsFiles
 
 __all__ = ["HEALTH_THREADS", "ServerConfig"]
 
@@ -37,6 +42,10 @@ class ServerConfig:
         max_ticket_bytes: int | None = None,
         max_bulk_connections: int = 64,
         handshake_timeout: float = 5.0,
+        token: str | None = None,
+        tls: TlsFiles | None = None,
+        metrics_port: int | None = None,
+        reflection: bool = True,
     ) -> None:
         memory = machine_memory()
         self.max_result_bytes = (
@@ -83,7 +92,20 @@ class ServerConfig:
         """Bulk connections open at once (handshaking or transferring); more are closed."""
         self.handshake_timeout = handshake_timeout
         """Seconds a bulk connection has, from accept, to present its whole token."""
+        self.token = token
+        """The bearer token every call but health checks must carry (metadata
+        ``authorization: Bearer TOKEN``); None: no authentication."""
+        self.tls = tls
+        """Certificate, key and optional client CA of the gRPC port and the bulk data
+        plane; None: plaintext."""
+        self.metrics_port = metrics_port
+        """Port of the Prometheus metrics endpoint on the gRPC host (0: a free one);
+        None: no endpoint."""
+        self.reflection = reflection
+        """Serve gRPC server reflection (``grpcurl list`` / ``describe``)."""
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        shown = {k: ("'***'" if k == "token" and v is not None else repr(v))
+                 for k, v in vars(self).items()}
+        fields = ", ".join(f"{k}={v}" for k, v in shown.items())
         return f"ServerConfig({fields})"

@@ -136,6 +136,8 @@ class Calls:
         # entry is valid for the tensor version it was planned against.
         self._plans: OrderedDict[bytes, tuple[int, Plan]] = OrderedDict()
         self._plans_lock = threading.Lock()
+        self.plan_hits = 0  # plans found in the cache (metrics)
+        self.plan_misses = 0  # plans made afresh
 
     # ------------------------------------------------------------------ planning
     def plan(self, request: _pb.SliceRequest) -> tuple[Entry, Plan]:
@@ -153,9 +155,11 @@ class Calls:
             hit = self._plans.get(key)
             if hit is not None and hit[0] == entry.version:
                 self._plans.move_to_end(key)
+                self.plan_hits += 1
                 return entry, hit[1]
         p = self._plan_fresh(entry, request)
         with self._plans_lock:
+            self.plan_misses += 1
             self._plans[key] = (entry.version, p)
             if len(self._plans) > _PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)

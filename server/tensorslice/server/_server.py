@@ -1,10 +1,13 @@
-"""The server's lifecycle: a gRPC server with the TensorSlice and health services and the
-bulk data plane, created, started and stopped together."""
+"""The server's lifecycle: a gRPC server with the TensorSlice, health and reflection
+services, the bulk data plane and the metrics endpoint, created, started and stopped
+together; authentication and TLS (`_auth`) wrap them all."""
 
 from __future__ import annotations
 
+import ssl
 import threading
 from concurrent import futures
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health as _health
@@ -12,8 +15,10 @@ from grpc_health.v1 import health_pb2 as _health_pb2
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
 
 from tensorslice.core.endpoint import SERVICE_NAME, host_of
+from tensorslice.server._auth import TokenAuth
 from tensorslice.server._bulk import BulkServer
 from tensorslice.server._config import HEALTH_THREADS, ServerConfig
+from tensorslice.server._metrics import Metrics, MetricsInterceptor, ServerCollector, serve_metrics
 from tensorslice.server._service import TensorSliceService, generic_handler
 from tensorslice.server._store import TensorStore
 
@@ -38,13 +43,29 @@ class TensorSliceServer:
     when enabled; `start`, `stop` and `wait_for_termination` act on all of them."""
 
     def __init__(self, grpc_server: grpc.Server, health: _health.HealthServicer,
-                 bulk: BulkServer | None, service: TensorSliceService | None = None) -> None:
+                 bulk: BulkServer | None, service: TensorSliceService | None = None,
+                 metrics: Metrics | None = None,
+                 metrics_address: tuple[str, int] | None = None) -> None:
         self.grpc_server = grpc_server
         self.health = health
         self.bulk = bulk
         self.service = service
+        self.metrics = metrics
+        self._metrics_address = metrics_address
+        self._metrics_http: Any = None
+        self.metrics_port: int | None = None
+        """The metrics endpoint's port, once started (None: no endpoint)."""
 
     def start(self) -> None:
+        """Start everything; AddressInUse (everything stopped again) when the metrics port
+        cannot be bound."""
+        if self.metrics is not None and self._metrics_address is not None:
+            host, port = self._metrics_address
+            try:
+                self._metrics_http, self.metrics_port = serve_metrics(self.metrics, host, port)
+            except OSError as exc:
+                raise AddressInUse(f"cannot listen on {host}:{port} (metrics): "
+                                   f"{exc.strerror or exc}") from None
         if self.bulk is not None:
             self.bulk.start()
         if self.service is not None:
@@ -65,6 +86,9 @@ class TensorSliceServer:
             grpc_done.wait()
             if self.service is not None:
                 self.service.watchdog.stop()
+            if self._metrics_http is not None:
+                self._metrics_http.shutdown()
+                self._metrics_http.server_close()
             done.set()
 
         threading.Thread(target=drain, name="tensorslice-stop", daemon=True).start()
@@ -80,34 +104,51 @@ def create_server(
     config: ServerConfig | None = None,
 ) -> tuple[TensorSliceServer, int]:
     """A ready-to-start server for `store` bound to `address`, and the port it got
-    (bind port 0 for a free one). Includes the standard gRPC health service, and the bulk
-    data plane on the same host unless ``config.bulk`` is off. Raises `AddressInUse` when
-    either port cannot be bound."""
+    (bind port 0 for a free one). Includes the standard gRPC health service, reflection
+    (unless ``config.reflection`` is off), the bulk data plane on the same host (unless
+    ``config.bulk`` is off) and the metrics endpoint (when ``config.metrics_port`` is
+    set; bound by `start`). With ``config.token`` every call but health checks must carry
+    it; with ``config.tls`` the gRPC port and the bulk data plane speak TLS only. Raises
+    `AddressInUse` when a port cannot be bound, `StartupError` when a TLS file cannot be
+    read or used."""
     config = config or ServerConfig()
+    credentials: grpc.ServerCredentials | None = None
+    ssl_context: ssl.SSLContext | None = None
+    if config.tls is not None:
+        credentials, ssl_context = config.tls.load()
+    metrics = Metrics() if config.metrics_port is not None else None
+    interceptors: list[grpc.ServerInterceptor[Any, Any]] = []
+    if metrics is not None:
+        interceptors.append(MetricsInterceptor(metrics))  # outermost: refusals count too
+    if config.token is not None:
+        interceptors.append(TokenAuth(config.token))
     grpc_server = grpc.server(
         # The TensorSlice calls (running and waiting for a slot), plus threads that
         # health checks and refusals never find busy.
         futures.ThreadPoolExecutor(max_workers=2 * config.max_calls + HEALTH_THREADS,
                                    thread_name_prefix="slice"),
         options=server_options(config),
+        interceptors=interceptors,
     )
     try:
-        port = grpc_server.add_insecure_port(address)
+        port = (grpc_server.add_insecure_port(address) if credentials is None
+                else grpc_server.add_secure_port(address, credentials))
     except RuntimeError:  # recent grpcio raises where older ones returned 0
         port = 0
     if port == 0:
         raise AddressInUse(f"cannot listen on {address} (gRPC): the address is in use or "
                            f"not local")
+    host = host_of(address)
     bulk = None
     if config.bulk:
-        host = host_of(address)
         try:
             bulk = BulkServer(host, config.bulk_port, ticket_timeout=config.ticket_timeout,
                               max_tickets=config.max_pending_tickets,
                               max_ticket_bytes=config.max_ticket_bytes,
                               max_connections=config.max_bulk_connections,
                               handshake_timeout=config.handshake_timeout,
-                              send_timeout=config.send_timeout)
+                              send_timeout=config.send_timeout,
+                              ssl_context=ssl_context)
         except OSError as exc:
             grpc_server.stop(None)
             raise AddressInUse(
@@ -120,4 +161,15 @@ def create_server(
     for name in ("", SERVICE_NAME):
         health.set(name, _health_pb2.HealthCheckResponse.SERVING)
     _health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
-    return TensorSliceServer(grpc_server, health, bulk, service), port
+    if config.reflection:
+        from grpc_reflection.v1alpha import reflection
+
+        names = (SERVICE_NAME, _health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, grpc_server)
+    metrics_address = None
+    if metrics is not None:
+        service.metrics = metrics
+        metrics.registry.register(ServerCollector(service, metrics))
+        metrics_address = (host or "0.0.0.0", int(config.metrics_port or 0))
+    return TensorSliceServer(grpc_server, health, bulk, service, metrics, metrics_address), port

@@ -10,12 +10,13 @@ from typing import Any, TypeVar
 
 import grpc
 
-from tensorslice.core.codec import dtype_name
+from tensorslice.core.codec import dtype_name, split_chunk
 from tensorslice.core.endpoint import SERVICE_NAME
 from tensorslice.core.errors import InvalidSelection, TensorSliceError
 from tensorslice.server._bulk import BulkServer
 from tensorslice.server._config import ServerConfig
 from tensorslice.server._limits import CallGate, StreamWatchdog, shorten
+from tensorslice.server._metrics import Metrics
 from tensorslice.server._model import Plan
 from tensorslice.server._orchestrate import Calls, Frames
 from tensorslice.server._store import Entry, TensorStore
@@ -78,6 +79,8 @@ class TensorSliceService:
         self.gate = CallGate(self.config.max_calls, "max_calls, serve --max-calls",
                              wait=self.config.call_wait)
         self.watchdog = StreamWatchdog(self.config.send_timeout)
+        self.metrics: Metrics | None = None
+        """Where result bytes are counted, when the server has a metrics endpoint."""
 
     def ListTensors(self, request: _pb.ListTensorsRequest, context: grpc.ServicerContext
                     ) -> _pb.ListTensorsResponse:
@@ -95,7 +98,7 @@ class TensorSliceService:
         return _ending(self.calls.frames(self.calls.planned(request)), context)
 
     def Fetch(self, request: _pb.SliceRequest, context: grpc.ServicerContext) -> bytes:
-        return self.calls.one_message(self.calls.planned(request), request.bulk)
+        return self._inline(self.calls.one_message(self.calls.planned(request), request.bulk))
 
     def SliceMany(self, request: _pb.SliceManyRequest, context: grpc.ServicerContext
                   ) -> Iterator[bytes]:
@@ -103,7 +106,21 @@ class TensorSliceService:
 
     def FetchMany(self, request: _pb.SliceManyRequest, context: grpc.ServicerContext
                   ) -> bytes:
-        return self.calls.one_message(self.calls.planned_many(request), request.bulk)
+        return self._inline(
+            self.calls.one_message(self.calls.planned_many(request), request.bulk)
+        )
+
+    def _inline(self, frame: bytes) -> bytes:
+        """`frame`, counted as inline bytes when it carries data (not a bulk ticket)."""
+        if self.metrics is not None:
+            data, ticket = split_chunk(frame)
+            if ticket is None:
+                self.metrics.sent("inline", len(data))
+        return frame
+
+    def count_streamed(self, nbytes: int) -> None:
+        if self.metrics is not None:
+            self.metrics.sent("stream", nbytes)
 
 
 def _ending(answer: Frames, context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -161,6 +178,7 @@ def _stream(
     fn: Callable[[Any, grpc.ServicerContext], Iterator[bytes]],
     gate: CallGate,
     watchdog: StreamWatchdog,
+    count: Callable[[int], None],
 ) -> Callable[[Any, grpc.ServicerContext], Iterator[bytes]]:
     """A streaming handler that holds a slot of `gate` until the stream ends, however it
     ends, and tells `watchdog` while each message waits for the reader: a stream whose
@@ -181,6 +199,7 @@ def _stream(
                     watchdog.sending(key, context.cancel)
                     yield message  # resumes once gRPC has sent it and asks for the next
                     watchdog.sent(key)
+                    count(len(message))
             finally:
                 close = getattr(it, "close", None)
                 if close is not None:
@@ -233,7 +252,7 @@ def generic_handler(service: TensorSliceService) -> grpc.GenericRpcHandler:  # t
         serialize = None if response_cls is None else response_cls.SerializeToString
         if streams:
             handlers[name] = grpc.unary_stream_rpc_method_handler(
-                _stream(fn, service.gate, service.watchdog),
+                _stream(fn, service.gate, service.watchdog, service.count_streamed),
                 request_deserializer=_parser(request_cls), response_serializer=serialize,
             )
         else:

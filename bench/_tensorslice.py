@@ -35,28 +35,31 @@ class TensorSpec:
         return n
 
 
-def _build_server(tensors: dict[str, torch.Tensor]) -> tuple[Any, int]:
+def _build_server(tensors: dict[str, torch.Tensor],
+                  tls: tuple[str, str] | None = None) -> tuple[Any, int]:
     """Create and start a tensorslice server on 127.0.0.1, any free port: (server, port).
 
     GUESS until the factory is final: ``TensorStore().add(name, tensor)`` and
     ``create_server(store, "127.0.0.1:0") -> (server, port)``. Fix this one function.
     """
-    from tensorslice.server import TensorStore, create_server
+    from tensorslice.server import ServerConfig, TensorStore, TlsFiles, create_server
 
     store = TensorStore()
     for name, tensor in tensors.items():
         store.add(name, tensor)
-    server, port = create_server(store, f"{HOST}:0")
+    config = ServerConfig(tls=None if tls is None else TlsFiles(*tls))
+    server, port = create_server(store, f"{HOST}:0", config)
     server.start()
     return server, int(port)
 
 
-def _server_main(ctrl: multiprocessing.connection.Connection, specs: dict[str, TensorSpec]) -> None:
+def _server_main(ctrl: multiprocessing.connection.Connection, specs: dict[str, TensorSpec],
+                 tls: tuple[str, str] | None = None) -> None:
     try:
         tensors = {
             name: pattern_tensor(s.shape, getattr(torch, s.dtype)) for name, s in specs.items()
         }
-        server, port = _build_server(tensors)
+        server, port = _build_server(tensors, tls)
     except Exception as e:
         ctrl.send(RuntimeError(f"{e!r}\n{traceback.format_exc()}"))
         return
@@ -65,10 +68,13 @@ def _server_main(ctrl: multiprocessing.connection.Connection, specs: dict[str, T
     server.stop(None)
 
 
-def start_tensorslice_server(specs: dict[str, TensorSpec]) -> tuple[Child, int]:
-    """Start a server process serving ``specs``; returns (process handle, port). The handle
-    answers ``("rss_reset",)`` / ``("rss_peak",)`` and stops on close."""
-    child = Child(_server_main, specs)
+def start_tensorslice_server(
+    specs: dict[str, TensorSpec], tls: tuple[str, str] | None = None
+) -> tuple[Child, int]:
+    """Start a server process serving ``specs`` (over TLS with ``tls``, a certificate and
+    key file); returns (process handle, port). The handle answers ``("rss_reset",)`` /
+    ``("rss_peak",)`` and stops on close."""
+    child = Child(_server_main, specs, tls)
     return child, int(child.ready)
 
 
@@ -112,9 +118,10 @@ def server_gather(
 # --- the client side ----------------------------------------------------------------------
 
 
-def connect(port: int) -> Any:
-    """An open client (``Client`` is a context manager; call ``close`` via ``__exit__``)."""
-    c = Client(f"{HOST}:{port}")
+def connect(port: int, ca: str | None = None) -> Any:
+    """An open client (``Client`` is a context manager; call ``close`` via ``__exit__``);
+    TLS trusting the CA file `ca` where given."""
+    c = Client(f"{HOST}:{port}", tls=ca if ca is not None else False)
     c.__enter__()
     return c
 
@@ -123,9 +130,11 @@ def disconnect(c: Any) -> None:
     c.__exit__(None, None, None)
 
 
-def slice_throughput(port: int, name: str, rows: int, row_elems: int, reps: int) -> float:
-    """Median GB/s of ``t[0:rows]`` end to end (a torch.Tensor in this process)."""
-    c = connect(port)
+def slice_throughput(port: int, name: str, rows: int, row_elems: int, reps: int,
+                     ca: str | None = None) -> float:
+    """Median GB/s of ``t[0:rows]`` end to end (a torch.Tensor in this process); over TLS
+    trusting `ca` where given."""
+    c = connect(port, ca)
     try:
         t = c.tensor(name)
         y = t[0:rows]

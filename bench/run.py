@@ -2,8 +2,8 @@
 
     python -m bench [--quick] [--only NAME[,NAME]] [--reps N] [--json PATH]
 
-Groups: memcpy, socket, grpc, flight, gather, rss, tensorslice (aliases: peers = all but
-tensorslice, service = tensorslice). Servers run in spawned child processes on 127.0.0.1.
+Groups: memcpy, socket, grpc, flight, gather, rss, tensorslice, tls, dataloader (aliases:
+peers = the first six, service = the last three). Servers run in spawned children on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -330,6 +330,32 @@ def _expected_gather(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return vals.view(b.numel(), c.numel(), h, w)
 
 
+def group_tls(cfg: Config, figs: Figures) -> list[Row]:
+    """The contiguous slice over TLS (gRPC and the bulk data plane encrypted) beside the
+    same slice in plaintext, in the same run."""
+    import tempfile
+
+    from tests.certs import make_certs
+
+    ts = _tensorslice
+    rows = cfg.stream_bytes // (ROW_ELEMS * 4)
+    specs = {"x": ts.TensorSpec((rows, ROW_ELEMS))}
+    with tempfile.TemporaryDirectory() as tmp:
+        certs = make_certs(Path(tmp))
+        plain, port = ts.start_tensorslice_server(specs)
+        with plain:
+            figs.values["ts_slice_plain"] = ts.slice_throughput(port, "x", rows, ROW_ELEMS,
+                                                                cfg.reps)
+        tls, port = ts.start_tensorslice_server(
+            specs, (str(certs.server_cert), str(certs.server_key)))
+        with tls:
+            figs.values["ts_slice_tls"] = ts.slice_throughput(
+                port, "x", rows, ROW_ELEMS, cfg.reps, ca=str(certs.ca))
+    return [Row(f"{size(cfg.stream_bytes)} slice → tensor, TLS (gRPC + bulk)",
+                figs.values["ts_slice_tls"], "GB/s", "the same in plaintext",
+                figs.values["ts_slice_plain"], group="service")]
+
+
 def group_dataloader(cfg: Config, figs: Figures) -> list[Row]:
     from bench import dataloader
 
@@ -348,9 +374,10 @@ GROUPS: dict[str, Callable[[Config, Figures], list[Row]]] = {
     "gather": group_gather,
     "rss": group_rss,
     "tensorslice": group_tensorslice,
+    "tls": group_tls,
     "dataloader": group_dataloader,
 }
-_SERVICE_GROUPS = ("tensorslice", "dataloader")
+_SERVICE_GROUPS = ("tensorslice", "tls", "dataloader")
 ALIASES = {"peers": [g for g in GROUPS if g not in _SERVICE_GROUPS],
            "service": list(_SERVICE_GROUPS)}
 

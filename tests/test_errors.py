@@ -14,14 +14,18 @@ from safetensors.torch import load
 
 from tensorslice.client import (
     Client,
+    InvalidIndex,
+    InvalidIndexType,
     InvalidSelection,
     RemoteTensor,
     ResultTooLarge,
     SelectionOutOfRange,
     TensorNotFound,
     TensorSliceError,
+    UnconvertibleIndex,
 )
 from tensorslice.core.codec import DTYPE_NAMES
+from tensorslice.core.errors import ERROR_CLASS_KEY
 from tensorslice.server import ServerConfig, TensorStore, create_server
 from tensorslice.v1 import tensorslice_pb2 as pb
 from tensorslice.v1 import tensorslice_pb2_grpc as pb_grpc
@@ -29,19 +33,27 @@ from tensorslice.v1 import tensorslice_pb2_grpc as pb_grpc
 DTYPES = ", ".join(sorted(DTYPE_NAMES))
 B = torch.ones(3, dtype=torch.bool)
 
+
+class _Opaque:
+    """Neither a number nor a sequence: PyTorch cannot make a tensor of it."""
+
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
 # (id, call on the 'demo' RemoteTensor (16, 12, 6, 5) N,C,H,W, error class, exact message)
 CASES: list[tuple[str, Callable[[RemoteTensor], Any], type[TensorSliceError], str]] = [
     ("step0-N", lambda r: r[::0], InvalidSelection,
      "slice step cannot be zero (for dimension 0 (N) of size 16)"),
     ("step0-W", lambda r: r[..., 1:3:0], InvalidSelection,
      "slice step cannot be zero (for dimension 3 (W) of size 5)"),
-    ("mask-len-N", lambda r: r[B], InvalidSelection,
+    ("mask-len-N", lambda r: r[B], InvalidIndex,
      "mask of length 3 does not match dimension 0 (N) of size 16"),
-    ("mask-len-C", lambda r: r[:, torch.ones(13, dtype=torch.bool)], InvalidSelection,
+    ("mask-len-C", lambda r: r[:, torch.ones(13, dtype=torch.bool)], InvalidIndex,
      "mask of length 13 does not match dimension 1 (C) of size 12"),
-    ("mask-len-oindex", lambda r: r.oindex[:, :, [True, False]], InvalidSelection,
+    ("mask-len-oindex", lambda r: r.oindex[:, :, [True, False]], InvalidIndex,
      "mask of length 2 does not match dimension 2 (H) of size 6"),
-    ("mask-2d-shape", lambda r: r[torch.ones(16, 11, dtype=torch.bool)], InvalidSelection,
+    ("mask-2d-shape", lambda r: r[torch.ones(16, 11, dtype=torch.bool)], InvalidIndex,
      "mask of shape [16, 11] does not match dimensions 0, 1 of shape [16, 12]"),
     ("index-N", lambda r: r[16], SelectionOutOfRange,
      "index 16 is out of bounds for dimension 0 (N) of size 16"),
@@ -63,13 +75,29 @@ CASES: list[tuple[str, Callable[[RemoteTensor], Any], type[TensorSliceError], st
      "index 6 is out of bounds for dimension 2 (H) of size 6"),
     ("indices-W", lambda r: r[..., [4, 5]], SelectionOutOfRange,
      "index 5 is out of bounds for dimension 3 (W) of size 5"),
-    ("two-ellipses", lambda r: r[..., 0, ...], InvalidSelection,
-     "an index can only have a single ellipsis ('...'); got 2"),
-    ("too-many", lambda r: r[0, 0, 0, 0, 0], InvalidSelection,
+    ("two-ellipses", lambda r: r[..., ..., 0], InvalidIndex,
+     "too many indices for tensor 'demo' of 4 dimensions: 7 dimensions indexed "
+     "(with several '...', each stands for 3)"),
+    ("float", lambda r: r[0, 1.5], InvalidIndex,
+     "only integers, slices (`:`), ellipsis (`...`), None, sequences and long, int, byte or "
+     "bool tensors are valid indices; got float"),
+    ("float-tensor", lambda r: r[torch.tensor([0.0])], InvalidIndex,
+     "tensors used as indices must be long, int, byte or bool tensors; got torch.float32"),
+    ("string", lambda r: r["0"], InvalidIndexType,
+     "cannot use '0' as an index: new(): invalid data type 'str'"),
+    ("slice-float", lambda r: r[0.0:2], InvalidIndexType,
+     "slice indices must be integers or None or have an __index__ method; slice start is 0.0"),
+    ("no-dtype", lambda r: r[[_Opaque(), 1]], UnconvertibleIndex,
+     "cannot use [<opaque>, 1] as an index: Could not infer dtype of _Opaque"),
+    ("int-overflow", lambda r: r[1 << 64], InvalidSelection,
+     "index 18446744073709551616 does not fit in int64 (overflow)"),
+    ("list-overflow", lambda r: r[[1 << 64]], InvalidSelection,
+     "cannot use [18446744073709551616] as an index: Overflow when unpacking long long"),
+    ("too-many", lambda r: r[0, 0, 0, 0, 0], InvalidIndex,
      "too many indices for tensor 'demo' of 4 dimensions: 5 dimensions indexed"),
-    ("too-many-mask", lambda r: r[0, :, torch.ones(6, 5, 1, dtype=torch.bool)], InvalidSelection,
+    ("too-many-mask", lambda r: r[0, :, torch.ones(6, 5, 1, dtype=torch.bool)], InvalidIndex,
      "too many indices for tensor 'demo' of 4 dimensions: 5 dimensions indexed"),
-    ("broadcast", lambda r: r[[0, 1, 2], [0, 1]], InvalidSelection,
+    ("broadcast", lambda r: r[[0, 1, 2], [0, 1]], InvalidIndex,
      "shape mismatch: indexing tensors could not be broadcast together with shapes [3], [2]"),
     ("max-bytes", lambda r: r.astype("float32", max_bytes=100)[0:10], ResultTooLarge,
      "result of 14400 bytes (shape [10, 12, 6, 5], float32) exceeds the limit of 100 bytes"),
@@ -201,13 +229,15 @@ def test_generated_stub_status_codes(server: str) -> None:
         with pytest.raises(grpc.RpcError) as info:
             stub.DescribeTensor(pb.DescribeTensorRequest(name="missing"), timeout=30)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
-        bad = pb.SliceRequest(tensor="demo", selectors=[pb.Selector(ellipsis=pb.Ellipsis())] * 2)
+        bad = pb.SliceRequest(tensor="demo", selectors=[pb.Selector(index=pb.Index())] * 5)
         with pytest.raises(grpc.RpcError) as info:
             stub.Explain(bad, timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
         assert info.value.details() == (  # type: ignore[attr-defined]
-            "an index can only have a single ellipsis ('...'); got 2"
+            "too many indices for tensor 'demo' of 4 dimensions: 5 dimensions indexed"
         )
+        # The class travels beside the status, for clients that raise PyTorch's classes.
+        assert (ERROR_CLASS_KEY, "InvalidIndex") in info.value.trailing_metadata()  # type: ignore[attr-defined]
         plan = stub.Explain(pb.SliceRequest(tensor="demo"), timeout=30)
         assert list(plan.result_shape) == [16, 12, 6, 5]
         assert plan.zero_copy

@@ -22,6 +22,8 @@ CLIENT = [
     "Index",
     "Indices",
     "InternalServerError",
+    "InvalidIndex",
+    "InvalidIndexType",
     "InvalidSelection",
     "Mask",
     "NewAxis",
@@ -41,6 +43,7 @@ CLIENT = [
     "Threshold",
     "TlsConfig",
     "Unauthenticated",
+    "UnconvertibleIndex",
     "WhereResult",
 ]
 

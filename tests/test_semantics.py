@@ -9,7 +9,6 @@ Negative-step slices (refused by torch) follow NumPy: the reference reverses the
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -474,10 +473,13 @@ def test_reference_helper_is_numpy_meaning() -> None:
 
 
 @pytest.mark.e2e
-def test_two_ellipses_are_refused_though_torch_accepts_them(client: Client) -> None:
-    with pytest.raises(
-        InvalidSelection,
-        match=re.escape("an index can only have a single ellipsis ('...'); got 2"),
-    ):
-        client.tensor("demo")[..., 0, ...]
-
+def test_several_ellipses_mean_what_torch_makes_of_them(
+    client: Client, demo: torch.Tensor
+) -> None:
+    """Each ``...`` stands for the dimensions the others leave; a second one covers
+    dimensions past the last (PyTorch's reading; NumPy refuses two)."""
+    remote = client.tensor("demo")
+    for idx in [(Ellipsis, Ellipsis), (Ellipsis, 0, Ellipsis), (0, Ellipsis, Ellipsis)]:
+        _assert_same(remote[idx], demo[idx])
+    with pytest.raises(IndexError, match="too many indices"):
+        remote[..., ..., 0]

@@ -15,6 +15,8 @@ from tensorslice.client._dataset import RemoteTensorDataset, RemoteTensorIterabl
 from tensorslice.core.errors import (
     DeadlineExceeded,
     InternalServerError,
+    InvalidIndex,
+    InvalidIndexType,
     InvalidSelection,
     ResultTooLarge,
     SelectionOutOfRange,
@@ -22,6 +24,7 @@ from tensorslice.core.errors import (
     TensorNotFound,
     TensorSliceError,
     Unauthenticated,
+    UnconvertibleIndex,
 )
 from tensorslice.core.results import PlanStep, SlicePlan, TensorInfo, WhereResult
 from tensorslice.core.selection import (
@@ -48,6 +51,8 @@ __all__ = [
     "Index",
     "Indices",
     "InternalServerError",
+    "InvalidIndex",
+    "InvalidIndexType",
     "InvalidSelection",
     "Mask",
     "NewAxis",
@@ -67,5 +72,6 @@ __all__ = [
     "Threshold",
     "TlsConfig",
     "Unauthenticated",
+    "UnconvertibleIndex",
     "WhereResult",
 ]

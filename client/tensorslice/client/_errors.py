@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from tensorslice.core.errors import Status, error_from_status
+from tensorslice.core.errors import ERROR_CLASS_KEY, Status, error_from_status
 
 __all__ = ["map_rpc_errors", "status_of"]
 
@@ -25,5 +25,14 @@ def map_rpc_errors() -> Iterator[None]:
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
-        raise error_from_status(status_of(code), details or code.name) from None
+        raise error_from_status(status_of(code), details or code.name, _class_name(exc)) from None
+
+
+def _class_name(exc: grpc.RpcError) -> str | None:
+    """The error class the server named in the trailing metadata, if any."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == ERROR_CLASS_KEY:
+            return value if isinstance(value, str) else value.decode()
+    return None
 

@@ -3,6 +3,9 @@
     TensorSliceError                      every error tensorslice raises
     ├── TensorNotFound        (LookupError)      NOT_FOUND
     ├── InvalidSelection      (ValueError)       INVALID_ARGUMENT
+    │   ├── InvalidIndex      (IndexError)       INVALID_ARGUMENT
+    │   ├── InvalidIndexType  (TypeError)        INVALID_ARGUMENT
+    │   └── UnconvertibleIndex (RuntimeError)    INVALID_ARGUMENT
     ├── SelectionOutOfRange   (IndexError)       OUT_OF_RANGE
     ├── ResultTooLarge                           RESOURCE_EXHAUSTED
     ├── Unauthenticated                          UNAUTHENTICATED
@@ -14,8 +17,19 @@
 Each class carries a `Status` of its own. The planner and the store raise these without
 knowing about gRPC; the two boundaries translate: the server's servicer turns an error into
 a gRPC status (`tensorslice.server._service`), the client turns a status back into the same
-class (`tensorslice.core.errors.map_rpc_errors`). Status names are gRPC's, so the mapping
+class (`tensorslice.client._errors.map_rpc_errors`). Status names are gRPC's, so the mapping
 is by name.
+
+An index that PyTorch refuses raises an error that is also the builtin class PyTorch
+raises for the same index, so ``except IndexError:`` around ``x[idx]`` keeps working when
+``x`` is remote: too many indices, a mask whose shape does not match, index arrays that do
+not broadcast, a float as an index are `InvalidIndex` (an `IndexError`); a string, or a
+slice bound that is not an integer, is `InvalidIndexType` (a `TypeError`); a sequence
+PyTorch cannot turn into an index tensor is `UnconvertibleIndex` (a `RuntimeError`); step
+0 and an integer beyond int64 are plain `InvalidSelection` (a `ValueError`, as in
+PyTorch). All share INVALID_ARGUMENT, so the server names the class in the trailing
+metadata key `ERROR_CLASS_KEY` and `error_from_status` takes it back (a name it does not
+know falls back to the status's own class).
 """
 
 from __future__ import annotations
@@ -23,9 +37,12 @@ from __future__ import annotations
 import enum
 
 __all__ = [
+    "ERROR_CLASS_KEY",
     "DeadlineExceeded",
     "FailedPrecondition",
     "InternalServerError",
+    "InvalidIndex",
+    "InvalidIndexType",
     "InvalidSelection",
     "ResultTooLarge",
     "SelectionOutOfRange",
@@ -34,6 +51,8 @@ __all__ = [
     "TensorNotFound",
     "TensorSliceError",
     "Unauthenticated",
+    "UnconvertibleIndex",
+    "error_class_name",
     "error_from_status",
 ]
 
@@ -83,6 +102,23 @@ class InvalidSelection(TensorSliceError, ValueError):
     """The request is malformed: step 0, wrong mask length, two ellipses... (INVALID_ARGUMENT)."""
 
     status = Status.INVALID_ARGUMENT
+
+
+class InvalidIndex(InvalidSelection, IndexError):
+    """The index does not fit the tensor or is no index at all, where PyTorch raises
+    IndexError: too many indices, a mask whose shape does not match, index arrays that do
+    not broadcast together, a float or a string (INVALID_ARGUMENT)."""
+
+
+class InvalidIndexType(InvalidSelection, TypeError):
+    """Part of the index has a type PyTorch refuses with TypeError: a slice bound that is
+    not an integer, a list entry that is not a number (INVALID_ARGUMENT)."""
+
+
+class UnconvertibleIndex(InvalidSelection, RuntimeError):
+    """A sequence in the index cannot become an index tensor (``[obj, obj]`` of objects
+    PyTorch cannot infer a dtype for), where PyTorch raises RuntimeError
+    (INVALID_ARGUMENT)."""
 
 
 class SelectionOutOfRange(TensorSliceError, IndexError):
@@ -145,8 +181,29 @@ _BY_STATUS: dict[Status, type[TensorSliceError]] = {
 }
 
 
-def error_from_status(status: Status, details: str) -> TensorSliceError:
-    """The error class for a status (TensorSliceError for statuses without their own)."""
+ERROR_CLASS_KEY = "tensorslice-error"
+"""Trailing metadata key naming the error class where a status has several."""
+
+_REFINED: dict[str, type[TensorSliceError]] = {
+    cls.__name__: cls for cls in (InvalidIndex, InvalidIndexType, UnconvertibleIndex)
+}
+
+
+def error_class_name(exc: TensorSliceError) -> str | None:
+    """What the server sends under `ERROR_CLASS_KEY`: the class name where the status
+    alone does not say it, else None."""
+    name = type(exc).__name__
+    return name if _REFINED.get(name) is type(exc) else None
+
+
+def error_from_status(
+    status: Status, details: str, class_name: str | None = None
+) -> TensorSliceError:
+    """The error for a status (TensorSliceError for statuses without a class of their own);
+    `class_name` (the server's `ERROR_CLASS_KEY`) picks a subclass of the same status."""
+    refined = _REFINED.get(class_name or "")
+    if refined is not None and refined.status is status:
+        return refined(details)
     cls = _BY_STATUS.get(status, TensorSliceError)
     if cls is TensorSliceError:
         return TensorSliceError(f"{status.name}: {details}")

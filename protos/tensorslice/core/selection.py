@@ -7,8 +7,10 @@ conversion to and from protobuf lives here, in one place.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import math
+import operator
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +19,12 @@ from typing import Any, TypeAlias
 import numpy as np
 import torch
 
-from tensorslice.core.errors import InvalidSelection
+from tensorslice.core.errors import (
+    InvalidIndex,
+    InvalidIndexType,
+    InvalidSelection,
+    UnconvertibleIndex,
+)
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
 __all__ = [
@@ -77,7 +84,8 @@ class Indices:
 
 @dataclass(frozen=True, eq=False)
 class Mask:
-    """A bool tensor; a mask of k dimensions consumes k tensor dimensions."""
+    """A bool tensor; a mask of k dimensions consumes k tensor dimensions. A 0-d mask (PyTorch's
+    ``x[True]``) consumes none and adds a dimension of size 1 (true) or 0 (false)."""
 
     values: torch.Tensor
 
@@ -123,35 +131,111 @@ class Selection:
 
 
 # ---------------------------------------------------------------------------- Python index
+#
+# PyTorch's own reading of an index (torch/csrc/autograd/python_variable_indexing.cpp),
+# step by step, so that ``remote[idx]`` means what ``local[idx]`` means:
+# - a tuple is a tuple; a tensor or a NumPy array is one index; another sequence shorter
+#   than 32 that holds a sequence, a tensor, a slice, None or ``...`` is read as a tuple
+#   (``x[[[0, 1], [1, 2]]]`` is ``x[[0, 1], [1, 2]]``); anything else is one index;
+# - each item: an int (NumPy's included, bools excluded) selects; a slice narrows; a Python
+#   bool or a 0-d bool/uint8 tensor adds a dimension of size 1 (True) or 0 (False); a 0-d
+#   integer tensor selects; long/int tensors gather, bool/uint8 tensors mask; any other
+#   sequence (list, range, NumPy array) becomes a tensor as ``torch.tensor`` makes it (bool
+#   and uint8 stay masks, everything else turns into int64, floats truncated); any other
+#   object with ``__index__`` selects.
+
+_INT64_MIN = -(1 << 63)
+_INT64_MAX = (1 << 63) - 1
+_INDEX_DTYPES = (torch.int64, torch.int32)
+_MASK_DTYPES = (torch.bool, torch.uint8)
+_TUPLE_RULE_MAX = 32  # PyTorch reads only sequences shorter than this as tuples
 
 
 def _is_int(obj: object) -> bool:
     return isinstance(obj, (int, np.integer)) and not isinstance(obj, (bool, np.bool_))
 
 
-def _as_index_tensor(obj: object) -> torch.Tensor:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-    else:
-        if isinstance(obj, np.ndarray):
-            arr = obj
-        else:
-            try:
-                arr = np.asarray(obj)
-            except ValueError as exc:  # ragged nested lists
-                raise InvalidSelection(f"cannot use {obj!r} as an index: {exc}") from None
-        if arr.size == 0 and arr.dtype.kind == "f":
-            arr = arr.astype(np.int64)
-        if arr.dtype.kind not in "biu":
-            raise InvalidSelection(
-                f"tensors used as indices must be long, int, byte or bool tensors; got {arr.dtype}"
-            )
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-    if t.dtype.is_floating_point or t.dtype.is_complex:
-        raise InvalidSelection(
-            f"tensors used as indices must be long, int, byte or bool tensors; got {t.dtype}"
-        )
-    return t.cpu()
+def _is_sequence(obj: object) -> bool:
+    """CPython's ``PySequence_Check``, the test PyTorch's index parser applies (it counts
+    strings, ranges and NumPy arrays, but not dicts, tensors or NumPy scalars)."""
+    return bool(ctypes.pythonapi.PySequence_Check(ctypes.py_object(obj)))
+
+
+def _int64(value: int, what: str) -> int:
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise InvalidSelection(f"{what} {value} does not fit in int64 (overflow)")
+    return value
+
+
+def _short(obj: object) -> str:
+    text = repr(obj)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _as_tuple(index: object) -> tuple[object, ...]:
+    if isinstance(index, tuple):
+        return index
+    if isinstance(index, (torch.Tensor, np.ndarray)) or not _is_sequence(index):
+        return (index,)
+    try:
+        n = len(index)  # type: ignore[arg-type]
+        if n >= _TUPLE_RULE_MAX:
+            return (index,)
+        for i in range(n):
+            item = index[i]  # type: ignore[index]
+            if (isinstance(item, (torch.Tensor, slice)) or item is None or item is Ellipsis
+                    or _is_sequence(item)):
+                return tuple(index)  # type: ignore[arg-type]
+    except Exception:  # a sequence that fails to enumerate is one index, as in PyTorch
+        return (index,)
+    return (index,)
+
+
+def _from_tensor(t: torch.Tensor) -> Selector:
+    t = t.detach()
+    if t.ndim == 0 and (t.dtype in _MASK_DTYPES):
+        return Mask(t.cpu().to(torch.bool))
+    if t.ndim == 0 and not (t.dtype.is_floating_point or t.dtype.is_complex):
+        return Index(int(t.item()))
+    if t.dtype in _MASK_DTYPES:
+        return Mask(t.cpu().to(torch.bool))
+    if t.dtype in _INDEX_DTYPES:
+        return Indices(t.cpu().to(torch.int64))
+    raise InvalidIndex(
+        f"tensors used as indices must be long, int, byte or bool tensors; got {t.dtype}"
+    )
+
+
+def _tensor_from_data(obj: object) -> torch.Tensor:
+    """The index tensor PyTorch makes of a sequence: bool and uint8 data stay masks,
+    anything else becomes int64."""
+    try:
+        t = torch.tensor(obj)
+        if t.dtype not in (torch.int64, *_MASK_DTYPES):
+            t = torch.tensor(obj, dtype=torch.int64)
+    except Exception as exc:
+        message = f"cannot use {_short(obj)} as an index: {exc}"
+        if isinstance(exc, TypeError):
+            raise InvalidIndexType(message) from None
+        if isinstance(exc, IndexError):
+            raise InvalidIndex(message) from None
+        if isinstance(exc, ValueError):
+            raise InvalidSelection(message) from None
+        raise UnconvertibleIndex(message) from None
+    return t
+
+
+def _slice_bound(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        i = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidIndexType(
+            f"slice indices must be integers or None or have an __index__ method; "
+            f"slice {name} is {_short(value)}"
+        ) from None
+    return min(max(i, -_INT64_MAX), _INT64_MAX)  # what Python's own slices clamp to
 
 
 def _one(obj: object) -> Selector:
@@ -161,39 +245,30 @@ def _one(obj: object) -> Selector:
         return NewAxis()
     if obj is Ellipsis:
         return Ellipsis_()
-    if isinstance(obj, (bool, np.bool_)):
-        raise InvalidSelection("a Python bool as a whole index is not supported; use a mask")
+    if isinstance(obj, bool):
+        return Mask(torch.tensor(obj))
     if _is_int(obj):
-        return Index(int(obj))  # type: ignore[call-overload]
+        return Index(_int64(int(obj), "index"))  # type: ignore[call-overload]
     if isinstance(obj, slice):
-        parts = []
-        for name in ("start", "stop", "step"):
-            v = getattr(obj, name)
-            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
-                v = int(v.item())
-            if v is not None and not _is_int(v):
-                raise InvalidSelection(f"slice {name} must be an integer or None; got {v!r}")
-            parts.append(None if v is None else int(v))
-        return Range(*parts)
-    if isinstance(obj, (list, tuple, np.ndarray, torch.Tensor)):
-        t = _as_index_tensor(obj)
-        if t.dtype in (torch.bool, torch.uint8):
-            if t.ndim == 0:
-                raise InvalidSelection("a 0-dimensional bool tensor as an index is not supported")
-            return Mask(t.to(torch.bool))
-        if t.ndim == 0:
-            return Index(int(t.item()))
-        return Indices(t.to(torch.int64))
-    raise InvalidSelection(
-        f"only integers, slices, ..., None, lists and integer or bool tensors are valid "
-        f"indices; got {type(obj).__name__}"
-    )
+        step = _slice_bound(obj.step, "step")
+        return Range(_slice_bound(obj.start, "start"), _slice_bound(obj.stop, "stop"), step)
+    if isinstance(obj, torch.Tensor):
+        return _from_tensor(obj)
+    if _is_sequence(obj):
+        return _from_tensor(_tensor_from_data(obj))
+    try:
+        i = operator.index(obj)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidIndex(
+            f"only integers, slices (`:`), ellipsis (`...`), None, sequences and long, int, "
+            f"byte or bool tensors are valid indices; got {type(obj).__name__}"
+        ) from None
+    return Index(_int64(i, "index"))
 
 
 def selectors_from_index(index: object) -> tuple[Selector, ...]:
-    """Turn a Python index (what ``x[...]`` receives) into selectors."""
-    items = index if isinstance(index, tuple) else (index,)
-    return tuple(_one(item) for item in items)
+    """Turn a Python index (what ``x[...]`` receives) into selectors, as PyTorch reads it."""
+    return tuple(_one(item) for item in _as_tuple(index))
 
 
 def outer_selectors(index: object) -> tuple[Selector, ...]:
@@ -269,7 +344,7 @@ def _selector_to_proto(sel: Selector) -> _pb.Selector:
     if isinstance(sel, Mask):
         m = sel.values.to(torch.bool).contiguous()
         return _pb.Selector(
-            mask=_pb.Mask(values=m.numpy().tobytes(), shape=list(m.shape))
+            mask=_pb.Mask(values=m.numpy().tobytes(), shape=list(m.shape), scalar=m.ndim == 0)
         )
     if isinstance(sel, Threshold):
         return _pb.Selector(
@@ -352,6 +427,13 @@ def _selector_from_proto(msg: _pb.Selector, pos: int) -> Selector:
         raw = np.frombuffer(msg.mask.values, dtype=np.uint8)
         if raw.size and raw.max() > 1:
             raise InvalidSelection(f"selector {pos}: mask values must be 0 or 1")
+        if msg.mask.scalar:
+            if raw.size != 1 or msg.mask.shape:
+                raise InvalidSelection(
+                    f"selector {pos}: a scalar mask holds one value and no shape; got "
+                    f"{raw.size} values and shape {list(msg.mask.shape)}"
+                )
+            return Mask(torch.tensor(bool(raw[0])))
         shape = _shape_of(msg.mask.shape, raw.size, "mask", pos)
         return Mask(_bool_view(raw).reshape(shape))
     if kind == "threshold":

@@ -75,12 +75,14 @@ class Indices(_message.Message):
     def __init__(self, values: _Optional[_Iterable[int]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Mask(_message.Message):
-    __slots__ = ("values", "shape")
+    __slots__ = ("values", "shape", "scalar")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    SCALAR_FIELD_NUMBER: _ClassVar[int]
     values: bytes
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, values: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    scalar: bool
+    def __init__(self, values: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., scalar: _Optional[bool] = ...) -> None: ...
 
 class Threshold(_message.Message):
     __slots__ = ("stat", "over", "op", "value", "scope", "k")

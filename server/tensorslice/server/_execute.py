@@ -17,11 +17,13 @@ from tensorslice.server._model import (
     BoundIndex,
     BoundRange,
     BoundThreshold,
+    Flag,
     Gather,
     MaskND,
     Mode,
     NewDim,
     Plan,
+    flagged_shape,
     positions,
     sel_len,
     torch_index,
@@ -139,10 +141,11 @@ def _payload(p: Plan, tensor: torch.Tensor) -> Payload:
 
 def _row_source(p: Plan, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The source as (rows, row) and the flat row numbers of the result, in order."""
-    dims = [b for b in p.bound if not isinstance(b, NewDim)]
+    dims = [b for b in p.bound if not isinstance(b, (NewDim, Flag))]
     lead = max(b.dim for b in dims if isinstance(b, Gather))
     shape = p.meta.shape
-    src = tensor.view(math.prod(shape[: lead + 1]), -1)
+    # Sizes spelled out: a tensor of 0 elements cannot infer a -1.
+    src = tensor.view(math.prod(shape[: lead + 1]), math.prod(shape[lead + 1 :]))
     if lead == 0:  # a list on the first dimension: its positions are the row numbers
         first = dims[0]
         assert isinstance(first, Gather)
@@ -161,7 +164,7 @@ def _row_source(p: Plan, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def _run_select(p: Plan, tensor: torch.Tensor) -> torch.Tensor:
-    dims = [b for b in p.bound if not isinstance(b, NewDim)]
+    dims = [b for b in p.bound if not isinstance(b, (NewDim, Flag))]
     view_index = tuple(
         slice(b.start, b.stop, b.step) if isinstance(b, BoundRange)
         else slice(b.index, b.index + 1) if isinstance(b, BoundIndex)
@@ -189,6 +192,8 @@ def _run_torch(p: Plan, tensor: torch.Tensor) -> torch.Tensor:
                     if b.length else slice(0, 0)
                 )
         v = v[tuple(pre)].flip(flips)
+    if any(isinstance(b, Flag) for b in p.bound):
+        v = v.view(flagged_shape(p.bound, [None] * len(p.bound), v.shape))
     return v[torch_index(p.meta, p.bound, tensor.device)]
 
 
@@ -232,7 +237,7 @@ def _execute_threshold(p: Plan, tensor: torch.Tensor, reserve: Reserve) -> list[
     region = _whole_bytes(p.base)
     reserve.add(region, f"the region a threshold on {name!r} reads")
     w = _materialize(p.base, tensor)
-    kept_dims = [b.dim for b in p.bound if not isinstance(b, (BoundIndex, NewDim))]
+    kept_dims = [b.dim for b in p.bound if not isinstance(b, (BoundIndex, NewDim, Flag))]
     d_w = kept_dims.index(d)
     batch_w = 0 if kept_dims and kept_dims[0] == 0 and d != 0 else None
     reduce_dims = [i for i in range(w.ndim) if i not in (d_w, batch_w)]

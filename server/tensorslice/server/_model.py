@@ -23,6 +23,7 @@ __all__ = [
     "BoundIndex",
     "BoundRange",
     "BoundThreshold",
+    "Flag",
     "Gather",
     "MaskND",
     "Mode",
@@ -30,6 +31,7 @@ __all__ = [
     "Plan",
     "Step",
     "TensorMeta",
+    "flagged_shape",
     "positions",
     "sel_len",
     "torch_index",
@@ -109,7 +111,15 @@ class NewDim:
     pass
 
 
-Bound = BoundRange | BoundIndex | Gather | MaskND | BoundThreshold | NewDim
+@dataclass(frozen=True)
+class Flag:
+    """A 0-d mask (``x[True]``): a new dimension of size 1, indexed by ``[0]`` (True) or
+    ``[]`` (False), an advanced index there, as in PyTorch."""
+
+    value: bool
+
+
+Bound = BoundRange | BoundIndex | Gather | MaskND | BoundThreshold | NewDim | Flag
 
 
 class Mode(enum.Enum):
@@ -191,4 +201,22 @@ def torch_index(
             # A k-D mask is k index lists of its true positions (what PyTorch does itself);
             # computed on the host, so a meta probe gets real shapes.
             out.extend(i.to(device) for i in b.mask.nonzero(as_tuple=True))
+        elif isinstance(b, Flag):  # its dimension of size 1 is in place (`flagged_shape`)
+            out.append(torch.zeros(int(b.value), dtype=torch.int64, device=device))
     return tuple(out)
+
+
+def flagged_shape(
+    bound: Sequence[Bound], sizes: Sequence[int | None], source: Sequence[int]
+) -> tuple[int, ...]:
+    """The shape `torch_index` indexes: the source's (with `sizes` where given, one per
+    bound selector), plus a dimension of size 1 where each flag stands."""
+    shape: list[int] = []
+    for b, size in zip(bound, sizes, strict=True):
+        if isinstance(b, Flag):
+            shape.append(1)
+        elif isinstance(b, MaskND):
+            shape.extend(source[b.dim : b.dim + b.ndim])
+        elif isinstance(b, (BoundRange, BoundIndex, Gather)):
+            shape.append(source[b.dim] if size is None else size)
+    return tuple(shape)

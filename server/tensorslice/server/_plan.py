@@ -17,7 +17,12 @@ from dataclasses import replace
 import torch
 
 from tensorslice.core.codec import dtype_from_name, dtype_name
-from tensorslice.core.errors import InvalidSelection, ResultTooLarge, SelectionOutOfRange
+from tensorslice.core.errors import (
+    InvalidIndex,
+    InvalidSelection,
+    ResultTooLarge,
+    SelectionOutOfRange,
+)
 from tensorslice.core.selection import (
     Combine,
     Ellipsis_,
@@ -37,6 +42,7 @@ from tensorslice.server._model import (
     BoundIndex,
     BoundRange,
     BoundThreshold,
+    Flag,
     Gather,
     MaskND,
     Mode,
@@ -44,6 +50,7 @@ from tensorslice.server._model import (
     Plan,
     Step,
     TensorMeta,
+    flagged_shape,
     positions,
     sel_len,
     torch_index,
@@ -55,43 +62,47 @@ __all__ = ["choose_mode", "combined_limit", "plan", "plan_region"]
 # ---------------------------------------------------------------------------- binding
 
 
-def _consumed(sel: Selector, combine: Combine) -> int:
+def _consumed(sel: Selector) -> int:
     if isinstance(sel, (NewAxis, Ellipsis_)):
         return 0
     if isinstance(sel, Mask):
-        return max(sel.values.ndim, 1)
+        return sel.values.ndim
     return 1
 
 
 def _bind(meta: TensorMeta, selection: Selection) -> list[tuple[Selector, int | None]]:
-    """Expand the ellipsis and give each selector its first source dimension."""
+    """Expand the ellipses and give each selector its first source dimension (None for
+    those that consume none). As in PyTorch, each ``...`` stands for the dimensions the
+    other selectors leave; a second one then covers dimensions past the last, so
+    ``x[..., ...]`` is ``x`` and ``x[..., 0, ...]`` is ``x[..., 0]`` on a 2-D tensor."""
     sels = list(selection.selectors)
-    n_ell = sum(isinstance(s, Ellipsis_) for s in sels)
-    if n_ell > 1:
-        raise InvalidSelection(f"an index can only have a single ellipsis ('...'); got {n_ell}")
-    used = sum(_consumed(s, selection.combine) for s in sels)
+    used = sum(_consumed(s) for s in sels)
     ndim = len(meta.shape)
     if used > ndim:
-        raise InvalidSelection(
+        raise InvalidIndex(
             f"too many indices for tensor '{meta.name}' of {ndim} dimensions: "
             f"{used} dimensions indexed"
         )
-    expanded: list[Selector] = []
-    for s in sels:
-        if isinstance(s, Ellipsis_):
-            expanded.extend(Full() for _ in range(ndim - used))
-        else:
-            expanded.append(s)
-    if n_ell == 0:
-        expanded.extend(Full() for _ in range(ndim - used))
     out: list[tuple[Selector, int | None]] = []
     d = 0
-    for s in expanded:
-        if isinstance(s, NewAxis):
+    for s in sels:
+        k = _consumed(s)
+        if isinstance(s, Ellipsis_):
+            for _ in range(ndim - used):
+                if d < ndim:
+                    out.append((Full(), d))
+                d += 1
+        elif k == 0:
             out.append((s, None))
+        elif d + k > ndim:
+            raise InvalidIndex(
+                f"too many indices for tensor '{meta.name}' of {ndim} dimensions: "
+                f"{d + k} dimensions indexed (with several '...', each stands for {ndim - used})"
+            )
         else:
             out.append((s, d))
-            d += _consumed(s, selection.combine)
+            d += k
+    out.extend((Full(), x) for x in range(d, ndim))
     return out
 
 
@@ -112,6 +123,8 @@ def _check_indices(meta: TensorMeta, d: int, values: torch.Tensor) -> torch.Tens
 
 
 def _normalize(meta: TensorMeta, sel: Selector, d: int | None) -> Bound:
+    if isinstance(sel, Mask) and sel.values.ndim == 0:
+        return Flag(bool(sel.values))
     if d is None:
         return NewDim()
     size = meta.shape[d]
@@ -145,11 +158,11 @@ def _normalize(meta: TensorMeta, sel: Selector, d: int | None) -> Bound:
         want = meta.shape[d : d + k]
         if tuple(m.shape) != tuple(want):
             if m.ndim <= 1:
-                raise InvalidSelection(
+                raise InvalidIndex(
                     f"mask of length {m.numel()} does not match {meta.dim(d)} of size {size}"
                 )
             dims = ", ".join(str(x) for x in range(d, d + k))
-            raise InvalidSelection(
+            raise InvalidIndex(
                 f"mask of shape {list(m.shape)} does not match dimensions {dims} "
                 f"of shape {list(want)}"
             )
@@ -235,9 +248,14 @@ def _rewrite(meta: TensorMeta, bound: list[Bound], combine: Combine) -> list[Bou
     """Bound selectors in their cheapest equivalent form: an index list that is a
     progression becomes a range (OUTER, or VECTORIZED with a single list); in OUTER a
     negative-step slice becomes an index list. Checks that OUTER lists are 1-D."""
-    advanced = [b for b in bound if isinstance(b, (Gather, MaskND))]
+    advanced = [b for b in bound if isinstance(b, (Gather, MaskND, Flag))]
     if combine is Combine.OUTER:
         for a in advanced:
+            if isinstance(a, Flag):
+                raise InvalidSelection(
+                    "OUTER combination takes one-dimensional index lists and masks; "
+                    "got a 0-dimensional mask"
+                )
             if isinstance(a, MaskND) or a.index.ndim != 1:
                 raise InvalidSelection(
                     f"OUTER combination takes one-dimensional index lists and masks; "
@@ -258,7 +276,7 @@ def choose_mode(meta: TensorMeta, bound: Sequence[Bound], combine: Combine) -> M
         return Mode.THRESHOLD
     gathers = [b for b in bound if isinstance(b, Gather)]
     if (
-        any(isinstance(b, MaskND) for b in bound)
+        any(isinstance(b, (MaskND, Flag)) for b in bound)
         or any(isinstance(b, BoundRange) and b.step < 0 for b in bound)
         or (combine is Combine.VECTORIZED and len(gathers) > 1)
     ):
@@ -266,7 +284,7 @@ def choose_mode(meta: TensorMeta, bound: Sequence[Bound], combine: Combine) -> M
     if not gathers:
         return Mode.VIEW
     lead = max(g.dim for g in gathers)
-    if all(_whole(meta, b) for b in bound if not isinstance(b, NewDim) and b.dim > lead):
+    if all(_whole(meta, b) for b in bound if not isinstance(b, (NewDim, Flag)) and b.dim > lead):
         return Mode.ROWS
     return Mode.SELECT
 
@@ -299,7 +317,8 @@ def plan_region(
             steps.append(Step("copy", -1, "strided view copied slab by slab", 2 * result_bytes))
     elif mode is Mode.ROWS:
         lead = max(g.dim for g in gathers)
-        rows = math.prod(sel_len(b) for b in bound if not isinstance(b, NewDim) and b.dim <= lead)
+        rows = math.prod(sel_len(b) for b in bound
+                         if not isinstance(b, (NewDim, Flag)) and b.dim <= lead)
         row_elems = math.prod(meta.shape[lead + 1 :])
         dims = ",".join(str(g.dim) for g in gathers)
         steps.append(
@@ -313,7 +332,7 @@ def plan_region(
     elif mode is Mode.SELECT:
         # Each index_select sees the view with the gathers not yet run at full size.
         shape = [meta.shape[b.dim] if isinstance(b, Gather) else sel_len(b)
-                 for b in bound if not isinstance(b, NewDim)]
+                 for b in bound if not isinstance(b, (NewDim, Flag))]
         for g in sorted(gathers, key=lambda g: g.index.numel() / max(meta.shape[g.dim], 1)):
             shape[g.dim] = g.index.numel()
             nbytes = math.prod(shape) * item
@@ -339,8 +358,11 @@ def plan_region(
 def _out_shape(meta: TensorMeta, bound: Sequence[Bound], mode: Mode) -> tuple[int, ...]:
     if mode is Mode.TORCH:
         _check_broadcast(bound)
-        # Dimension placement follows PyTorch exactly: ask it, on a meta tensor.
-        probe = torch.empty(meta.shape, dtype=meta.dtype, device="meta")
+        # Dimension placement follows PyTorch exactly: ask it, on a meta tensor shaped as
+        # `_execute` indexes (negative steps already applied, flag dimensions inserted).
+        sizes = [b.length if isinstance(b, BoundRange) and b.step < 0 else None for b in bound]
+        probe = torch.empty(flagged_shape(bound, sizes, meta.shape), dtype=meta.dtype,
+                            device="meta")
         return tuple(probe[torch_index(meta, bound, "meta")].shape)
     shape: list[int] = []
     for b in bound:
@@ -361,15 +383,17 @@ def _check_broadcast(bound: Sequence[Bound]) -> None:
     """Index lists and masks of a VECTORIZED request must broadcast together (a k-D mask
     counts as k index lists of its number of true entries), as in PyTorch."""
     shapes = [
-        tuple(b.index.shape) if isinstance(b, Gather) else (int(b.mask.sum()),)
+        tuple(b.index.shape) if isinstance(b, Gather)
+        else (int(b.value),) if isinstance(b, Flag)
+        else (int(b.mask.sum()),)
         for b in bound
-        if isinstance(b, (Gather, MaskND))
+        if isinstance(b, (Gather, MaskND, Flag))
     ]
     try:
         torch.broadcast_shapes(*shapes)  # type: ignore[no-untyped-call]
     except RuntimeError:
         listed = ", ".join(str(list(s)) for s in shapes)
-        raise InvalidSelection(
+        raise InvalidIndex(
             f"shape mismatch: indexing tensors could not be broadcast together with shapes "
             f"{listed}"
         ) from None
@@ -379,7 +403,7 @@ def _view_is_contiguous(meta: TensorMeta, bound: Sequence[Bound]) -> bool:
     """Whether the view of the (contiguous) source is one contiguous block: past the first
     dimension selected to more than one position (which needs step 1), every dimension
     must be whole."""
-    dims = [b for b in bound if not isinstance(b, NewDim)]
+    dims = [b for b in bound if not isinstance(b, (NewDim, Flag))]
     lens = [sel_len(b) for b in dims]
     if 0 in lens:
         return True

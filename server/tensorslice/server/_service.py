@@ -12,7 +12,12 @@ import grpc
 
 from tensorslice.core.codec import dtype_name, split_chunk
 from tensorslice.core.endpoint import SERVICE_NAME
-from tensorslice.core.errors import InvalidSelection, TensorSliceError
+from tensorslice.core.errors import (
+    ERROR_CLASS_KEY,
+    InvalidSelection,
+    TensorSliceError,
+    error_class_name,
+)
 from tensorslice.server._bulk import BulkServer
 from tensorslice.server._config import ServerConfig
 from tensorslice.server._limits import CallGate, StreamWatchdog, shorten
@@ -62,6 +67,9 @@ _MESSAGE_CHARS = 1000  # an error message never echoes more than this back
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     """The one place where errors become status codes."""
     if isinstance(exc, TensorSliceError):
+        name = error_class_name(exc)
+        if name is not None:
+            context.set_trailing_metadata(((ERROR_CLASS_KEY, name),))
         context.abort(grpc.StatusCode[exc.status.name], shorten(exc.message, _MESSAGE_CHARS))
     log.exception("internal error while serving a request", exc_info=exc)
     context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")

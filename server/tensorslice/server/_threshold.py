@@ -19,6 +19,7 @@ from tensorslice.server._model import (
     BoundIndex,
     BoundRange,
     BoundThreshold,
+    Flag,
     Gather,
     MaskND,
     Mode,
@@ -45,15 +46,17 @@ def check(
     spec = thr.spec
     d = thr.dim
     ndim = len(meta.shape)
-    if any(isinstance(b, NewDim) for b in bound):
-        raise InvalidSelection("a threshold cannot be combined with new axes (None)")
+    if any(isinstance(b, (NewDim, Flag)) for b in bound):
+        raise InvalidSelection(
+            "a threshold cannot be combined with new axes (None) or 0-dimensional masks"
+        )
     if selection.combine is Combine.VECTORIZED and any(
         isinstance(b, (Gather, MaskND)) for b in bound
     ):
         raise InvalidSelection(
             "in VECTORIZED combination a threshold cannot be combined with index lists or masks"
         )
-    batch = next(b for b in bound if not isinstance(b, NewDim) and b.dim == 0)
+    batch = next(b for b in bound if not isinstance(b, (NewDim, Flag)) and b.dim == 0)
     has_batch = d != 0 and not isinstance(batch, BoundIndex)
     if spec.scope == "per_sample" and not has_batch:
         why = "the threshold is on it" if d == 0 else "it is selected by a single index"
@@ -100,7 +103,7 @@ def plan_threshold(
     ndim = len(meta.shape)
     if spec.over:
         for b in bound:
-            if isinstance(b, (BoundIndex, NewDim)) or b.dim in (0, d) or b.dim in over:
+            if isinstance(b, (BoundIndex, NewDim, Flag)) or b.dim in (0, d) or b.dim in over:
                 continue
             n = sel_len(b)
             if n != 1:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from tensorslice.client import Client, Combine, Full, Selection, Threshold
+from tensorslice.client import Client, Combine, Full, ResultTooLarge, Selection, Threshold
 from tensorslice.core.selection import selectors_from_index
 from tensorslice.server import Plan, TensorMeta, TensorStore, execute, plan
 from tensorslice.server._payload import (
@@ -289,3 +289,40 @@ def test_served_contiguous_slice_and_repeated_gathers(client: Client, demo: torc
     for _ in range(5):
         assert torch.equal(r.oindex[[0, 2, 5], [1, 4, 5]].cpu(), demo[[0, 2, 5]][:, [1, 4, 5]])
     assert DEFAULT_POOL.allocations == before
+
+
+def test_vectorized_negative_step_plans_its_true_shape() -> None:
+    """The plan's shape (what `explain` shows and `max_bytes` checks) counts the positions a
+    negative step selects, not the whole dimension."""
+    meta = TensorMeta("big", (256, 1024), torch.float32)
+    p = plan(meta, Selection(selectors_from_index(slice(200, 100, -1)), Combine.VECTORIZED))
+    assert p.result_shape == (100, 1024)
+    assert p.result_nbytes == 100 * 1024 * 4
+    small = plan(meta, Selection(selectors_from_index((slice(2, 0, -1), [0, 5])),
+                                 Combine.VECTORIZED, max_bytes=16))
+    assert small.result_shape == (2, 2)
+    with pytest.raises(ResultTooLarge, match=r"result of 8192 bytes \(shape \[2, 1024\]"):
+        plan(meta, Selection(selectors_from_index(slice(2, 0, -1)), Combine.VECTORIZED,
+                             max_bytes=4096))
+
+
+@pytest.mark.parametrize("shape,index", [
+    ((3, 0, 5, 6), (slice(None), torch.empty((0, 1, 1), dtype=torch.int64))),
+    ((10, 0), (slice(None), torch.empty(2, 0, dtype=torch.int64))),
+    ((10, 0), ([1, 2],)),
+    ((4, 0, 3), (slice(None), [], slice(None))),
+])
+def test_empty_gathers_over_size_0_dimensions(shape: tuple[int, ...], index: Any) -> None:
+    x = torch.empty(shape)
+    p = plan(TensorMeta("e", shape, torch.float32),
+             Selection(selectors_from_index(index), Combine.VECTORIZED))
+    assert p.result_shape == tuple(x[index].shape)
+    assert _run_one(p, x).shape == x[index].shape
+
+
+def test_flags_place_their_dimension_as_torch_does(x: torch.Tensor) -> None:
+    for index in [(True,), (False, 0), (slice(None), True, [0, 1]), ([0, 1], True, [1, 2]),
+                  (torch.tensor(True), ..., torch.tensor(False))]:
+        p = plan_of(index)
+        assert p.result_shape == tuple(x[index].shape), index
+        assert torch.equal(_run_one(p, x), x[index])

@@ -85,9 +85,14 @@ class Indices:
 @dataclass(frozen=True, eq=False)
 class Mask:
     """A bool tensor; a mask of k dimensions consumes k tensor dimensions. A 0-d mask (PyTorch's
-    ``x[True]``) consumes none and adds a dimension of size 1 (true) or 0 (false)."""
+    ``x[True]``) consumes none and adds a dimension of size 1 (true) or 0 (false).
+
+    `counts_as_one`: where ``...`` stands for the dimensions the other selectors leave, the
+    mask counts as one whatever its dimensions, as PyTorch counts a mask given as a list or
+    a NumPy array (``x[np.array(True)]`` on a 0-d tensor is one index too many)."""
 
     values: torch.Tensor
+    counts_as_one: bool = False
 
 
 STATS = ("mean", "max", "min", "sum", "abs_mean", "l2")
@@ -214,6 +219,9 @@ def _tensor_from_data(obj: object) -> torch.Tensor:
         if t.dtype not in (torch.int64, *_MASK_DTYPES):
             t = torch.tensor(obj, dtype=torch.int64)
     except Exception as exc:
+        # PyTorch's indexing first walks the data for its dtype: a string in it, or an item
+        # that cannot be read, fails there, before `torch.tensor` would look at shapes.
+        exc = _inference_error(obj) or exc
         message = f"cannot use {_short(obj)} as an index: {exc}"
         if isinstance(exc, TypeError):
             raise InvalidIndexType(message) from None
@@ -223,6 +231,23 @@ def _tensor_from_data(obj: object) -> torch.Tensor:
             raise InvalidSelection(message) from None
         raise UnconvertibleIndex(message) from None
     return t
+
+
+def _inference_error(obj: object) -> Exception | None:
+    """The error PyTorch's dtype inference meets walking `obj`, if any."""
+    if isinstance(obj, (str, bytes)):
+        return TypeError(f"new(): invalid data type '{type(obj).__name__}'")
+    if isinstance(obj, (np.ndarray, torch.Tensor)) or not _is_sequence(obj):
+        return None
+    try:
+        items = [obj[i] for i in range(len(obj))]  # type: ignore[index, arg-type]
+    except Exception as exc:
+        return exc
+    for item in items:
+        err = _inference_error(item)
+        if err is not None:
+            return err
+    return None
 
 
 def _slice_bound(value: object, name: str) -> int | None:
@@ -255,7 +280,10 @@ def _one(obj: object) -> Selector:
     if isinstance(obj, torch.Tensor):
         return _from_tensor(obj)
     if _is_sequence(obj):
-        return _from_tensor(_tensor_from_data(obj))
+        sel = _from_tensor(_tensor_from_data(obj))
+        if isinstance(sel, Mask) and sel.values.ndim != 1:
+            return Mask(sel.values, counts_as_one=True)
+        return sel
     try:
         i = operator.index(obj)  # type: ignore[arg-type]
     except TypeError:
@@ -344,7 +372,8 @@ def _selector_to_proto(sel: Selector) -> _pb.Selector:
     if isinstance(sel, Mask):
         m = sel.values.to(torch.bool).contiguous()
         return _pb.Selector(
-            mask=_pb.Mask(values=m.numpy().tobytes(), shape=list(m.shape), scalar=m.ndim == 0)
+            mask=_pb.Mask(values=m.numpy().tobytes(), shape=list(m.shape), scalar=m.ndim == 0,
+                          counts_as_one=sel.counts_as_one)
         )
     if isinstance(sel, Threshold):
         return _pb.Selector(
@@ -433,9 +462,9 @@ def _selector_from_proto(msg: _pb.Selector, pos: int) -> Selector:
                     f"selector {pos}: a scalar mask holds one value and no shape; got "
                     f"{raw.size} values and shape {list(msg.mask.shape)}"
                 )
-            return Mask(torch.tensor(bool(raw[0])))
+            return Mask(torch.tensor(bool(raw[0])), msg.mask.counts_as_one)
         shape = _shape_of(msg.mask.shape, raw.size, "mask", pos)
-        return Mask(_bool_view(raw).reshape(shape))
+        return Mask(_bool_view(raw).reshape(shape), msg.mask.counts_as_one)
     if kind == "threshold":
         t = msg.threshold
         if t.stat not in _PB_TO_STAT:

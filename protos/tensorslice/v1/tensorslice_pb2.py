@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tensorslice/v1/tensorslice.proto\x12\x0etensorslice.v1\"\x14\n\x12ListTensorsRequest\"B\n\x13ListTensorsResponse\x12+\n\x07tensors\x18\x01 \x03(\x0b\x32\x1a.tensorslice.v1.TensorInfo\"%\n\x15\x44\x65scribeTensorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"k\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0e\n\x06nbytes\x18\x05 \x01(\x03\x12\x11\n\tdim_names\x18\x06 \x03(\t\"\x06\n\x04\x46ull\"]\n\x05Range\x12\x12\n\x05start\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\x04stop\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x11\n\x04step\x18\x03 \x01(\x03H\x02\x88\x01\x01\x42\x08\n\x06_startB\x07\n\x05_stopB\x07\n\x05_step\"\x16\n\x05Index\x12\r\n\x05index\x18\x01 \x01(\x03\"(\n\x07Indices\x12\x0e\n\x06values\x18\x01 \x03(\x03\x12\r\n\x05shape\x18\x02 \x03(\x03\"5\n\x04Mask\x12\x0e\n\x06values\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06scalar\x18\x03 \x01(\x08\"\x9a\x03\n\tThreshold\x12,\n\x04stat\x18\x01 \x01(\x0e\x32\x1e.tensorslice.v1.Threshold.Stat\x12\x0c\n\x04over\x18\x02 \x03(\x03\x12(\n\x02op\x18\x03 \x01(\x0e\x32\x1c.tensorslice.v1.Threshold.Op\x12\r\n\x05value\x18\x04 \x01(\x01\x12.\n\x05scope\x18\x05 \x01(\x0e\x32\x1f.tensorslice.v1.Threshold.Scope\x12\t\n\x01k\x18\x06 \x01(\x03\"W\n\x04Stat\x12\x14\n\x10STAT_UNSPECIFIED\x10\x00\x12\x08\n\x04MEAN\x10\x01\x12\x07\n\x03MAX\x10\x02\x12\x07\n\x03MIN\x10\x03\x12\x07\n\x03SUM\x10\x04\x12\x0c\n\x08\x41\x42S_MEAN\x10\x05\x12\x06\n\x02L2\x10\x06\"8\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\x06\n\x02GT\x10\x01\x12\x06\n\x02GE\x10\x02\x12\x06\n\x02LT\x10\x03\x12\x06\n\x02LE\x10\x04\"J\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x07\n\x03\x41NY\x10\x01\x12\x07\n\x03\x41LL\x10\x02\x12\x0e\n\nPER_SAMPLE\x10\x03\x12\x08\n\x04TOPK\x10\x04\"\t\n\x07NewAxis\"\n\n\x08\x45llipsis\"\xe5\x02\n\x08Selector\x12$\n\x04\x66ull\x18\x01 \x01(\x0b\x32\x14.tensorslice.v1.FullH\x00\x12&\n\x05range\x18\x02 \x01(\x0b\x32\x15.tensorslice.v1.RangeH\x00\x12&\n\x05index\x18\x03 \x01(\x0b\x32\x15.tensorslice.v1.IndexH\x00\x12*\n\x07indices\x18\x04 \x01(\x0b\x32\x17.tensorslice.v1.IndicesH\x00\x12$\n\x04mask\x18\x05 \x01(\x0b\x32\x14.tensorslice.v1.MaskH\x00\x12.\n\tthreshold\x18\x06 \x01(\x0b\x32\x19.tensorslice.v1.ThresholdH\x00\x12+\n\x08new_axis\x18\x07 \x01(\x0b\x32\x17.tensorslice.v1.NewAxisH\x00\x12,\n\x08\x65llipsis\x18\x08 \x01(\x0b\x32\x18.tensorslice.v1.EllipsisH\x00\x42\x06\n\x04kind\"\xa5\x01\n\x0cSliceRequest\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12+\n\tselectors\x18\x02 \x03(\x0b\x32\x18.tensorslice.v1.Selector\x12(\n\x07\x63ombine\x18\x03 \x01(\x0e\x32\x17.tensorslice.v1.Combine\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x11\n\tmax_bytes\x18\x05 \x01(\x03\x12\x0c\n\x04\x62ulk\x18\x06 \x01(\x08\"H\n\nNamedSlice\x12\x0b\n\x03key\x18\x01 \x01(\t\x12-\n\x07request\x18\x02 \x01(\x0b\x32\x1c.tensorslice.v1.SliceRequest\"^\n\x10SliceManyRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.tensorslice.v1.NamedSlice\x12\x11\n\tmax_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x62ulk\x18\x03 \x01(\x08\"F\n\nSliceChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12*\n\x06ticket\x18\x02 \x01(\x0b\x32\x1a.tensorslice.v1.BulkTicket\"9\n\nBulkTicket\x12\x0c\n\x04port\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\"Y\n\x08PlanStep\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x13\n\x0b\x62ytes_moved\x18\x04 \x01(\x03\x12\r\n\x05order\x18\x05 \x01(\x05\"\x9b\x01\n\tSlicePlan\x12\'\n\x05steps\x18\x01 \x03(\x0b\x32\x18.tensorslice.v1.PlanStep\x12\x14\n\x0cresult_shape\x18\x02 \x03(\x03\x12\x14\n\x0cresult_dtype\x18\x03 \x01(\t\x12\x15\n\rresult_nbytes\x18\x04 \x01(\x03\x12\x11\n\tzero_copy\x18\x05 \x01(\x08\x12\x0f\n\x07summary\x18\x06 \x01(\t*$\n\x07\x43ombine\x12\t\n\x05OUTER\x10\x00\x12\x0e\n\nVECTORIZED\x10\x01\x32\x9e\x04\n\x0bTensorSlice\x12V\n\x0bListTensors\x12\".tensorslice.v1.ListTensorsRequest\x1a#.tensorslice.v1.ListTensorsResponse\x12S\n\x0e\x44\x65scribeTensor\x12%.tensorslice.v1.DescribeTensorRequest\x1a\x1a.tensorslice.v1.TensorInfo\x12\x43\n\x05Slice\x12\x1c.tensorslice.v1.SliceRequest\x1a\x1a.tensorslice.v1.SliceChunk0\x01\x12\x42\n\x07\x45xplain\x12\x1c.tensorslice.v1.SliceRequest\x1a\x19.tensorslice.v1.SlicePlan\x12K\n\tSliceMany\x12 .tensorslice.v1.SliceManyRequest\x1a\x1a.tensorslice.v1.SliceChunk0\x01\x12\x41\n\x05\x46\x65tch\x12\x1c.tensorslice.v1.SliceRequest\x1a\x1a.tensorslice.v1.SliceChunk\x12I\n\tFetchMany\x12 .tensorslice.v1.SliceManyRequest\x1a\x1a.tensorslice.v1.SliceChunkb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tensorslice/v1/tensorslice.proto\x12\x0etensorslice.v1\"\x14\n\x12ListTensorsRequest\"B\n\x13ListTensorsResponse\x12+\n\x07tensors\x18\x01 \x03(\x0b\x32\x1a.tensorslice.v1.TensorInfo\"%\n\x15\x44\x65scribeTensorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"k\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0e\n\x06nbytes\x18\x05 \x01(\x03\x12\x11\n\tdim_names\x18\x06 \x03(\t\"\x06\n\x04\x46ull\"]\n\x05Range\x12\x12\n\x05start\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\x04stop\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x11\n\x04step\x18\x03 \x01(\x03H\x02\x88\x01\x01\x42\x08\n\x06_startB\x07\n\x05_stopB\x07\n\x05_step\"\x16\n\x05Index\x12\r\n\x05index\x18\x01 \x01(\x03\"(\n\x07Indices\x12\x0e\n\x06values\x18\x01 \x03(\x03\x12\r\n\x05shape\x18\x02 \x03(\x03\"L\n\x04Mask\x12\x0e\n\x06values\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06scalar\x18\x03 \x01(\x08\x12\x15\n\rcounts_as_one\x18\x04 \x01(\x08\"\x9a\x03\n\tThreshold\x12,\n\x04stat\x18\x01 \x01(\x0e\x32\x1e.tensorslice.v1.Threshold.Stat\x12\x0c\n\x04over\x18\x02 \x03(\x03\x12(\n\x02op\x18\x03 \x01(\x0e\x32\x1c.tensorslice.v1.Threshold.Op\x12\r\n\x05value\x18\x04 \x01(\x01\x12.\n\x05scope\x18\x05 \x01(\x0e\x32\x1f.tensorslice.v1.Threshold.Scope\x12\t\n\x01k\x18\x06 \x01(\x03\"W\n\x04Stat\x12\x14\n\x10STAT_UNSPECIFIED\x10\x00\x12\x08\n\x04MEAN\x10\x01\x12\x07\n\x03MAX\x10\x02\x12\x07\n\x03MIN\x10\x03\x12\x07\n\x03SUM\x10\x04\x12\x0c\n\x08\x41\x42S_MEAN\x10\x05\x12\x06\n\x02L2\x10\x06\"8\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\x06\n\x02GT\x10\x01\x12\x06\n\x02GE\x10\x02\x12\x06\n\x02LT\x10\x03\x12\x06\n\x02LE\x10\x04\"J\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x07\n\x03\x41NY\x10\x01\x12\x07\n\x03\x41LL\x10\x02\x12\x0e\n\nPER_SAMPLE\x10\x03\x12\x08\n\x04TOPK\x10\x04\"\t\n\x07NewAxis\"\n\n\x08\x45llipsis\"\xe5\x02\n\x08Selector\x12$\n\x04\x66ull\x18\x01 \x01(\x0b\x32\x14.tensorslice.v1.FullH\x00\x12&\n\x05range\x18\x02 \x01(\x0b\x32\x15.tensorslice.v1.RangeH\x00\x12&\n\x05index\x18\x03 \x01(\x0b\x32\x15.tensorslice.v1.IndexH\x00\x12*\n\x07indices\x18\x04 \x01(\x0b\x32\x17.tensorslice.v1.IndicesH\x00\x12$\n\x04mask\x18\x05 \x01(\x0b\x32\x14.tensorslice.v1.MaskH\x00\x12.\n\tthreshold\x18\x06 \x01(\x0b\x32\x19.tensorslice.v1.ThresholdH\x00\x12+\n\x08new_axis\x18\x07 \x01(\x0b\x32\x17.tensorslice.v1.NewAxisH\x00\x12,\n\x08\x65llipsis\x18\x08 \x01(\x0b\x32\x18.tensorslice.v1.EllipsisH\x00\x42\x06\n\x04kind\"\xa5\x01\n\x0cSliceRequest\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12+\n\tselectors\x18\x02 \x03(\x0b\x32\x18.tensorslice.v1.Selector\x12(\n\x07\x63ombine\x18\x03 \x01(\x0e\x32\x17.tensorslice.v1.Combine\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x11\n\tmax_bytes\x18\x05 \x01(\x03\x12\x0c\n\x04\x62ulk\x18\x06 \x01(\x08\"H\n\nNamedSlice\x12\x0b\n\x03key\x18\x01 \x01(\t\x12-\n\x07request\x18\x02 \x01(\x0b\x32\x1c.tensorslice.v1.SliceRequest\"^\n\x10SliceManyRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.tensorslice.v1.NamedSlice\x12\x11\n\tmax_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x62ulk\x18\x03 \x01(\x08\"F\n\nSliceChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12*\n\x06ticket\x18\x02 \x01(\x0b\x32\x1a.tensorslice.v1.BulkTicket\"9\n\nBulkTicket\x12\x0c\n\x04port\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\"Y\n\x08PlanStep\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x13\n\x0b\x62ytes_moved\x18\x04 \x01(\x03\x12\r\n\x05order\x18\x05 \x01(\x05\"\x9b\x01\n\tSlicePlan\x12\'\n\x05steps\x18\x01 \x03(\x0b\x32\x18.tensorslice.v1.PlanStep\x12\x14\n\x0cresult_shape\x18\x02 \x03(\x03\x12\x14\n\x0cresult_dtype\x18\x03 \x01(\t\x12\x15\n\rresult_nbytes\x18\x04 \x01(\x03\x12\x11\n\tzero_copy\x18\x05 \x01(\x08\x12\x0f\n\x07summary\x18\x06 \x01(\t*$\n\x07\x43ombine\x12\t\n\x05OUTER\x10\x00\x12\x0e\n\nVECTORIZED\x10\x01\x32\x9e\x04\n\x0bTensorSlice\x12V\n\x0bListTensors\x12\".tensorslice.v1.ListTensorsRequest\x1a#.tensorslice.v1.ListTensorsResponse\x12S\n\x0e\x44\x65scribeTensor\x12%.tensorslice.v1.DescribeTensorRequest\x1a\x1a.tensorslice.v1.TensorInfo\x12\x43\n\x05Slice\x12\x1c.tensorslice.v1.SliceRequest\x1a\x1a.tensorslice.v1.SliceChunk0\x01\x12\x42\n\x07\x45xplain\x12\x1c.tensorslice.v1.SliceRequest\x1a\x19.tensorslice.v1.SlicePlan\x12K\n\tSliceMany\x12 .tensorslice.v1.SliceManyRequest\x1a\x1a.tensorslice.v1.SliceChunk0\x01\x12\x41\n\x05\x46\x65tch\x12\x1c.tensorslice.v1.SliceRequest\x1a\x1a.tensorslice.v1.SliceChunk\x12I\n\tFetchMany\x12 .tensorslice.v1.SliceManyRequest\x1a\x1a.tensorslice.v1.SliceChunkb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensorslice.v1.tensorslice_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMBINE']._serialized_start=2028
-  _globals['_COMBINE']._serialized_end=2064
+  _globals['_COMBINE']._serialized_start=2051
+  _globals['_COMBINE']._serialized_end=2087
   _globals['_LISTTENSORSREQUEST']._serialized_start=52
   _globals['_LISTTENSORSREQUEST']._serialized_end=72
   _globals['_LISTTENSORSRESPONSE']._serialized_start=74
@@ -50,35 +50,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INDICES']._serialized_start=417
   _globals['_INDICES']._serialized_end=457
   _globals['_MASK']._serialized_start=459
-  _globals['_MASK']._serialized_end=512
-  _globals['_THRESHOLD']._serialized_start=515
-  _globals['_THRESHOLD']._serialized_end=925
-  _globals['_THRESHOLD_STAT']._serialized_start=704
-  _globals['_THRESHOLD_STAT']._serialized_end=791
-  _globals['_THRESHOLD_OP']._serialized_start=793
-  _globals['_THRESHOLD_OP']._serialized_end=849
-  _globals['_THRESHOLD_SCOPE']._serialized_start=851
-  _globals['_THRESHOLD_SCOPE']._serialized_end=925
-  _globals['_NEWAXIS']._serialized_start=927
-  _globals['_NEWAXIS']._serialized_end=936
-  _globals['_ELLIPSIS']._serialized_start=938
-  _globals['_ELLIPSIS']._serialized_end=948
-  _globals['_SELECTOR']._serialized_start=951
-  _globals['_SELECTOR']._serialized_end=1308
-  _globals['_SLICEREQUEST']._serialized_start=1311
-  _globals['_SLICEREQUEST']._serialized_end=1476
-  _globals['_NAMEDSLICE']._serialized_start=1478
-  _globals['_NAMEDSLICE']._serialized_end=1550
-  _globals['_SLICEMANYREQUEST']._serialized_start=1552
-  _globals['_SLICEMANYREQUEST']._serialized_end=1646
-  _globals['_SLICECHUNK']._serialized_start=1648
-  _globals['_SLICECHUNK']._serialized_end=1718
-  _globals['_BULKTICKET']._serialized_start=1720
-  _globals['_BULKTICKET']._serialized_end=1777
-  _globals['_PLANSTEP']._serialized_start=1779
-  _globals['_PLANSTEP']._serialized_end=1868
-  _globals['_SLICEPLAN']._serialized_start=1871
-  _globals['_SLICEPLAN']._serialized_end=2026
-  _globals['_TENSORSLICE']._serialized_start=2067
-  _globals['_TENSORSLICE']._serialized_end=2609
+  _globals['_MASK']._serialized_end=535
+  _globals['_THRESHOLD']._serialized_start=538
+  _globals['_THRESHOLD']._serialized_end=948
+  _globals['_THRESHOLD_STAT']._serialized_start=727
+  _globals['_THRESHOLD_STAT']._serialized_end=814
+  _globals['_THRESHOLD_OP']._serialized_start=816
+  _globals['_THRESHOLD_OP']._serialized_end=872
+  _globals['_THRESHOLD_SCOPE']._serialized_start=874
+  _globals['_THRESHOLD_SCOPE']._serialized_end=948
+  _globals['_NEWAXIS']._serialized_start=950
+  _globals['_NEWAXIS']._serialized_end=959
+  _globals['_ELLIPSIS']._serialized_start=961
+  _globals['_ELLIPSIS']._serialized_end=971
+  _globals['_SELECTOR']._serialized_start=974
+  _globals['_SELECTOR']._serialized_end=1331
+  _globals['_SLICEREQUEST']._serialized_start=1334
+  _globals['_SLICEREQUEST']._serialized_end=1499
+  _globals['_NAMEDSLICE']._serialized_start=1501
+  _globals['_NAMEDSLICE']._serialized_end=1573
+  _globals['_SLICEMANYREQUEST']._serialized_start=1575
+  _globals['_SLICEMANYREQUEST']._serialized_end=1669
+  _globals['_SLICECHUNK']._serialized_start=1671
+  _globals['_SLICECHUNK']._serialized_end=1741
+  _globals['_BULKTICKET']._serialized_start=1743
+  _globals['_BULKTICKET']._serialized_end=1800
+  _globals['_PLANSTEP']._serialized_start=1802
+  _globals['_PLANSTEP']._serialized_end=1891
+  _globals['_SLICEPLAN']._serialized_start=1894
+  _globals['_SLICEPLAN']._serialized_end=2049
+  _globals['_TENSORSLICE']._serialized_start=2090
+  _globals['_TENSORSLICE']._serialized_end=2632
 # @@protoc_insertion_point(module_scope)

@@ -75,14 +75,16 @@ class Indices(_message.Message):
     def __init__(self, values: _Optional[_Iterable[int]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Mask(_message.Message):
-    __slots__ = ("values", "shape", "scalar")
+    __slots__ = ("values", "shape", "scalar", "counts_as_one")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     SCALAR_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_AS_ONE_FIELD_NUMBER: _ClassVar[int]
     values: bytes
     shape: _containers.RepeatedScalarFieldContainer[int]
     scalar: bool
-    def __init__(self, values: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., scalar: _Optional[bool] = ...) -> None: ...
+    counts_as_one: bool
+    def __init__(self, values: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., scalar: _Optional[bool] = ..., counts_as_one: _Optional[bool] = ...) -> None: ...
 
 class Threshold(_message.Message):
     __slots__ = ("stat", "over", "op", "value", "scope", "k")

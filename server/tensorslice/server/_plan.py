@@ -70,13 +70,28 @@ def _consumed(sel: Selector) -> int:
     return 1
 
 
+def _counted(sel: Selector) -> int:
+    """The dimensions a selector counts for when ``...`` is expanded (PyTorch's count)."""
+    if isinstance(sel, Mask) and sel.counts_as_one:
+        return 1
+    return _consumed(sel)
+
+
+def _whole_slice(sel: Selector) -> bool:
+    return isinstance(sel, Full) or (
+        isinstance(sel, Range) and sel.start in (None, 0) and sel.stop is None
+        and sel.step in (None, 1)
+    )
+
+
 def _bind(meta: TensorMeta, selection: Selection) -> list[tuple[Selector, int | None]]:
     """Expand the ellipses and give each selector its first source dimension (None for
     those that consume none). As in PyTorch, each ``...`` stands for the dimensions the
     other selectors leave; a second one then covers dimensions past the last, so
-    ``x[..., ...]`` is ``x`` and ``x[..., 0, ...]`` is ``x[..., 0]`` on a 2-D tensor."""
+    ``x[..., ...]`` is ``x`` and ``x[..., 0, ...]`` is ``x[..., 0]`` on a 2-D tensor; past
+    the last dimension only ``:`` is accepted (and does nothing)."""
     sels = list(selection.selectors)
-    used = sum(_consumed(s) for s in sels)
+    used = sum(_counted(s) for s in sels)
     ndim = len(meta.shape)
     if used > ndim:
         raise InvalidIndex(
@@ -94,6 +109,8 @@ def _bind(meta: TensorMeta, selection: Selection) -> list[tuple[Selector, int | 
                 d += 1
         elif k == 0:
             out.append((s, None))
+        elif d >= ndim and _whole_slice(s):
+            d += 1
         elif d + k > ndim:
             raise InvalidIndex(
                 f"too many indices for tensor '{meta.name}' of {ndim} dimensions: "

@@ -18,7 +18,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from tensorslice.core.codec import encode_chunk
-from tensorslice.core.errors import FailedPrecondition, InvalidSelection, ResultTooLarge
+from tensorslice.core.errors import (
+    FailedPrecondition,
+    InvalidIndex,
+    InvalidSelection,
+    ResultTooLarge,
+)
 from tensorslice.core.selection import selection_from_proto
 from tensorslice.server._bulk import BulkServer
 from tensorslice.server._config import ServerConfig
@@ -274,12 +279,15 @@ def _check_sizes(entry: Entry, request: _pb.SliceRequest, limit: int) -> None:
     they are converted (their conversion costs memory in proportion to their size)."""
     meta = entry.meta
     numel = math.prod(meta.shape)
+    # A mask's shape is a run of the tensor's dimensions: a size-0 dimension elsewhere
+    # does not shrink it (a mask of 3 fits dimension 0 of a (3, 0) tensor).
+    most = math.prod(max(s, 1) for s in meta.shape)
     for pos, sel in enumerate(request.selectors):
         kind = sel.WhichOneof("kind")
         if kind == "mask":
             n = len(sel.mask.values)
-            if n > max(numel, 1):
-                raise InvalidSelection(
+            if n > most:
+                raise InvalidIndex(  # a shape mismatch, an IndexError as in PyTorch
                     f"selector {pos}: mask of {n} values is larger than tensor "
                     f"{meta.name!r} of shape {list(meta.shape)} ({numel} elements)"
                 )

@@ -43,8 +43,6 @@ from tensorslice.core.selection import (
 )
 from tensorslice.server import ServerConfig, TensorStore, create_server
 
-pytestmark = pytest.mark.e2e
-
 TENSORS = build_tensors()
 CASES = cases()
 _BY_ID = {c.id: c for c in CASES}
@@ -155,6 +153,7 @@ def _param(case: Case) -> Any:
     return pytest.param(case.id, id=case.id, marks=marks)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("kind", ["sync", "async"])
 @pytest.mark.parametrize("case_id", [_param(c) for c in CASES])
 def test_getitem_agrees_with_torch(
@@ -163,6 +162,7 @@ def test_getitem_agrees_with_torch(
     assert_agrees(_local(_BY_ID[case_id]), outcomes[kind][case_id])
 
 
+@pytest.mark.unit
 def test_the_tables_are_whole() -> None:
     """Both suites, NumPy's automated combinations in full, on both arrays."""
     origins = {c.id.split("#")[0] for c in CASES}
@@ -225,6 +225,7 @@ def orthogonal(x: torch.Tensor, items: list[Any]) -> torch.Tensor:
 ORTHO = [(c, items) for c in CASES if (items := _orthogonal_items(c)) is not None]
 
 
+@pytest.mark.unit
 def test_orthogonal_cases_exist() -> None:
     assert len(ORTHO) >= 100
 
@@ -261,6 +262,7 @@ def ortho_outcomes(upstream_server: str) -> dict[str, dict[str, Outcome]]:
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case,items", ORTHO, ids=[c.id for c, _ in ORTHO])
 def test_oindex_and_select_are_orthogonal(
     case: Case, items: list[Any], ortho_outcomes: dict[str, dict[str, Outcome]]

@@ -291,6 +291,7 @@ def test_served_contiguous_slice_and_repeated_gathers(client: Client, demo: torc
     assert DEFAULT_POOL.allocations == before
 
 
+@pytest.mark.unit
 def test_vectorized_negative_step_plans_its_true_shape() -> None:
     """The plan's shape (what `explain` shows and `max_bytes` checks) counts the positions a
     negative step selects, not the whole dimension."""
@@ -306,6 +307,7 @@ def test_vectorized_negative_step_plans_its_true_shape() -> None:
                              max_bytes=4096))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("shape,index", [
     ((3, 0, 5, 6), (slice(None), torch.empty((0, 1, 1), dtype=torch.int64))),
     ((10, 0), (slice(None), torch.empty(2, 0, dtype=torch.int64))),
@@ -320,6 +322,7 @@ def test_empty_gathers_over_size_0_dimensions(shape: tuple[int, ...], index: Any
     assert _run_one(p, x).shape == x[index].shape
 
 
+@pytest.mark.unit
 def test_flags_place_their_dimension_as_torch_does(x: torch.Tensor) -> None:
     for index in [(True,), (False, 0), (slice(None), True, [0, 1]), ([0, 1], True, [1, 2]),
                   (torch.tensor(True), ..., torch.tensor(False))]:

@@ -125,6 +125,9 @@ def test_calls_beyond_max_calls_are_refused_health_and_listing_served(serve: Any
         assert code == grpc.StatusCode.UNAVAILABLE
         assert details == ("server busy: 2 calls in progress, the limit of 2 "
                            "(max_calls, serve --max-calls); retry shortly")
+        code, _ = _code(lambda: next(_stream(c, "Slice")(_whole("big"), timeout=10)))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert srv.service is not None and srv.service.gate.active == 2  # refusals took none
         assert _healthy(c)  # health is not counted and has threads of its own
         assert _unary(c, "ListTensors")(pb.ListTensorsRequest(), timeout=5)
         for call in stalled:

@@ -21,12 +21,15 @@ concurrency from the CPUs this process may run on.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tensorslice.core.errors import ResultTooLarge, ServerUnavailable
 
@@ -38,6 +41,7 @@ __all__ = [
     "machine_cpus",
     "machine_memory",
     "shorten",
+    "trim_heap",
 ]
 
 log = logging.getLogger("tensorslice.server")
@@ -62,6 +66,28 @@ def machine_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+_TRIM_AFTER = 64 << 20
+
+
+def trim_heap() -> bool:
+    """Return the C heap's free memory to the kernel (glibc's `malloc_trim`); False where
+    there is no such call."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _malloc_trim = libc.malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim is False:
+        return False
+    _malloc_trim(0)
+    return True
+
+
+_malloc_trim: Any = None
 
 
 def shorten(text: str, limit: int) -> str:
@@ -131,6 +157,7 @@ class ByteBudget:
         self._lock = threading.Lock()
         self.used = 0
         self.peak = 0
+        self._freed = 0  # bytes given back since the last trim
 
     def hold(self) -> Hold:
         """An empty reservation that a call grows as it materialises."""
@@ -155,9 +182,19 @@ class ByteBudget:
             self.peak = max(self.peak, self.used)
 
     def _give(self, nbytes: int) -> None:
-        if nbytes > 0:
-            with self._lock:
-                self.used -= nbytes
+        if nbytes <= 0:
+            return
+        with self._lock:
+            self.used -= nbytes
+            self._freed += nbytes
+            trim = self.used == 0 and self._freed >= _TRIM_AFTER
+            if trim:
+                self._freed = 0
+        if trim:
+            # Idle after a burst: hand the freed memory back to the kernel, so that the
+            # server's resident memory follows what it holds (glibc keeps freed blocks of
+            # up to 32 MiB in its heaps otherwise).
+            trim_heap()
 
 
 class Hold:

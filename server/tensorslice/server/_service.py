@@ -195,10 +195,12 @@ def _stream(
     def handler(request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
         key = object()
         leave = _once(gate.leave)
+        entered = False
         try:
             if isinstance(request, _Malformed):
                 raise InvalidSelection(request.message)
             gate.enter()
+            entered = True  # a refused call took no slot and gives none back
             if not context.add_callback(leave):
                 return
             it = fn(request, context)
@@ -216,7 +218,8 @@ def _stream(
             _abort(context, exc)
         finally:
             watchdog.done(key)
-            leave()
+            if entered:
+                leave()
 
     return handler
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pickle
+import re
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +31,9 @@ from tensorslice.client import (
     DeadlineExceeded,
     Full,
     Index,
+    Indices,
     InvalidSelection,
+    Mask,
     Range,
     RemoteTensor,
     ResultTooLarge,
@@ -38,6 +43,7 @@ from tensorslice.client import (
     TensorNotFound,
     Threshold,
 )
+from tensorslice.client._base import bulk_host
 from tensorslice.v1 import tensorslice_pb2 as pb
 
 pytestmark = pytest.mark.e2e
@@ -270,3 +276,124 @@ def test_a_closed_client_refuses_calls(api: Api) -> None:
     with pytest.raises(RuntimeError, match="is closed; a closed client makes no more calls"):
         api.run(api.client.describe("demo"))
     assert api.client._channel is None  # nothing was reopened
+
+
+# ---------------------------------------------------------------------------- explain, where
+
+
+def test_explain_every_access(api: Api, demo: torch.Tensor) -> None:
+    run, c = api.run, api.client
+    remote = run(c.tensor("demo"))
+    cases = [
+        (remote.explain.oindex[[0, 2, 5], [1, 3]], remote.oindex[[0, 2, 5], [1, 3]]),
+        (remote.explain.select(C=[4, 1], H=slice(0, 2)), remote.select(C=[4, 1], H=slice(0, 2))),
+        (c.explain("demo", Selection(([0, 2], [1, 3]), Combine.OUTER)),
+         c.slice("demo", Selection(([0, 2], [1, 3]), Combine.OUTER))),
+    ]
+    for plan, result in cases:
+        got = run(result)
+        got = got["values"] if isinstance(got, dict) else got
+        assert run(plan).result_shape == tuple(got.shape)
+    assert torch.equal(run(c.slice("demo", Selection(([0, 2], [1, 3]), "outer")))["values"],
+                       demo[[0, 2]][:, [1, 3]])
+    plan = run(remote.explain.where("C", "mean", scope="topk", k=3))
+    assert [s.kind for s in plan.steps][-2:] == ["reduce", "gather"]
+    assert "mean over dims [2, 3] > 0" in plan.steps[-2].detail
+    r = run(remote.where("C", "mean", scope="topk", k=3))
+    assert r.values.shape == (16, 3, 6, 5)
+
+
+def test_explain_of_a_reversal_says_what_runs(api: Api, demo: torch.Tensor) -> None:
+    run = api.run
+    remote = run(api.client.tensor("demo"))
+    plan = run(remote.explain[::-1])
+    assert [(s.kind, s.dim) for s in plan.steps] == [("view", 0), ("copy", 0)]
+    assert "reversed copy (flip) of dims 0" in plan.steps[1].detail
+    assert plan.steps[1].bytes_moved == 2 * demo.nbytes and not plan.zero_copy
+    half = run(remote.explain[:, ::-2])  # the shape is the reversed slice's, not the tensor's
+    assert half.result_shape == (16, 6, 6, 5) == tuple(run(remote[:, ::-2]).shape)
+    mixed = run(remote.explain[::-1, [3, 1, 4]])  # flip, then PyTorch's advanced indexing
+    assert [s.kind for s in mixed.steps] == ["view", "copy", "gather"]
+    assert torch.equal(run(remote[::-1, [3, 1, 4]]), demo.flip(0)[:, [3, 1, 4]])
+    stepped = run(remote.explain[::-1, [1, 3]])  # [1, 3] is the view 1:4:2, not a gather
+    assert [s.kind for s in stepped.steps] == ["view", "view", "copy", "copy"]
+    assert torch.equal(run(remote[::-1, [1, 3]]), demo.flip(0)[:, [1, 3]])
+
+
+def test_where_refuses_precisely(api: Api, demo: torch.Tensor) -> None:
+    run = api.run
+    remote = run(api.client.tensor("demo"))
+    last = run(remote.where(-1, "mean", value=0.0))
+    assert torch.equal(last.indices, run(remote.where(3, "mean", value=0.0)).indices)
+    with pytest.raises(SelectionOutOfRange, match=re.escape(
+            "dimension 4 is out of range for tensor 'demo' of 4 dimensions (expected -4 to 3)")):
+        run(remote.where(4, "mean"))
+    with pytest.raises(InvalidSelection, match=re.escape(
+            "where: index entry 1 selects along dimension 1 (C), the threshold's own "
+            "dimension; the threshold chooses its positions (leave that entry ':')")):
+        run(remote.where(1, "mean", index=(slice(None), [1, 2])))
+    with pytest.raises(InvalidSelection, match=re.escape(
+            "scope topk needs k, how many positions of dimension 1 (C) to keep per sample "
+            "(1 to 12)")):
+        run(remote.where(1, "mean", scope="topk"))
+
+
+# ---------------------------------------------------------------------------- pickling
+
+
+def test_remote_tensors_pickle(api: Api, demo: torch.Tensor) -> None:
+    remote = api.run(api.client.tensor("demo"))
+    api.run(remote[0:1])  # the channel is open before pickling
+    again = pickle.loads(pickle.dumps(remote.astype("float64")))
+    assert type(again) is type(remote) and again.info == remote.info
+    assert torch.equal(api.run(again[2:4]), demo[2:4].double())
+    assert torch.equal(api.run(again.oindex[[1], [0, 2]]), demo[[1]][:, [0, 2]].double())
+
+
+# ---------------------------------------------------------------------------- small ones
+
+
+def test_selectors_take_python_lists(api: Api, demo: torch.Tensor) -> None:
+    sel = Selection((Indices([1, 2]), Full(), Mask([True, False] * 3)), Combine.OUTER)
+    got = api.run(api.client.slice("demo", sel))["values"]
+    assert torch.equal(got, demo[[1, 2]][:, :, [0, 2, 4]])
+    with pytest.raises(InvalidSelection,
+                       match=re.escape("Indices takes integer positions; use Mask")):
+        Indices([True, False])
+    with pytest.raises(InvalidSelection, match=re.escape("Mask takes bools; got torch.int64")):
+        Mask([1, 0])
+
+
+@pytest.mark.parametrize("cls", [Client, AsyncClient])
+def test_retries_beyond_grpcs_limit_are_refused(cls: type[Client] | type[AsyncClient]) -> None:
+    assert cls("127.0.0.1:1", retries=4).retries == 4
+    with pytest.raises(ValueError, match=re.escape(
+            "retries must be between 0 and 4 (gRPC makes at most 5 attempts); got 5")):
+        cls("127.0.0.1:1", retries=5)
+
+
+@pytest.mark.parametrize(
+    ("target", "host"),
+    [("127.0.0.1:50051", "127.0.0.1"), ("ipv4:127.0.0.1:50051", "127.0.0.1"),
+     ("ipv4:10.0.0.1:1,10.0.0.2:1", "10.0.0.1"), ("ipv6:[::1]:50051", "::1"),
+     ("[::1]:50051", "::1"), ("dns:///example.org:50051", "example.org"),
+     ("dns:example.org:50051", "example.org"), ("dns://8.8.8.8/example.org:1", "example.org"),
+     ("localhost:50051", "localhost"), ("unix:/tmp/ts.sock", None)],
+)
+def test_bulk_host_of_every_target_form(target: str, host: str | None) -> None:
+    assert bulk_host(target) == host
+    assert Client(target)._bulk_ok is (host is not None)
+
+
+def test_ipv4_target_keeps_the_bulk_plane(server: str) -> None:
+    with Client(f"ipv4:{server}", timeout=30) as c:
+        assert c.describe("demo").name == "demo" and c._bulk_ok
+
+
+def test_to_nested_is_quiet() -> None:
+    code = ("import torch; from tensorslice.core.results import WhereResult;"
+            "r = WhereResult(torch.ones(5, 2), torch.arange(5), torch.tensor([0, 2, 5]));"
+            "print(r.to_nested().size(0))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip() == "2" and "is_fx_tracing" not in proc.stderr, proc.stderr

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tensorslice.client import Client, InvalidSelection, TensorNotFound
 from tensorslice.core.parse import parse_index
 from tensorslice.server import TensorStore
-from tensorslice.server._cli import main
+from tensorslice.server._cli import UsageError, build_parser, main, parse_bytes, plan_sources
 
 
 @pytest.mark.unit
@@ -168,3 +170,176 @@ def test_serve_without_tensors_serves_demo() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------------- usage errors
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The command as a person runs it: a process of its own, its exit status and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "tensorslice.server._cli", *args],
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+
+
+def _assert_usage_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """Exit status 2, one line on stderr that holds every fragment, no traceback."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0", 0), ("4096", 4096), ("64GiB", 64 << 30), ("64GB", 64 << 30), ("64g", 64 << 30),
+     ("1.5K", 1536), ("2 MiB", 2 << 20), ("1T", 1 << 40), ("512b", 512)],
+)
+def test_byte_sizes(text: str, expected: int) -> None:
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-1", "1.5", "", "nanG", "infG", "1e3", "5X"])
+def test_byte_sizes_refused(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"{text!r} is not a byte size")):
+        parse_bytes(text)
+
+
+@pytest.mark.parametrize("option", ["--max-result-bytes", "--max-device-memory"])
+def test_bad_byte_size_is_one_line_exit_2(option: str) -> None:
+    proc = _cli("serve", option, "lots")
+    _assert_usage_error(proc, f"argument {option}: 'lots' is not a byte size",
+                        "0 means no limit")
+
+
+def test_zero_device_memory_means_no_budget() -> None:
+    assert TensorStore("cpu", max_device_memory=0).max_device_memory is None
+
+
+def test_bad_options_are_one_line_exit_2(tmp_path: Path) -> None:
+    _assert_usage_error(_cli("serve", "--port", "x"), "argument --port: invalid int value: 'x'")
+    _assert_usage_error(_cli("serve", "--tensor", "nonsense"),
+                        "--tensor wants NAME=PATH[:KEY]; got 'nonsense'")
+    _assert_usage_error(_cli("serve", "--tensor", f"x={tmp_path}/missing.safetensors"),
+                        "no such file")
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    _assert_usage_error(_cli("serve", "--port", "0", "--dir", str(tmp_path)),
+                        f"{tmp_path}/bad.safetensors is not a readable safetensors file")
+    _assert_usage_error(_cli("get", "127.0.0.1:1", "x", "1.5"),
+                        "cannot parse index '1.5'")
+    _assert_usage_error(_cli("--log-level", "LOUD", "ls", "127.0.0.1:1"),
+                        "'LOUD' is not a log level")
+
+
+def test_ports_in_use_are_one_line_exit_2() -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        _assert_usage_error(_cli("serve", "--port", port), f"cannot listen on 127.0.0.1:{port} "
+                            "(--port)")
+        _assert_usage_error(_cli("serve", "--port", "0", "--bulk-port", port),
+                            f"cannot listen on 127.0.0.1:{port} (--bulk-port): "
+                            "Address already in use")
+
+
+def test_wrong_number_of_dim_names_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    save_file({"x": torch.zeros(2, 3)}, str(path), metadata={"dim_names": "N,C,H"})
+    with pytest.raises(InvalidSelection, match=re.escape(
+            f"{path}: dim_names 'N,C,H' names 3 dimensions but tensor 'x' has 2")):
+        TensorStore().load_file(path)
+    _assert_usage_error(_cli("serve", "--tensor", f"x={path}"), "names 3 dimensions")
+
+
+# ---------------------------------------------------------------------------- name clashes
+
+
+def test_name_clashes_across_sources_are_refused(tmp_path: Path) -> None:
+    d1, d2 = tmp_path / "d1", tmp_path / "d2"
+    d1.mkdir()
+    d2.mkdir()
+    save_file({"y": torch.zeros(2)}, str(d1 / "a.safetensors"))
+    save_file({"y": torch.ones(2), "z": torch.ones(1)}, str(d2 / "b.safetensors"))
+    single = tmp_path / "y.safetensors"
+    save_file({"v": torch.ones(3)}, str(single))
+    with pytest.raises(UsageError, match=re.escape(
+            f"two tensors named 'y': --tensor y={single} and --dir {d1} ({d1}/a.safetensors:y)")):
+        plan_sources([f"y={single}"], [str(d1)])
+    with pytest.raises(UsageError, match=re.escape(
+            f"two tensors named 'y': --dir {d1} ({d1}/a.safetensors:y) and --dir {d2} "
+            f"({d2}/b.safetensors:y)")):
+        plan_sources([], [str(d1), str(d2)])
+    with pytest.raises(UsageError, match="two tensors named 'y'"):
+        plan_sources([f"y={single}", f"y={d1}/a.safetensors"], [])
+    # No clash: every source keeps its name.
+    assert [s.name for s in plan_sources([f"w={single}"], [str(d2)])] == ["w", "y", "z"]
+    proc = _cli("serve", "--port", "0", "--tensor", f"y={single}", "--dir", str(d1))
+    _assert_usage_error(proc, "two tensors named 'y'", "give one another name")
+
+
+def test_name_clash_check_does_not_load(tmp_path: Path) -> None:
+    save_file({"y": torch.zeros(2)}, str(tmp_path / "a.safetensors"))
+    sources = plan_sources([], [str(tmp_path)])
+    assert [(s.name, s.path.name, s.key) for s in sources] == [("y", "a.safetensors", "y")]
+
+
+# ---------------------------------------------------------------------------- the parser
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {"tensorslice": parser, **sub.choices}
+
+
+def test_every_option_has_help_and_its_default() -> None:
+    for name, parser in _parsers().items():
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help, f"{name} {action.dest}: no help text"
+            default = action.default
+            if default not in (None, False, [], argparse.SUPPRESS, ""):
+                assert f"default: {default}" in " ".join(parser.format_help().split()), (
+                    f"{name} {action.dest}: default {default!r} not in its help")
+
+
+def test_help_has_no_backticks() -> None:
+    for name, parser in _parsers().items():
+        assert "`" not in parser.format_help(), name
+
+
+def test_log_level_before_or_after_the_command() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["ls", "a:1"]).log_level == "INFO"
+    assert parser.parse_args(["--log-level", "debug", "ls", "a:1"]).log_level == "DEBUG"
+    assert parser.parse_args(["ls", "a:1", "--log-level", "warning"]).log_level == "WARNING"
+    assert parser.parse_args(["serve", "--log-level", "ERROR"]).log_level == "ERROR"
+
+
+def test_get_output_transfers_once(
+    server: str, demo: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    calls: list[str] = []
+    for method in ("slice", "slice_bytes", "slice_many"):
+        original = getattr(Client, method)
+
+        def counted(self: Client, *a: object, _m: str = method, _o: object = original,
+                    **k: object) -> object:
+            calls.append(_m)
+            return _o(self, *a, **k)  # type: ignore[operator]
+
+        monkeypatch.setattr(Client, method, counted)
+    out = tmp_path / "out.safetensors"
+    assert main(["get", server, "demo", "1:3", "-o", str(out)]) == 0
+    assert calls == ["slice_bytes"]
+    assert torch.equal(load_file(str(out))["values"], demo[1:3])
+    assert "shape: [2, 12, 6, 5]" in capsys.readouterr().out
+    calls.clear()
+    assert main(["get", server, "demo", "1:3"]) == 0
+    assert calls == ["slice"]

@@ -5,6 +5,7 @@ in-process gRPC server would be forked along with the workers)."""
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tensorslice.client import (
     Client,
     DeadlineExceeded,
+    RemoteTensor,
     RemoteTensorDataset,
     RemoteTensorIterableDataset,
     SelectionOutOfRange,
@@ -185,3 +187,29 @@ def test_server_killed_mid_epoch_raises_within_timeout() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+class _Rows(torch.utils.data.Dataset[torch.Tensor]):
+    """A user's own Dataset that holds a RemoteTensor (pickled into spawn/forkserver
+    workers)."""
+
+    def __init__(self, remote: RemoteTensor) -> None:
+        self.remote = remote
+
+    def __len__(self) -> int:
+        return len(self.remote)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.remote[i]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_dataset_holding_a_remote_tensor(parent_client: Client, method: str) -> None:
+    remote = parent_client.tensor("x")
+    again = pickle.loads(pickle.dumps(remote))
+    assert again.info == remote.info and again.client.address == remote.client.address
+    rows = list(range(0, N, 50))
+    loader = DataLoader(_Rows(remote), batch_size=5, sampler=rows, num_workers=2,
+                        multiprocessing_context=method, timeout=LOADER_TIMEOUT)
+    got = torch.cat(list(loader))
+    _check_rows(got, torch.tensor(rows))

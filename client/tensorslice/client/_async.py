@@ -28,6 +28,7 @@ from tensorslice.client._base import (
     BaseClient,
     BaseRemoteTensor,
     CallUnary,
+    Explainer,
     Flow,
     Indexer,
     ReceiveBulk,
@@ -200,24 +201,20 @@ class AsyncRemoteTensor(BaseRemoteTensor[AsyncClient]):
     """`RemoteTensor` for `AsyncClient`: every access returns a coroutine.
 
     ``await remote[idx]``, ``await remote.oindex[idx]``, ``await remote.explain[idx]``,
-    ``await remote.select(...)``, ``await remote.where(...)``, ``await remote.fetch()``.
+    ``await remote.select(...)``, ``await remote.where(...)``, ``await remote.fetch()``,
+    ``await remote.explain.where(...)``.
     """
 
-    def __init__(
-        self,
-        client: AsyncClient,
-        info: TensorInfo,
-        *,
-        dtype: str | None = None,
-        max_bytes: int = 0,
-    ) -> None:
-        super().__init__(client, info, dtype=dtype, max_bytes=max_bytes)
-        self.oindex: Indexer[Coroutine[Any, Any, torch.Tensor]] = Indexer(
-            lambda idx: self._values(self._sel(idx, Combine.OUTER))
-        )
-        self.explain: Indexer[Coroutine[Any, Any, SlicePlan]] = Indexer(
-            lambda idx: self.client.explain(self.name, self._sel(idx, Combine.VECTORIZED))
-        )
+    @property
+    def oindex(self) -> Indexer[Coroutine[Any, Any, torch.Tensor]]:
+        """``remote.oindex[idx]``: index lists and masks combine orthogonally."""
+        return Indexer(lambda idx: self._values(self._sel(idx, Combine.OUTER)))
+
+    @property
+    def explain(self) -> Explainer[Coroutine[Any, Any, SlicePlan]]:
+        """``remote.explain[idx]``, ``.explain.oindex[idx]``, ``.explain.select(...)``,
+        ``.explain.where(...)``: the plan, nothing executed."""
+        return Explainer(self, lambda sel: self.client.explain(self.name, sel))
 
     def astype(
         self, dtype: str | torch.dtype, *, max_bytes: int | None = None

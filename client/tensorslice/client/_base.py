@@ -25,12 +25,15 @@ import torch
 from tensorslice.client._auth import Credentials, TlsConfig, resolve_tls, resolve_token
 from tensorslice.client._receive import Assembler
 from tensorslice.core.codec import dtype_name, split_chunk
-from tensorslice.core.endpoint import SERVICE_NAME, host_of
-from tensorslice.core.errors import FailedPrecondition, InvalidSelection
+from tensorslice.core.endpoint import SERVICE_NAME, has_tcp_host, host_of
+from tensorslice.core.errors import FailedPrecondition, InvalidSelection, SelectionOutOfRange
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
 from tensorslice.core.selection import (
     Combine,
+    Ellipsis_,
     Full,
+    NewAxis,
+    Range,
     Selection,
     Selector,
     Threshold,
@@ -42,6 +45,7 @@ from tensorslice.v1 import tensorslice_pb2 as _pb
 
 __all__ = [
     "DEFAULT",
+    "MAX_RETRIES",
     "SERVICE",
     "BaseClient",
     "BaseRemoteTensor",
@@ -49,6 +53,7 @@ __all__ = [
     "CallStream",
     "CallUnary",
     "Default",
+    "Explainer",
     "Flow",
     "ReceiveBulk",
     "Step",
@@ -75,6 +80,10 @@ DEFAULT = Default.DEFAULT
 Timeout = float | None | Default
 
 
+MAX_RETRIES = 4
+"""gRPC makes at most 5 attempts of a call: `retries` above 4 are refused."""
+
+
 def channel_options(retries: int) -> list[tuple[str, Any]]:
     """Channel options: no receive limit, and (for ``retries`` > 0) gRPC's own retry policy
     for every method of the service, on UNAVAILABLE only. Every method is a read, hence
@@ -90,7 +99,7 @@ def channel_options(retries: int) -> list[tuple[str, Any]]:
                 {
                     "name": [{"service": SERVICE}],
                     "retryPolicy": {
-                        "maxAttempts": min(retries + 1, 5),  # gRPC caps attempts at 5
+                        "maxAttempts": retries + 1,
                         "initialBackoff": "0.05s",
                         "maxBackoff": "1s",
                         "backoffMultiplier": 2,
@@ -146,9 +155,11 @@ class Stream(Generic[R]):
         return Assembler(as_bytes=self.as_bytes, share_memory=self.share_memory)
 
 
-def bulk_host(address: str) -> str:
-    """The host of a gRPC target, where the bulk data plane listens too."""
-    return host_of(address) or "127.0.0.1"
+def bulk_host(address: str) -> str | None:
+    """The host of a gRPC target, where the bulk data plane listens too (see
+    `tensorslice.core.endpoint.host_of`); None for a target with no TCP host (``unix:``):
+    such a client streams large results over gRPC."""
+    return (host_of(address) or "127.0.0.1") if has_tcp_host(address) else None
 
 
 class BulkUnreachable(Exception):
@@ -251,13 +262,18 @@ class BaseClient:
 
     def __init__(self, address: str, *, timeout: float | None = 60.0, retries: int = 3,
                  token: str | None = None, tls: TlsConfig | bool | str | None = None) -> None:
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0; got {retries}")
+        if not 0 <= retries <= MAX_RETRIES:
+            raise ValueError(
+                f"retries must be between 0 and {MAX_RETRIES} (gRPC makes at most "
+                f"{MAX_RETRIES + 1} attempts); got {retries}"
+            )
         self.address = address
         self.timeout = timeout
         self.retries = retries
         self._credentials = Credentials(resolve_token(token), resolve_tls(tls))
-        self._bulk_ok = True  # false once the bulk port proved unreachable
+        self._bulk_host = bulk_host(address)
+        # false once the bulk port proved unreachable, or where the target has no TCP host
+        self._bulk_ok = self._bulk_host is not None
         self._closed = False  # true once closed: a closed client makes no more calls
         self._channel: Any = None
         self._pid = 0
@@ -336,7 +352,7 @@ class BaseClient:
                 ticket = _pb.BulkTicket.FromString(bytes(raw_ticket))
                 connect = (_BULK_CONNECT_SECONDS if timeout is None
                            else min(timeout, _BULK_CONNECT_SECONDS))
-                yield ReceiveBulk(bulk_host(self.address), ticket.port, ticket.token,
+                yield ReceiveBulk(self._bulk_host or "", ticket.port, ticket.token,
                                   ticket.nbytes, asm, timeout, connect)
         except (FailedPrecondition, BulkUnreachable) as exc:
             if isinstance(exc, BulkUnreachable):
@@ -505,13 +521,25 @@ class BaseRemoteTensor(Generic[C]):
         index: Sequence[object],
     ) -> Selection:
         d = self._dim(dim)
-        over_dims = tuple(self._dim(o) for o in over)
+        # Names become numbers; numbers go as given (the server checks and normalizes them).
+        over_dims = tuple(self._dim(o) if isinstance(o, str) else o for o in over)
         sels: list[Selector] = list(outer_selectors(tuple(index))) if index else []
+        if any(isinstance(s, (Ellipsis_, NewAxis, Threshold)) for s in sels):
+            raise InvalidSelection(
+                "where: index takes one entry per dimension (ints, slices, lists, masks); "
+                "no ..., None or threshold"
+            )
+        if len(sels) > d and sels[d] not in (Full(), Range(), Range(None, None, 1)):
+            raise InvalidSelection(
+                f"where: index entry {d} selects along {self._label(d)}, the threshold's own "
+                f"dimension; the threshold chooses its positions (leave that entry ':')"
+            )
         sels += [Full()] * (d + 1 - len(sels)) if len(sels) <= d else []
         sels[d] = Threshold(stat=stat, op=op, value=value, scope=scope, over=over_dims, k=k)
         return Selection(tuple(sels), Combine.OUTER, self._dtype, self._max_bytes)
 
     def _dim(self, dim: int | str) -> int:
+        """A dimension given by name or number (negative: from the end), as a number."""
         if isinstance(dim, str):
             if dim not in self.info.dim_names:
                 raise InvalidSelection(
@@ -519,7 +547,17 @@ class BaseRemoteTensor(Generic[C]):
                     f"{', '.join(self.info.dim_names) or 'unnamed'}"
                 )
             return self.info.dim_names.index(dim)
-        return dim
+        n = self.ndim
+        if not -n <= dim < n:
+            raise SelectionOutOfRange(
+                f"dimension {dim} is out of range for tensor {self.name!r} of {n} dimensions "
+                f"(expected {-n} to {n - 1})"
+            )
+        return dim + n if dim < 0 else dim
+
+    def _label(self, d: int) -> str:
+        names = self.info.dim_names
+        return f"dimension {d} ({names[d]})" if d < len(names) else f"dimension {d}"
 
 
 def where_result(out: Mapping[str, torch.Tensor]) -> WhereResult:
@@ -527,10 +565,46 @@ def where_result(out: Mapping[str, torch.Tensor]) -> WhereResult:
 
 
 class Indexer(Generic[R]):
-    """``remote.oindex[...]`` and ``remote.explain[...]``: indexing calls a function."""
+    """``remote.oindex[...]``: indexing calls a function."""
 
     def __init__(self, fn: Callable[[object], R]) -> None:
         self._fn = fn
 
     def __getitem__(self, index: object) -> R:
         return self._fn(index)
+
+
+class Explainer(Generic[R]):
+    """``remote.explain``: the plan of any access of a remote tensor, nothing executed.
+
+    ``explain[idx]`` (PyTorch's indexing), ``explain.oindex[idx]``,
+    ``explain.select(N=...)`` and ``explain.where(dim, stat, ...)`` take exactly what the
+    access they explain takes."""
+
+    def __init__(self, tensor: BaseRemoteTensor[Any], fn: Callable[[Selection], R]) -> None:
+        self._tensor = tensor
+        self._fn = fn
+
+    def __getitem__(self, index: object) -> R:
+        return self._fn(self._tensor._sel(index, Combine.VECTORIZED))
+
+    @property
+    def oindex(self) -> Indexer[R]:
+        return Indexer(lambda index: self._fn(self._tensor._sel(index, Combine.OUTER)))
+
+    def select(self, **by_name: object) -> R:
+        return self._fn(self._tensor._by_name(by_name))
+
+    def where(
+        self,
+        dim: int | str,
+        stat: str,
+        *,
+        over: Sequence[int | str] = (),
+        op: str = ">",
+        value: float = 0.0,
+        scope: str = "any",
+        k: int = 0,
+        index: Sequence[object] = (),
+    ) -> R:
+        return self._fn(self._tensor._threshold(dim, stat, over, op, value, scope, k, index))

@@ -20,6 +20,7 @@ from tensorslice.client._base import (
     BaseRemoteTensor,
     BulkUnreachable,
     CallUnary,
+    Explainer,
     Flow,
     Indexer,
     ReceiveBulk,
@@ -185,19 +186,20 @@ class RemoteTensor(BaseRemoteTensor[Client]):
     - ``remote.oindex[idx]`` combines index lists orthogonally (``x[b][:, c]``);
     - ``remote.select(N=..., C=...)`` picks by dimension name;
     - ``remote.where(...)`` keeps positions whose statistic passes a threshold;
-    - ``remote.explain[idx]`` returns the plan without executing it.
+    - ``remote.explain[idx]`` returns the plan without executing it (and
+      ``remote.explain.oindex[idx]``, ``.explain.select(...)``, ``.explain.where(...)``).
     """
 
-    def __init__(
-        self, client: Client, info: TensorInfo, *, dtype: str | None = None, max_bytes: int = 0
-    ) -> None:
-        super().__init__(client, info, dtype=dtype, max_bytes=max_bytes)
-        self.oindex: Indexer[torch.Tensor] = Indexer(
-            lambda idx: self._values(self._sel(idx, Combine.OUTER))
-        )
-        self.explain: Indexer[SlicePlan] = Indexer(
-            lambda idx: self.client.explain(self.name, self._sel(idx, Combine.VECTORIZED))
-        )
+    @property
+    def oindex(self) -> Indexer[torch.Tensor]:
+        """``remote.oindex[idx]``: index lists and masks combine orthogonally."""
+        return Indexer(lambda idx: self._values(self._sel(idx, Combine.OUTER)))
+
+    @property
+    def explain(self) -> Explainer[SlicePlan]:
+        """``remote.explain[idx]``, ``.explain.oindex[idx]``, ``.explain.select(...)``,
+        ``.explain.where(...)``: the plan, nothing executed."""
+        return Explainer(self, lambda sel: self.client.explain(self.name, sel))
 
     def astype(self, dtype: str | torch.dtype, *, max_bytes: int | None = None) -> RemoteTensor:
         """The same remote tensor whose results the server casts to `dtype`."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +98,7 @@ class WhereResult:
     def to_nested(self) -> torch.Tensor:
         if self.offsets is None:
             raise ValueError("only a per_sample result is jagged")
+        _quiet_fx_warning()
         return torch.nested.nested_tensor_from_jagged(self.values, self.offsets)
 
     def per_sample(self) -> list[torch.Tensor]:
@@ -104,3 +107,15 @@ class WhereResult:
             raise ValueError("only a per_sample result is jagged")
         o = self.offsets.tolist()
         return [self.values[o[i] : o[i + 1]] for i in range(len(o) - 1)]
+
+
+def _drop_fx_tracing_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("is_fx_tracing will return true")
+
+
+@functools.cache
+def _quiet_fx_warning() -> None:
+    """Building a jagged nested tensor makes torch log a warning about its own internals
+    (``is_fx_tracing will return true ...``) that says nothing to a caller: drop that one
+    message, nothing else."""
+    logging.getLogger("torch.fx._symbolic_trace").addFilter(_drop_fx_tracing_warning)

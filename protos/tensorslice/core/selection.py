@@ -77,9 +77,18 @@ class Index:
 
 @dataclass(frozen=True, eq=False)
 class Indices:
-    """Positions (an int64 tensor of any shape), in order, duplicates kept."""
+    """Positions (an int64 tensor of any shape), in order, duplicates kept. A list, NumPy
+    array or integer tensor is converted."""
 
     values: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if isinstance(self.values, torch.Tensor) and self.values.dtype == torch.int64:
+            return
+        t = _as_index_tensor(self.values)
+        if t.dtype == torch.bool:
+            raise InvalidSelection("Indices takes integer positions; use Mask for bools")
+        object.__setattr__(self, "values", t.to(torch.int64))
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,10 +98,19 @@ class Mask:
 
     `counts_as_one`: where ``...`` stands for the dimensions the other selectors leave, the
     mask counts as one whatever its dimensions, as PyTorch counts a mask given as a list or
-    a NumPy array (``x[np.array(True)]`` on a 0-d tensor is one index too many)."""
+    a NumPy array (``x[np.array(True)]`` on a 0-d tensor is one index too many). A list or
+    NumPy array of bools is converted."""
 
     values: torch.Tensor
     counts_as_one: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.values, torch.Tensor) and self.values.dtype == torch.bool:
+            return
+        t = _as_index_tensor(self.values)
+        if t.dtype not in (torch.bool, torch.uint8):
+            raise InvalidSelection(f"Mask takes bools; got {t.dtype}")
+        object.__setattr__(self, "values", t.to(torch.bool))
 
 
 STATS = ("mean", "max", "min", "sum", "abs_mean", "l2")
@@ -123,6 +141,7 @@ class Ellipsis_:
 
 
 Selector: TypeAlias = Full | Range | Index | Indices | Mask | Threshold | NewAxis | Ellipsis_
+_SELECTOR_TYPES = (Full, Range, Index, Indices, Mask, Threshold, NewAxis, Ellipsis_)
 
 
 @dataclass(frozen=True)
@@ -133,6 +152,16 @@ class Selection:
     combine: Combine = Combine.OUTER
     dtype: str | None = None
     max_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        # A Python index may stand for the selectors: Selection(([0, 2], [1, 3]), OUTER).
+        combine = Combine(self.combine)
+        sels = self.selectors
+        if not (isinstance(sels, tuple) and all(isinstance(s, _SELECTOR_TYPES) for s in sels)):
+            sels = (outer_selectors(sels) if combine is Combine.OUTER
+                    else selectors_from_index(sels))
+        object.__setattr__(self, "selectors", sels)
+        object.__setattr__(self, "combine", combine)
 
 
 # ---------------------------------------------------------------------------- Python index
@@ -264,7 +293,7 @@ def _slice_bound(value: object, name: str) -> int | None:
 
 
 def _one(obj: object) -> Selector:
-    if isinstance(obj, (Full, Range, Index, Indices, Mask, Threshold, NewAxis, Ellipsis_)):
+    if isinstance(obj, _SELECTOR_TYPES):
         return obj
     if obj is None:
         return NewAxis()

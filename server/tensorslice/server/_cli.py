@@ -1,14 +1,25 @@
-"""The `tensorslice` command: serve, ls, get, health, demo."""
+"""The tensorslice command: serve, ls, get, health, demo.
+
+Exit status: 0 on success; 2 for a usage or start-up error (a bad option, a file that is
+missing, two tensors of one name, a port in use), with a one-line message and no
+traceback; 1 when the server answers `ls` or `get` with an error, or `health` finds it
+not SERVING.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import signal
+import socket
 import sys
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from tensorslice.client import Client, Combine, TensorSliceError
 from tensorslice.core.codec import dtype_name
@@ -16,47 +27,139 @@ from tensorslice.core.parse import parse_index
 from tensorslice.core.selection import Selection, outer_selectors, selectors_from_index
 from tensorslice.server._auth import StartupError, TlsFiles, read_token
 from tensorslice.server._config import ServerConfig
-from tensorslice.server._server import AddressInUse, create_server
+from tensorslice.server._server import AddressInUse, TensorSliceServer, create_server
 from tensorslice.server._store import DEMO_DIM_NAMES, DEMO_NAME, TensorStore, demo_tensor
 
 log = logging.getLogger("tensorslice.server")
 
+DESCRIPTION = """\
+Serve tensors held in memory and fetch slices of them.
 
-def _parse_bytes(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+  tensorslice serve --tensor acts=/data/acts.safetensors    serve one file
+  tensorslice ls 127.0.0.1:50051                            list what a server holds
+  tensorslice get 127.0.0.1:50051 acts '0:10, [1, 3]'       fetch one slice
+  tensorslice demo                                          a server and a client in one run
+"""
+
+BYTE_SIZES = """\
+BYTES is a number of bytes, optionally followed by K, M, G or T, with or without B or
+iB; every suffix is binary (1K = 1KB = 1KiB = 1024 bytes, 1GB = 1GiB); 0 means no limit."""
+
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_BYTE_SIZE = re.compile(r"(\d+(\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?")
 
 
-def _bytes_or_none(text: str | None) -> int | None:
-    return None if text is None else _parse_bytes(text)
+class UsageError(Exception):
+    """A command line or start-up error: printed as one line, exit status 2."""
+
+
+def parse_bytes(text: str) -> int:
+    """A byte size (see `BYTE_SIZES`): ``"64GiB"``, ``"1.5G"``, ``"4096"``, ``"0"``."""
+    m = _BYTE_SIZE.fullmatch(text.strip().lower())
+    if m is None or (not m.group(3) and "." in m.group(1)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a byte size: a whole number of bytes, or a number with K, M, G "
+            f"or T (binary: 1GB = 1GiB = 1073741824), e.g. 64GiB; 0 means no limit"
+        )
+    number, unit = m.group(1), m.group(3)
+    return int(float(number) * _UNITS[unit]) if unit else int(number)
+
+
+def _index(text: str) -> tuple[object, ...]:
+    try:
+        return parse_index(text)
+    except TensorSliceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a log level (DEBUG, INFO, WARNING, ERROR or CRITICAL)"
+        )
+    return level
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``tensorslice serve: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """One tensor to load: its name, file and key, and the option that asked for it."""
+
+    name: str
+    path: Path
+    key: str | None
+    option: str
+
+    def describe(self) -> str:
+        where = f"{self.path}:{self.key}" if self.key else str(self.path)
+        return self.option if self.option.endswith(where) else f"{self.option} ({where})"
 
 
 def _split_tensor_arg(arg: str) -> tuple[str, Path, str | None]:
     """NAME=PATH[:KEY]; a PATH that exists as a file is taken whole (it may hold ':')."""
     name, sep, rest = arg.partition("=")
     if not sep or not name or not rest:
-        raise SystemExit(f"--tensor wants NAME=PATH[:KEY]; got {arg!r}")
+        raise UsageError(f"--tensor wants NAME=PATH[:KEY]; got {arg!r}")
     if Path(rest).is_file() or ":" not in rest:
         return name, Path(rest), None
     path, _, key = rest.rpartition(":")
     return name, Path(path), key or None
 
 
-def build_store(args: argparse.Namespace) -> TensorStore:
-    budget = None if args.max_device_memory is None else _parse_bytes(args.max_device_memory)
-    store = TensorStore(device=args.device, max_device_memory=budget)
-    progress = not args.no_progress
-    for arg in args.tensor or []:
+def plan_sources(tensors: Sequence[str], dirs: Sequence[str]) -> list[Source]:
+    """Every tensor the options name, in load order. Two of one name are refused, naming
+    both sources (within one directory the `FILESTEM/KEY` rule applies first)."""
+    sources = []
+    for arg in tensors:
         name, path, key = _split_tensor_arg(arg)
-        store.load_file(path, key, name, progress=progress)
-    for d in args.dir or []:
-        store.load_dir(d, progress=progress)
+        sources.append(Source(name, path, key, f"--tensor {arg}"))
+    for d in dirs:
+        for name, path, key in TensorStore.dir_sources(d):
+            sources.append(Source(name, path, key, f"--dir {d}"))
+    seen: dict[str, Source] = {}
+    for s in sources:
+        first = seen.setdefault(s.name, s)
+        if first is not s:
+            raise UsageError(
+                f"two tensors named {s.name!r}: {first.describe()} and {s.describe()}; "
+                f"give one another name with --tensor NAME=PATH:KEY"
+            )
+    return sources
+
+
+def load(store: TensorStore, sources: Sequence[Source], *, progress: bool = True) -> None:
+    """Load every source into `store`; with none, the generated demo tensor."""
+    for s in sources:
+        store.load_file(s.path, s.key, s.name, progress=progress)
     if len(store) == 0:
         store.add(DEMO_NAME, demo_tensor(), dim_names=DEMO_DIM_NAMES, source="generated demo")
-    return store
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _check_free(host: str, port: int, option: str) -> None:
+    """Refuse a port that cannot be bound, before anything is loaded (and before gRPC's own
+    bind, whose failure says less)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.create_server((host.strip("[]"), port), family=family).close()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot listen on {host}:{port} ({option}): {exc.strerror or exc}"
+        ) from None
 
 
 def _security(args: argparse.Namespace) -> tuple[str | None, TlsFiles | None]:
@@ -73,25 +176,29 @@ def _security(args: argparse.Namespace) -> tuple[str | None, TlsFiles | None]:
     return token, tls
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        token, tls = _security(args)
-        store = build_store(args)
-    except (TensorSliceError, StartupError) as exc:
-        print(f"tensorslice: {exc}", file=sys.stderr)
-        return 2
+def _start(
+    args: argparse.Namespace,
+) -> tuple[TensorSliceServer, int, TensorStore, str | None, TlsFiles | None]:
+    """The server of `serve`, its ports bound, then its tensors loaded (not yet started):
+    a port in use fails at once, before any file is read."""
+    sources = plan_sources(args.tensor, args.dir)
+    token, tls = _security(args)
+    _check_free(args.host, args.port, "--port")
+    if not args.no_bulk:
+        _check_free(args.host, args.bulk_port, "--bulk-port")
+    store = TensorStore(device=args.device, max_device_memory=args.max_device_memory)
     config = ServerConfig(
-        max_result_bytes=_bytes_or_none(args.max_result_bytes),
+        max_result_bytes=args.max_result_bytes,
         max_calls=args.max_calls,
         call_wait=args.call_wait,
         send_timeout=args.send_timeout,
-        max_materialized_bytes=_bytes_or_none(args.max_materialized_bytes),
-        max_request_bytes=_bytes_or_none(args.max_request_bytes),
+        max_materialized_bytes=args.max_materialized_bytes,
+        max_request_bytes=args.max_request_bytes,
         bulk=not args.no_bulk,
         bulk_port=args.bulk_port,
         ticket_timeout=args.ticket_timeout,
         max_pending_tickets=args.max_pending_tickets,
-        max_ticket_bytes=_bytes_or_none(args.max_ticket_bytes),
+        max_ticket_bytes=args.max_ticket_bytes,
         max_bulk_connections=args.max_bulk_connections,
         handshake_timeout=args.handshake_timeout,
         token=token,
@@ -101,10 +208,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         server, port = create_server(store, f"{args.host}:{args.port}", config)
+    except AddressInUse as exc:  # taken between the check and the bind
+        raise UsageError(str(exc)) from None
+    load(store, sources, progress=not args.no_progress)
+    return server, port, store, token, tls
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        server, port, store, token, tls = _start(args)
         server.start()
-    except (AddressInUse, StartupError) as exc:
-        print(f"tensorslice: {exc}", file=sys.stderr)
-        return 2
+    except (TensorSliceError, StartupError, AddressInUse) as exc:
+        # a file, a key, a device, a budget, a token or TLS file, a port
+        raise UsageError(str(exc)) from None
     address = f"{args.host}:{port}"
     security = ", ".join(w for w in ("TLS" if tls else "plaintext",
                                      "mutual TLS" if tls and tls.client_ca else "",
@@ -153,16 +269,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    index = parse_index(args.index)
+    index = args.index
     combine = Combine.OUTER if args.oindex else Combine.VECTORIZED
     sels = outer_selectors(index) if args.oindex else selectors_from_index(index)
     selection = Selection(sels, combine, args.dtype, 0)
     with Client(args.address, timeout=args.timeout) as c:
         plan = c.explain(args.name, selection)
-        if args.output:
+        if args.output:  # one transfer: the file is written, and its tensor read from it
+            from safetensors.torch import load
+
             data = c.slice_bytes(args.name, index, combine=combine, dtype=args.dtype)
             Path(args.output).write_bytes(data)
-        values = c.slice(args.name, selection)["values"]
+            values = load(data)["values"]
+        else:
+            values = c.slice(args.name, selection)["values"]
     print(f"shape: {list(values.shape)}")
     print(f"dtype: {dtype_name(values.dtype)}")
     print(f"plan:  {plan}")
@@ -181,7 +301,8 @@ def cmd_health(args: argparse.Namespace) -> int:
         with Client(args.address, timeout=args.timeout, retries=0) as c:
             status = c.health(args.service)
     except (TensorSliceError, ValueError) as exc:
-        print(f"tensorslice: {args.address}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"tensorslice health: {args.address}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
         return 1
     print(status)
     return 0 if status == "SERVING" else 1
@@ -193,55 +314,77 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(quick=args.quick)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tensorslice", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``tensorslice`` command (its help is the reference)."""
+    log_help = "DEBUG, INFO, WARNING or ERROR (default: INFO); before or after the command"
+    parser = _Parser(prog="tensorslice", description=DESCRIPTION,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", type=_log_level, default="INFO", help=log_help)
+    common = _Parser(add_help=False)
+    common.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS,
+                        help=log_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # No abbreviations: `--token VALUE` must not pass for `--token-file`.
-    s = sub.add_parser("serve", help="serve tensors", allow_abbrev=False)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=50051)
-    s.add_argument("--tensor", action="append", metavar="NAME=PATH[:KEY]",
-                   help="serve one tensor of a safetensors file (repeatable)")
-    s.add_argument("--dir", action="append", metavar="DIR",
-                   help="serve every tensor of every .safetensors file in DIR")
-    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    s.add_argument("--max-device-memory", default=None, metavar="BYTES",
-                   help="refuse loads beyond this many bytes on the device (RESOURCE_EXHAUSTED);"
-                        " default on cuda: what is free minus max(1GiB, 10%%); cpu: no limit")
-    s.add_argument("--max-result-bytes", default=None, metavar="BYTES",
-                   help="refuse larger results (RESOURCE_EXHAUSTED); default an eighth of "
-                        "the memory")
+    s = sub.add_parser("serve", help="serve tensors", parents=[common], epilog=BYTE_SIZES,
+                       description="Serve tensors of safetensors files over gRPC.",
+                       allow_abbrev=False)
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on, for gRPC and the bulk data plane "
+                        "(default: %(default)s; 0.0.0.0 for every interface)")
+    s.add_argument("--port", type=int, default=50051,
+                   help="gRPC port (default: %(default)s; 0: a free one)")
+    s.add_argument("--tensor", action="append", default=[], metavar="NAME=PATH[:KEY]",
+                   help="serve one tensor of a safetensors file as NAME; KEY names it in a "
+                        "file of several (repeatable)")
+    s.add_argument("--dir", action="append", default=[], metavar="DIR",
+                   help="serve every tensor of every .safetensors file in DIR, named by its "
+                        "key, or FILESTEM/KEY for a key in several files (repeatable)")
+    s.add_argument("--device", default="cpu", metavar="cpu|cuda|cuda:N",
+                   help="where the tensors live (default: %(default)s)")
+    s.add_argument("--max-device-memory", type=parse_bytes, default=None, metavar="BYTES",
+                   help="budget for the tensors on the device; a load beyond it is refused "
+                        "(default: on cuda what is free minus max(1GiB, 10%%); "
+                        "on cpu no limit)")
+    s.add_argument("--max-result-bytes", type=parse_bytes, default=None, metavar="BYTES",
+                   help="refuse larger results with RESOURCE_EXHAUSTED (default: an eighth "
+                        "of the memory)")
     s.add_argument("--max-calls", type=int, default=None, metavar="N",
                    help="calls served at once; more are refused with UNAVAILABLE (health "
-                        "checks not counted); default 4 per CPU, at least 8")
+                        "checks not counted) (default: 4 per CPU, at least 8)")
     s.add_argument("--call-wait", type=float, default=2.0, metavar="SECONDS",
                    help="a call beyond --max-calls waits this long for a slot (at most "
-                        "--max-calls calls wait), then is refused; default 2")
+                        "--max-calls calls wait), then is refused (default: %(default)s)")
     s.add_argument("--send-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="cancel a stream (or drop a bulk transfer) whose reader stops this "
-                        "long; default 10")
-    s.add_argument("--max-materialized-bytes", default=None, metavar="BYTES",
+                        "long (default: %(default)s)")
+    s.add_argument("--max-materialized-bytes", type=parse_bytes, default=None, metavar="BYTES",
                    help="bytes all calls may hold in memory at once (gathers, thresholds, "
-                        "pending tickets); default a quarter of the memory")
-    s.add_argument("--max-request-bytes", default=None, metavar="BYTES",
-                   help="largest request message; default 64MiB (less on small machines)")
-    s.add_argument("--bulk-port", type=int, default=0,
-                   help="TCP port of the bulk data plane for large results (0: a free one)")
+                        "pending tickets) (default: a quarter of the memory)")
+    s.add_argument("--max-request-bytes", type=parse_bytes, default=None, metavar="BYTES",
+                   help="largest request message (default: 64MiB, less on small machines)")
+    s.add_argument("--bulk-port", type=int, default=0, metavar="PORT",
+                   help="TCP port of the bulk data plane for results over 1 MiB "
+                        "(default: %(default)s: a free one)")
     s.add_argument("--no-bulk", action="store_true",
-                   help="no bulk data plane: large results stream over gRPC only")
+                   help="no bulk data plane: large results stream over gRPC")
     s.add_argument("--ticket-timeout", type=float, default=15.0, metavar="SECONDS",
-                   help="a bulk ticket not redeemed this long expires; default 15")
+                   help="a bulk ticket not redeemed this long expires (default: %(default)s)")
     s.add_argument("--max-pending-tickets", type=int, default=256, metavar="N",
-                   help="bulk tickets awaiting redemption at once; default 256")
-    s.add_argument("--max-ticket-bytes", default=None, metavar="BYTES",
-                   help="materialised bytes pending tickets may hold; default a sixteenth "
-                        "of the memory")
+                   help="bulk tickets awaiting redemption at once (default: %(default)s)")
+    s.add_argument("--max-ticket-bytes", type=parse_bytes, default=None, metavar="BYTES",
+                   help="materialised bytes pending tickets may hold (default: a sixteenth "
+                        "of the memory)")
     s.add_argument("--max-bulk-connections", type=int, default=64, metavar="N",
-                   help="bulk connections open at once; more are closed; default 64")
+                   help="bulk connections open at once; more are closed (default: %(default)s)")
     s.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
-                   help="time a bulk connection has to present its whole token; default 5")
+                   help="time a bulk connection has to present its whole token "
+                        "(default: %(default)s)")
+    s.add_argument("--no-progress", action="store_true",
+                   help="no progress bars while files of 64 MiB or more load")
     s.add_argument("--token-file", default=os.environ.get("TENSORSLICE_TOKEN_FILE"),
                    metavar="PATH",
                    help="require the bearer token this file holds on every call but health "
@@ -256,45 +399,64 @@ def main(argv: list[str] | None = None) -> int:
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port)")
     s.add_argument("--no-reflection", action="store_true",
                    help="do not serve gRPC server reflection")
-    s.add_argument("--no-progress", action="store_true", help="no progress bars while loading")
     s.set_defaults(fn=cmd_serve)
 
-    ls = sub.add_parser("ls", help="list the tensors a server holds")
-    ls.add_argument("address")
-    ls.add_argument("--timeout", type=float, default=30.0)
+    ls = sub.add_parser("ls", help="list the tensors a server holds", parents=[common],
+                        description="List the tensors a server holds.")
+    ls.add_argument("address", help="the server, HOST:PORT")
+    ls.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="deadline of the call (default: %(default)s)")
     ls.set_defaults(fn=cmd_ls)
 
-    g = sub.add_parser("get", help="fetch a slice: tensorslice get ADDR NAME '0:10, [1, 3]'")
-    g.add_argument("address")
-    g.add_argument("name")
-    g.add_argument("index", nargs="?", default="",
-                   help="NumPy-style index, e.g. '0:10, [1,3], ...'")
-    g.add_argument("-o", "--output", help="write the result as a safetensors file")
+    g = sub.add_parser("get", help="fetch a slice and summarize it", parents=[common],
+                       description="Fetch one slice; print its shape, dtype, plan and a "
+                                   "summary of its values.")
+    g.add_argument("address", help="the server, HOST:PORT")
+    g.add_argument("name", help="the tensor's name")
+    g.add_argument("index", nargs="?", default="", type=_index,
+                   help="a NumPy-style index: ranges, ints, lists, nested lists, bools, ..., "
+                        "None, e.g. '0:10, [1, 3], ...' (default: the whole tensor)")
+    g.add_argument("-o", "--output", metavar="FILE",
+                   help="also write the result as a safetensors file")
     g.add_argument("--oindex", action="store_true",
                    help="combine index lists orthogonally (x[b][:, c]) instead of like PyTorch")
-    g.add_argument("--dtype", default=None, help="cast the result, e.g. float16")
-    g.add_argument("--timeout", type=float, default=60.0)
+    g.add_argument("--dtype", default=None,
+                   help="have the server cast the result, e.g. float16 (default: as stored)")
+    g.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="deadline of each call (default: %(default)s)")
     g.set_defaults(fn=cmd_get)
 
-    h = sub.add_parser("health", help="exit 0 when the server is SERVING, 1 otherwise")
-    h.add_argument("address")
+    h = sub.add_parser("health", help="exit 0 when the server is SERVING, 1 otherwise",
+                       parents=[common],
+                       description="Ask a server's health service; exit 0 when it answers "
+                                   "SERVING, 1 otherwise.")
+    h.add_argument("address", help="the server, HOST:PORT")
     h.add_argument("--service", default="",
-                   help="the health service name: '' (default) for the server, or "
+                   help="the health service name: '' (the default) for the server, or "
                         "tensorslice.v1.TensorSlice")
-    h.add_argument("--timeout", type=float, default=5.0)
+    h.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="deadline of the call (default: %(default)s)")
     h.set_defaults(fn=cmd_health)
 
-    d = sub.add_parser("demo", help="run a server and a client in one process")
+    d = sub.add_parser("demo", help="a server and a client in one process", parents=[common],
+                       description="A server and a client in one process: the three slicing "
+                                   "patterns, their plans and timings.")
     d.add_argument("--quick", action="store_true", help="a smaller tensor")
     d.set_defaults(fn=cmd_demo)
+    return parser
 
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.fn(args))
+    except UsageError as exc:
+        print(f"tensorslice {args.command}: {exc}", file=sys.stderr)
+        return 2
     except TensorSliceError as exc:
-        print(f"tensorslice: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"tensorslice {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 
 

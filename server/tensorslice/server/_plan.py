@@ -358,11 +358,23 @@ def plan_region(
                      f"{meta.shape[g.dim]}", 2 * nbytes)
             )
     else:  # Mode.TORCH
-        if any(isinstance(b, BoundRange) and b.step < 0 for b in bound):
-            steps.append(Step("copy", -1, "reverse negative-step slices (flip)", 0))
-        steps.append(
-            Step("gather", -1, "advanced indexing (PyTorch broadcasting rules)", 2 * result_bytes)
-        )
+        # A flag (x[True]) is an advanced index too: PyTorch indexes its dimension with [0].
+        advanced = [b for b in bound if isinstance(b, (Gather, MaskND, Flag))]
+        flips = [b for b in bound if isinstance(b, BoundRange) and b.step < 0]
+        if flips:  # `_execute._run_torch`: the reversed dimensions narrowed, then flipped
+            shape = _narrowed(meta, bound)
+            dims = ",".join(str(f.dim) for f in flips)
+            steps.append(Step("copy", flips[0].dim if len(flips) == 1 else -1,
+                              f"reversed copy (flip) of dims {dims}: {'x'.join(map(str, shape))}",
+                              2 * math.prod(shape) * item))
+            flipped = [replace(b, start=0, stop=b.length, step=1)
+                       if isinstance(b, BoundRange) and b.step < 0 else b for b in bound]
+            if not advanced and not _view_is_contiguous(replace(meta, shape=shape), flipped):
+                steps.append(Step("copy", -1, "strided view of the reversed copy copied",
+                                  2 * result_bytes))
+        if advanced:
+            steps.append(Step("gather", -1, "advanced indexing (PyTorch broadcasting rules)",
+                              2 * result_bytes))
     if out_dtype != meta.dtype:
         steps.append(
             Step("cast", -1, f"{dtype_name(meta.dtype)} -> {dtype_name(out_dtype)}",
@@ -370,6 +382,15 @@ def plan_region(
         )
     return Plan(meta, tuple(replace(s, order=i) for i, s in enumerate(steps)), out_shape,
                 out_dtype, zero_copy, tuple(bound), mode, combine, limit)
+
+
+def _narrowed(meta: TensorMeta, bound: Sequence[Bound]) -> tuple[int, ...]:
+    """The source's shape with each negative-step slice's dimension cut to its length."""
+    shape = list(meta.shape)
+    for b in bound:
+        if isinstance(b, BoundRange) and b.step < 0:
+            shape[b.dim] = b.length
+    return tuple(shape)
 
 
 def _out_shape(meta: TensorMeta, bound: Sequence[Bound], mode: Mode) -> tuple[int, ...]:

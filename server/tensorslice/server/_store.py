@@ -67,16 +67,25 @@ def demo_tensor(shape: tuple[int, ...] = (64, 32, 16, 16), seed: int = 0) -> tor
     return x + offset.reshape(1, c, *([1] * (len(shape) - 2)))
 
 
-def _dim_names_from(metadata: dict[str, str] | None, key: str, ndim: int) -> tuple[str, ...]:
+def _dim_names_from(
+    metadata: dict[str, str] | None, key: str, ndim: int, path: Path
+) -> tuple[str, ...]:
     """Dimension names a file declares: `__metadata__` key `dim_names.KEY` (or `dim_names`
-    for every tensor), a comma-separated list with one name per dimension."""
+    for every tensor), a comma-separated list with one name per dimension (any other
+    count is refused, naming the file, the key and both counts)."""
     if not metadata:
         return ()
-    raw = metadata.get(f"dim_names.{key}", metadata.get("dim_names"))
+    field = f"dim_names.{key}" if f"dim_names.{key}" in metadata else "dim_names"
+    raw = metadata.get(field)
     if not raw:
         return ()
     names = tuple(n.strip() for n in raw.split(","))
-    return names if len(names) == ndim else ()
+    if len(names) != ndim:
+        raise InvalidSelection(
+            f"{path}: {field} {raw!r} names {len(names)} dimensions but tensor {key!r} has "
+            f"{ndim}"
+        )
+    return names
 
 
 class TensorStore:
@@ -84,8 +93,8 @@ class TensorStore:
 
     `max_device_memory` (bytes) caps what the store's tensors may occupy together: a load
     that would exceed it is refused with `ResultTooLarge` before anything is allocated, and
-    the store stays as it was. It applies to any device when given; when None, a CUDA
-    store takes `default_device_budget` and a CPU store has no budget.
+    the store stays as it was. It applies to any device when given; 0 means no budget; when
+    None, a CUDA store takes `default_device_budget` and a CPU store has no budget.
     """
 
     def __init__(
@@ -97,8 +106,8 @@ class TensorStore:
         if max_device_memory is not None and max_device_memory < 0:
             raise InvalidSelection(f"max_device_memory must be >= 0; got {max_device_memory}")
         self.max_device_memory = (
-            max_device_memory if max_device_memory is not None
-            else default_device_budget(self.device)
+            default_device_budget(self.device) if max_device_memory is None
+            else max_device_memory or None  # 0: no budget
         )
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
@@ -213,7 +222,7 @@ class TensorStore:
         path = Path(path)
         if not path.is_file():
             raise TensorNotFound(f"no such file: {path}")
-        with safe_open(str(path), framework="pt") as f:
+        with _open(path) as f:
             keys = list(f.keys())
             if key is None:
                 if len(keys) != 1:
@@ -225,30 +234,34 @@ class TensorStore:
             if key not in keys:
                 raise TensorNotFound(f"{path} holds no tensor {key!r}; it holds: {', '.join(keys)}")
             meta = f.metadata()
+            ndim = len(f.get_slice(key).get_shape())
+            names = _dim_names_from(meta, key, ndim, path)
             t = self._read(f, key, f"{name or key}", progress)  # reserves its bytes
-        names = _dim_names_from(meta, key, t.ndim)
         return self._put(name or key, t, names, f"{path}:{key}")
 
     def load_dir(self, directory: str | os.PathLike[str], *, progress: bool = True) -> list[Entry]:
-        """Load every tensor of every `.safetensors` file in `directory`. A tensor is named
-        by its key; keys found in several files are named `FILESTEM/KEY` instead."""
+        """Load every tensor of every `.safetensors` file in `directory`, named as
+        `dir_sources` names them."""
+        return [self.load_file(path, key, name, progress=progress)
+                for name, path, key in self.dir_sources(directory)]
+
+    @staticmethod
+    def dir_sources(directory: str | os.PathLike[str]) -> list[tuple[str, Path, str]]:
+        """(name, file, key) of every tensor of every `.safetensors` file in `directory`,
+        nothing loaded. A tensor is named by its key; a key found in several files is named
+        `FILESTEM/KEY` instead, in every file that has it."""
         directory = Path(directory)
         if not directory.is_dir():
             raise TensorNotFound(f"no such directory: {directory}")
-        files = sorted(directory.glob("*.safetensors"))
-        owners: dict[str, list[Path]] = {}
-        for fp in files:
-            with safe_open(str(fp), framework="pt") as f:
-                for k in f.keys():
-                    owners.setdefault(k, []).append(fp)
-        out = []
-        for fp in files:
-            with safe_open(str(fp), framework="pt") as f:
-                keys = list(f.keys())
-            for k in keys:
-                nm = k if len(owners[k]) == 1 else f"{fp.stem}/{k}"
-                out.append(self.load_file(fp, k, nm, progress=progress))
-        return out
+        keys: dict[Path, list[str]] = {}
+        owners: dict[str, int] = {}
+        for fp in sorted(directory.glob("*.safetensors")):
+            with _open(fp) as f:
+                keys[fp] = list(f.keys())
+            for k in keys[fp]:
+                owners[k] = owners.get(k, 0) + 1
+        return [(k if owners[k] == 1 else f"{fp.stem}/{k}", fp, k)
+                for fp, ks in keys.items() for k in ks]
 
     def _read(self, f: object, key: str, label: str, progress: bool) -> torch.Tensor:
         """Read a tensor slab by slab (at most `_LOAD_SLAB_BYTES` of host memory at a time)
@@ -277,6 +290,14 @@ class TensorStore:
         except BaseException:
             self._unreserve(nbytes)
             raise
+
+
+def _open(path: Path) -> Any:
+    """`safe_open` of a file; a file that is not safetensors is refused, naming it."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors' own error type: the header does not parse
+        raise InvalidSelection(f"{path} is not a readable safetensors file: {exc}") from None
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -115,6 +115,11 @@ def plan_threshold(
     else:
         over_t = tuple(x for x in range(ndim) if x not in (0, d) or (d == 0 and x != 0))
     if spec.scope == "topk":
+        if spec.k == 0:
+            raise InvalidSelection(
+                f"scope topk needs k, how many positions of {meta.dim(d)} to keep per "
+                f"sample (1 to {meta.shape[d]})"
+            )
         if not 1 <= spec.k <= meta.shape[d]:
             raise SelectionOutOfRange(
                 f"k {spec.k} is out of range for {meta.dim(d)} of size {meta.shape[d]}"

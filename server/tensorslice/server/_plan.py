@@ -362,14 +362,15 @@ def plan_region(
         advanced = [b for b in bound if isinstance(b, (Gather, MaskND, Flag))]
         flips = [b for b in bound if isinstance(b, BoundRange) and b.step < 0]
         if flips:  # `_execute._run_torch`: the reversed dimensions narrowed, then flipped
-            shape = _narrowed(meta, bound)
+            narrowed = _narrowed(meta, bound)
             dims = ",".join(str(f.dim) for f in flips)
             steps.append(Step("copy", flips[0].dim if len(flips) == 1 else -1,
-                              f"reversed copy (flip) of dims {dims}: {'x'.join(map(str, shape))}",
-                              2 * math.prod(shape) * item))
+                              f"reversed copy (flip) of dims {dims}: "
+                              f"{'x'.join(map(str, narrowed))}",
+                              2 * math.prod(narrowed) * item))
             flipped = [replace(b, start=0, stop=b.length, step=1)
                        if isinstance(b, BoundRange) and b.step < 0 else b for b in bound]
-            if not advanced and not _view_is_contiguous(replace(meta, shape=shape), flipped):
+            if not advanced and not _view_is_contiguous(replace(meta, shape=narrowed), flipped):
                 steps.append(Step("copy", -1, "strided view of the reversed copy copied",
                                   2 * result_bytes))
         if advanced:

@@ -193,6 +193,7 @@ def _assert_usage_error(proc: subprocess.CompletedProcess[str], *fragments: str)
         assert f in lines[0], lines[0]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("0", 0), ("4096", 4096), ("64GiB", 64 << 30), ("64GB", 64 << 30), ("64g", 64 << 30),
@@ -202,12 +203,14 @@ def test_byte_sizes(text: str, expected: int) -> None:
     assert parse_bytes(text) == expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["lots", "-1", "1.5", "", "nanG", "infG", "1e3", "5X"])
 def test_byte_sizes_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"{text!r} is not a byte size")):
         parse_bytes(text)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("option", ["--max-result-bytes", "--max-device-memory"])
 def test_bad_byte_size_is_one_line_exit_2(option: str) -> None:
     proc = _cli("serve", option, "lots")
@@ -215,10 +218,12 @@ def test_bad_byte_size_is_one_line_exit_2(option: str) -> None:
                         "0 means no limit")
 
 
+@pytest.mark.unit
 def test_zero_device_memory_means_no_budget() -> None:
     assert TensorStore("cpu", max_device_memory=0).max_device_memory is None
 
 
+@pytest.mark.e2e
 def test_bad_options_are_one_line_exit_2(tmp_path: Path) -> None:
     _assert_usage_error(_cli("serve", "--port", "x"), "argument --port: invalid int value: 'x'")
     _assert_usage_error(_cli("serve", "--tensor", "nonsense"),
@@ -234,6 +239,7 @@ def test_bad_options_are_one_line_exit_2(tmp_path: Path) -> None:
                         "'LOUD' is not a log level")
 
 
+@pytest.mark.e2e
 def test_ports_in_use_are_one_line_exit_2() -> None:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
@@ -246,6 +252,7 @@ def test_ports_in_use_are_one_line_exit_2() -> None:
                             "Address already in use")
 
 
+@pytest.mark.e2e
 def test_wrong_number_of_dim_names_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "x.safetensors"
     save_file({"x": torch.zeros(2, 3)}, str(path), metadata={"dim_names": "N,C,H"})
@@ -258,6 +265,7 @@ def test_wrong_number_of_dim_names_is_refused(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- name clashes
 
 
+@pytest.mark.e2e
 def test_name_clashes_across_sources_are_refused(tmp_path: Path) -> None:
     d1, d2 = tmp_path / "d1", tmp_path / "d2"
     d1.mkdir()
@@ -281,6 +289,7 @@ def test_name_clashes_across_sources_are_refused(tmp_path: Path) -> None:
     _assert_usage_error(proc, "two tensors named 'y'", "give one another name")
 
 
+@pytest.mark.unit
 def test_name_clash_check_does_not_load(tmp_path: Path) -> None:
     save_file({"y": torch.zeros(2)}, str(tmp_path / "a.safetensors"))
     sources = plan_sources([], [str(tmp_path)])
@@ -296,6 +305,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     return {"tensorslice": parser, **sub.choices}
 
 
+@pytest.mark.unit
 def test_every_option_has_help_and_its_default() -> None:
     for name, parser in _parsers().items():
         for action in parser._actions:
@@ -308,11 +318,13 @@ def test_every_option_has_help_and_its_default() -> None:
                     f"{name} {action.dest}: default {default!r} not in its help")
 
 
+@pytest.mark.unit
 def test_help_has_no_backticks() -> None:
     for name, parser in _parsers().items():
         assert "`" not in parser.format_help(), name
 
 
+@pytest.mark.unit
 def test_log_level_before_or_after_the_command() -> None:
     parser = build_parser()
     assert parser.parse_args(["ls", "a:1"]).log_level == "INFO"
@@ -321,6 +333,7 @@ def test_log_level_before_or_after_the_command() -> None:
     assert parser.parse_args(["serve", "--log-level", "ERROR"]).log_level == "ERROR"
 
 
+@pytest.mark.e2e
 def test_get_output_transfers_once(
     server: str, demo: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],

@@ -85,9 +85,11 @@ class Indices:
     def __post_init__(self) -> None:
         if isinstance(self.values, torch.Tensor) and self.values.dtype == torch.int64:
             return
-        t = _as_index_tensor(self.values)
-        if t.dtype == torch.bool:
+        t = _index_data(self.values)
+        if t.dtype in _MASK_DTYPES:
             raise InvalidSelection("Indices takes integer positions; use Mask for bools")
+        if t.dtype not in _INDEX_DTYPES:
+            raise InvalidSelection(f"Indices takes integer positions; got {t.dtype}")
         object.__setattr__(self, "values", t.to(torch.int64))
 
 
@@ -107,8 +109,8 @@ class Mask:
     def __post_init__(self) -> None:
         if isinstance(self.values, torch.Tensor) and self.values.dtype == torch.bool:
             return
-        t = _as_index_tensor(self.values)
-        if t.dtype not in (torch.bool, torch.uint8):
+        t = _index_data(self.values)
+        if t.dtype not in _MASK_DTYPES:
             raise InvalidSelection(f"Mask takes bools; got {t.dtype}")
         object.__setattr__(self, "values", t.to(torch.bool))
 
@@ -260,6 +262,14 @@ def _tensor_from_data(obj: object) -> torch.Tensor:
             raise InvalidSelection(message) from None
         raise UnconvertibleIndex(message) from None
     return t
+
+
+def _index_data(obj: object) -> torch.Tensor:
+    """The positions or bools of an `Indices` or `Mask` given as a list, an array or a
+    tensor, as a tensor on the host."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    return _tensor_from_data(obj)
 
 
 def _inference_error(obj: object) -> Exception | None:

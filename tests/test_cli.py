@@ -9,11 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from _output import OutputLines
 from safetensors.torch import load_file, save_file
 
 from tensorslice.client import Client, InvalidSelection, TensorNotFound
@@ -111,36 +111,19 @@ def test_store_dir_names_clashes_by_file(tmp_path: Path) -> None:
     assert store.get("part2/x").meta.shape == (4,)
 
 
-def _wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(pattern, line)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"no line matching {pattern!r}")
-
-
 @pytest.mark.e2e
 def test_serve_subprocess_demo_and_sigterm(tmp_path: Path) -> None:
     x = torch.randn(40, 3)
     path = tmp_path / "x.safetensors"
     save_file({"x": x}, str(path))
-    port_probe = subprocess.run(
-        [sys.executable, "-c", "import socket;s=socket.socket();s.bind(('127.0.0.1',0));"
-         "print(s.getsockname()[1])"], capture_output=True, text=True, check=True)
-    port = int(port_probe.stdout)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tensorslice.server._cli", "serve", "--port", str(port),
+    proc = subprocess.Popen(  # port 0: the server prints the port it bound
+        [sys.executable, "-m", "tensorslice.server._cli", "serve", "--port", "0",
          "--tensor", f"x={path}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        address = _wait_for_line(proc, r"serving 1 tensor\(s\) on (\S+)")
+        address = OutputLines(proc).wait_for(r"serving 1 tensor\(s\) on (\S+)")
         with Client(address, timeout=10) as c:
             assert torch.equal(c.tensor("x")[5:9], x[5:9])
         proc.send_signal(signal.SIGTERM)
@@ -159,8 +142,9 @@ def test_serve_without_tensors_serves_demo() -> None:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        address = _wait_for_line(proc, r"serving 1 tensor\(s\) on (\S+)")
-        hint = _wait_for_line(proc, r"(no tensors given: serving a generated demo tensor)")
+        lines = OutputLines(proc)
+        address = lines.wait_for(r"serving 1 tensor\(s\) on (\S+)")
+        hint = lines.wait_for(r"(no tensors given: serving a generated demo tensor)")
         assert hint
         with Client(address, timeout=10) as c:
             assert [t.name for t in c.list_tensors()] == ["demo"]

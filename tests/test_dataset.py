@@ -8,11 +8,11 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
 import torch
+from _output import OutputLines
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tensorslice.client import (
@@ -52,11 +52,12 @@ def _start_server() -> tuple[subprocess.Popen[str], str]:
         [sys.executable, "-c", _SERVER, str(N), str(D)],
         stdout=subprocess.PIPE, text=True, env=env,
     )
-    assert proc.stdout is not None
-    port = proc.stdout.readline().strip()
-    if not port:
+    try:
+        port = OutputLines(proc).wait_for(r"^(\d+)$")
+    except AssertionError:
         proc.kill()
-        raise RuntimeError("the server subprocess did not start")
+        proc.wait()
+        raise
     return proc, f"127.0.0.1:{port}"
 
 
@@ -179,11 +180,11 @@ def test_server_killed_mid_epoch_raises_within_timeout() -> None:
         next(it)
         proc.kill()
         proc.wait()
-        start = time.monotonic()
+        # Within the client's timeout: a worker stuck past it would make the loader raise
+        # its own RuntimeError (LOADER_TIMEOUT), not these.
         with pytest.raises((ServerUnavailable, DeadlineExceeded)):
             for _ in it:
                 pass
-        assert time.monotonic() - start < 10
     finally:
         proc.kill()
         proc.wait()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import re
+import select
 import subprocess
 import threading
 import time
@@ -41,3 +43,21 @@ class OutputLines:
             if m:
                 return m.group(1)
         raise AssertionError(f"no line matching {pattern!r} within {timeout} s; got {seen!r}")
+
+
+def first_line(proc: subprocess.Popen[str], timeout: float = 60) -> str:
+    """The first line a subprocess writes, within `timeout` seconds; no thread is left
+    behind (for tests that fork afterwards)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise AssertionError(f"no line within {timeout} s; got {data!r}")
+        more = os.read(fd, 4096)
+        if not more:
+            raise AssertionError(f"output ended before a line; got {data!r}")
+        data += more
+    return data.split(b"\n", 1)[0].decode()

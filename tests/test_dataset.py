@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from _output import OutputLines
+from _output import first_line
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tensorslice.client import (
@@ -53,7 +53,7 @@ def _start_server() -> tuple[subprocess.Popen[str], str]:
         stdout=subprocess.PIPE, text=True, env=env,
     )
     try:
-        port = OutputLines(proc).wait_for(r"^(\d+)$")
+        port = first_line(proc).strip()
     except AssertionError:
         proc.kill()
         proc.wait()

@@ -3,6 +3,8 @@
 Property tests: generated index expressions over tensors of 1 to 5 dimensions and six
 dtypes; `remote[idx]` against `local[idx]` (PyTorch's advanced indexing, broadcasting and
 dimension placement included), `remote.oindex[idx]` against per-dimension application.
+Each runs against the planner directly (many examples, `unit`) and through a served client
+(a smaller sample, `e2e`).
 Negative-step slices (refused by torch) follow NumPy: the reference reverses them first.
 """
 
@@ -25,7 +27,11 @@ from tensorslice.client import (
     SelectionOutOfRange,
     TensorSliceError,
 )
-from tensorslice.server import ServerConfig, TensorStore, create_server
+from tensorslice.client._base import Indexer, make_selection
+from tensorslice.client._receive import Assembler
+from tensorslice.core.selection import Combine, Selection, selection_from_proto, selection_to_proto
+from tensorslice.server import ServerConfig, TensorMeta, TensorStore, create_server, execute, plan
+from tensorslice.server._stream import pieces
 
 SHAPES: dict[int, tuple[int, ...]] = {
     1: (6,),
@@ -37,11 +43,14 @@ SHAPES: dict[int, tuple[int, ...]] = {
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool)
 NAMES = [f"t{nd}_{str(dt).removeprefix('torch.')}" for nd in SHAPES for dt in DTYPES]
 
+# The planner is checked directly (plan, execute, the file's bytes decoded as a client does)
+# on many examples; the served path, through gRPC and both transports, on a smaller sample.
 SETTINGS = settings(
     max_examples=1000,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+SERVED_SETTINGS = settings(SETTINGS, max_examples=150)
 
 
 def _make(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -90,6 +99,33 @@ def sem_client(tensors: dict[str, torch.Tensor], device: str) -> Iterator[Client
 @pytest.fixture(scope="module")
 def remotes(sem_client: Client) -> dict[str, RemoteTensor]:
     return _Quiet({name: sem_client.tensor(name) for name in NAMES})
+
+
+class _Planned:
+    """``remote[idx]`` and ``remote.oindex[idx]`` without a server: the selection through
+    its proto mapping, `plan`, `execute`, and the file's bytes decoded by the client's
+    `Assembler`."""
+
+    def __init__(self, name: str, x: torch.Tensor) -> None:
+        self.meta = TensorMeta(name, tuple(x.shape), x.dtype, str(x.device))
+        self.x = x
+        self.oindex: Indexer[torch.Tensor] = Indexer(lambda idx: self._run(idx, Combine.OUTER))
+
+    def __getitem__(self, idx: object) -> torch.Tensor:
+        return self._run(idx, Combine.VECTORIZED)
+
+    def _run(self, idx: object, combine: Combine) -> torch.Tensor:
+        sel: Selection = make_selection(idx, combine)
+        sel = selection_from_proto(selection_to_proto(self.meta.name, sel))
+        payloads = execute(plan(self.meta, sel), self.x)
+        asm = Assembler()
+        asm.feed(b"".join(bytes(p) for p in pieces(payloads, {})))
+        return asm.tensors()["values"]
+
+
+@pytest.fixture(scope="module")
+def planned(tensors: dict[str, torch.Tensor], device: str) -> dict[str, _Planned]:
+    return _Quiet({name: _Planned(name, t.to(device)) for name, t in tensors.items()})
 
 
 # ---------------------------------------------------------------------------- strategies
@@ -334,15 +370,7 @@ def _assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------- properties
 
 
-@pytest.mark.e2e
-@SETTINGS
-@given(name=st.sampled_from(NAMES), mode=MODES, data=st.data())
-def test_getitem_matches_torch(
-    name: str, mode: str, data: st.DataObject,
-    tensors: dict[str, torch.Tensor], remotes: dict[str, RemoteTensor],
-) -> None:
-    x = tensors[name]
-    idx = data.draw(index_exprs(x.shape, mode), label="idx")
+def _check_getitem(x: torch.Tensor, idx: Any, target: Any) -> None:
     try:
         want = reference(x, idx)
     except (IndexError, ValueError, RuntimeError) as exc:
@@ -353,38 +381,76 @@ def test_getitem_matches_torch(
         else:
             expected = (InvalidSelection,)
         with pytest.raises(expected):
-            remotes[name][idx]
+            target[idx]
         return
     if _has_oob(x, idx):
         # torch skips its bounds check when the result is empty; the server, like NumPy,
         # validates every index on the host and refuses.
         assert want.numel() == 0
         with pytest.raises(SelectionOutOfRange, match="is out of bounds for dimension"):
-            remotes[name][idx]
+            target[idx]
         return
-    _assert_same(remotes[name][idx], want)
+    _assert_same(target[idx], want)
+
+
+@pytest.mark.unit
+@SETTINGS
+@given(name=st.sampled_from(NAMES), mode=MODES, data=st.data())
+def test_getitem_matches_torch(
+    name: str, mode: str, data: st.DataObject,
+    tensors: dict[str, torch.Tensor], planned: dict[str, _Planned],
+) -> None:
+    x = tensors[name]
+    _check_getitem(x, data.draw(index_exprs(x.shape, mode), label="idx"), planned[name])
 
 
 @pytest.mark.e2e
-@SETTINGS
+@SERVED_SETTINGS
 @given(name=st.sampled_from(NAMES), mode=MODES, data=st.data())
-def test_oindex_matches_per_dimension(
+def test_getitem_matches_torch_served(
     name: str, mode: str, data: st.DataObject,
     tensors: dict[str, torch.Tensor], remotes: dict[str, RemoteTensor],
 ) -> None:
     x = tensors[name]
-    idx = data.draw(index_exprs(x.shape, mode, outer=True), label="idx")
+    _check_getitem(x, data.draw(index_exprs(x.shape, mode), label="idx"), remotes[name])
+
+
+def _check_oindex(x: torch.Tensor, idx: Any, target: Any) -> None:
     try:
         want = oreference(x, idx)
     except _Oob:
         with pytest.raises(SelectionOutOfRange):
-            remotes[name].oindex[idx]
+            target.oindex[idx]
         return
     except _Bad:
         with pytest.raises(InvalidSelection):
-            remotes[name].oindex[idx]
+            target.oindex[idx]
         return
-    _assert_same(remotes[name].oindex[idx], want)
+    _assert_same(target.oindex[idx], want)
+
+
+@pytest.mark.unit
+@SETTINGS
+@given(name=st.sampled_from(NAMES), mode=MODES, data=st.data())
+def test_oindex_matches_per_dimension(
+    name: str, mode: str, data: st.DataObject,
+    tensors: dict[str, torch.Tensor], planned: dict[str, _Planned],
+) -> None:
+    x = tensors[name]
+    _check_oindex(x, data.draw(index_exprs(x.shape, mode, outer=True), label="idx"),
+                  planned[name])
+
+
+@pytest.mark.e2e
+@SERVED_SETTINGS
+@given(name=st.sampled_from(NAMES), mode=MODES, data=st.data())
+def test_oindex_matches_per_dimension_served(
+    name: str, mode: str, data: st.DataObject,
+    tensors: dict[str, torch.Tensor], remotes: dict[str, RemoteTensor],
+) -> None:
+    x = tensors[name]
+    _check_oindex(x, data.draw(index_exprs(x.shape, mode, outer=True), label="idx"),
+                  remotes[name])
 
 
 @pytest.mark.e2e

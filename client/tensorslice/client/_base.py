@@ -227,13 +227,16 @@ def make_selection(
     combine: Combine | str = Combine.VECTORIZED,
     dtype: str | None = None,
     max_bytes: int = 0,
+    tensor: tuple[str, int] | None = None,
 ) -> Selection:
     """A `Selection` from a Python index (what ``x[...]`` receives); a `Selection` passes
-    through unchanged."""
+    through unchanged. `tensor` (name, dimensions), where known, lets too many indices be
+    reported before the items are read, as PyTorch does."""
     if isinstance(index, Selection):
         return index
     combine = Combine(combine)
-    sels = outer_selectors(index) if combine is Combine.OUTER else selectors_from_index(index)
+    sels = (outer_selectors(index) if combine is Combine.OUTER
+            else selectors_from_index(index, tensor))
     return Selection(sels, combine, dtype, max_bytes)
 
 
@@ -493,7 +496,8 @@ class BaseRemoteTensor(Generic[C]):
 
     # ------------------------------------------------------------------ selections
     def _sel(self, index: object, combine: Combine) -> Selection:
-        return make_selection(index, combine, self._dtype, self._max_bytes)
+        return make_selection(index, combine, self._dtype, self._max_bytes,
+                              (self.name, self.ndim))
 
     def _by_name(self, by_name: Mapping[str, object]) -> Selection:
         names = self.info.dim_names

@@ -333,9 +333,38 @@ def _one(obj: object) -> Selector:
     return Index(_int64(i, "index"))
 
 
-def selectors_from_index(index: object) -> tuple[Selector, ...]:
-    """Turn a Python index (what ``x[...]`` receives) into selectors, as PyTorch reads it."""
-    return tuple(_one(item) for item in _as_tuple(index))
+def _specified(items: tuple[object, ...]) -> int:
+    """PyTorch's count of the dimensions an index specifies, before reading its items: a
+    bool or uint8 tensor counts its dimensions, None, ``...`` and bools none, anything else
+    one."""
+    count = 0
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            count += item.ndim if item.dtype in _MASK_DTYPES else 1
+        elif not (item is None or item is Ellipsis or isinstance(item, bool)):
+            count += 1
+    return count
+
+
+def selectors_from_index(
+    index: object, tensor: tuple[str, int] | None = None
+) -> tuple[Selector, ...]:
+    """Turn a Python index (what ``x[...]`` receives) into selectors, as PyTorch reads it.
+    With `tensor` (its name and number of dimensions), too many indices are reported first,
+    before any item is read, as PyTorch does (the server checks again in any case)."""
+    items = _as_tuple(index)
+    single = not isinstance(index, tuple) and (
+        index is None or index is Ellipsis or isinstance(index, (bool, slice)) or _is_int(index)
+    )
+    if tensor is not None and not single:
+        name, ndim = tensor
+        count = _specified(items)
+        if count > ndim:
+            raise InvalidIndex(
+                f"too many indices for tensor '{name}' of {ndim} dimensions: "
+                f"{count} dimensions indexed"
+            )
+    return tuple(_one(item) for item in items)
 
 
 def outer_selectors(index: object) -> tuple[Selector, ...]:

@@ -139,7 +139,10 @@ def _check_indices(meta: TensorMeta, d: int, values: torch.Tensor) -> torch.Tens
     return v
 
 
-def _normalize(meta: TensorMeta, sel: Selector, d: int | None) -> Bound:
+def _normalize(
+    meta: TensorMeta, sel: Selector, d: int | None,
+    deferred: list[SelectionOutOfRange] | None = None,
+) -> Bound:
     if isinstance(sel, Mask) and sel.values.ndim == 0:
         return Flag(bool(sel.values))
     if d is None:
@@ -168,7 +171,15 @@ def _normalize(meta: TensorMeta, sel: Selector, d: int | None) -> Bound:
             )
         return BoundIndex(d, i + size if i < 0 else i)
     if isinstance(sel, Indices):
-        return Gather(d, _check_indices(meta, d, sel.values))
+        try:
+            return Gather(d, _check_indices(meta, d, sel.values))
+        except SelectionOutOfRange as exc:
+            if deferred is None or meta.shape[d] == 0:
+                raise
+            # PyTorch checks an index list against a non-empty dimension only where the
+            # result has elements: kept until the result's size is known (`plan`).
+            deferred.append(exc)
+            return Gather(d, torch.zeros(sel.values.shape, dtype=torch.int64))
     if isinstance(sel, Mask):
         m = sel.values
         k = max(m.ndim, 1)
@@ -229,8 +240,12 @@ def plan(meta: TensorMeta, selection: Selection, *, limit: int = 0) -> Plan:
         for s, d in pairs:
             if isinstance(s, (Index, Range)):
                 _normalize(meta, s, d)
-    bound = [_normalize(meta, s, d) for s, d in pairs]
+    deferred: list[SelectionOutOfRange] = []
+    vectorized = selection.combine is Combine.VECTORIZED
+    bound = [_normalize(meta, s, d, deferred if vectorized else None) for s, d in pairs]
     limit = combined_limit(selection.max_bytes, limit)
+    if deferred and any(isinstance(b, BoundThreshold) for b in bound):
+        raise deferred[0]
     if any(isinstance(b, BoundThreshold) for b in bound):
         thr, base_bound = _threshold.check(meta, selection, bound)
         base = plan_region(meta, base_bound, selection.combine, meta.dtype)
@@ -238,6 +253,8 @@ def plan(meta: TensorMeta, selection: Selection, *, limit: int = 0) -> Plan:
         _check_limit(p, limit)  # a size the data decides (-1) is checked before its gather
         return p
     p = plan_region(meta, bound, selection.combine, out_dtype, limit)
+    if deferred and p.result_nbytes != 0:
+        raise deferred[0]
     _check_limit(p, limit)
     return p
 

@@ -1,6 +1,8 @@
 """Two hostile scenarios against a real `tensorslice serve` on 127.0.0.1, with the server's
 memory and the answers normal callers get (see `scripts/abuse --help`).
 
+- mask: one request carrying a mask too large for the tensor (60 MB): the server's
+  high-water RSS before and after.
 - tickets: N `Fetch` calls asking for the bulk plane, for a VECTORIZED two-list gather
   built whole (16 MiB each), never redeemed; the server's RSS before, at its peak and
   after the tickets expire, and how many were refused.
@@ -45,6 +47,14 @@ def rss(pid: int, field: str = "VmRSS") -> int:
     return int(m.group(1)) << 10 if m else 0
 
 
+def reset_peak(pid: int) -> None:
+    """Start the process's high-water RSS afresh (Linux: clear_refs 5), where allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def mib(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB"
 
@@ -85,7 +95,7 @@ def code_of(exc: grpc.RpcError) -> str:
 
 
 def tickets(proc: subprocess.Popen[str], address: str, count: int, expire: float) -> None:
-    fetch = None
+    reset_peak(proc.pid)
     before = rss(proc.pid)
     outcomes: Counter[str] = Counter()
     peak = before
@@ -163,11 +173,31 @@ def stalled(proc: subprocess.Popen[str], address: str, streams: int, watch: floa
         ch.close()
 
 
+def mask(proc: subprocess.Popen[str], address: str, nbytes: int) -> None:
+    """One request with a mask of `nbytes` values that does not fit the tensor."""
+    req = pb.SliceRequest(tensor="x", selectors=[pb.Selector(mask=pb.Mask(values=bytes(nbytes)))])
+    reset_peak(proc.pid)
+    before = rss(proc.pid, "VmHWM")
+    with grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", -1)]) as ch:
+        fetch = ch.unary_unary(f"{SERVICE}/Fetch", request_serializer=_serialize,
+                               response_deserializer=None)
+        try:
+            fetch(req, timeout=60)
+            outcome = "OK"
+        except grpc.RpcError as exc:
+            err: Any = exc
+            outcome = f"{code_of(exc)}: {err.details()[:90]}"
+    print(f"mask: one request with a {mib(nbytes)} mask: {outcome}")
+    print(f"  server high-water RSS {mib(before)} -> {mib(rss(proc.pid, 'VmHWM'))}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tickets", type=int, default=400)
     ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--mask-bytes", type=int, default=60 << 20)
     ap.add_argument("--watch", type=float, default=15.0, help="seconds to watch (stalled)")
     ap.add_argument("--pythonpath", help="PYTHONPATH for the server (compare versions)")
     ap.add_argument("serve_args", nargs="*", help="after --: extra `tensorslice serve` flags")
@@ -178,10 +208,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "x.safetensors"
         save_file({"x": torch.randn(8192, 8192)}, str(path))  # 256 MiB
-        for scenario in ("tickets", "stalled"):
+        for scenario in ("mask", "tickets", "stalled"):
             proc, address = start(path, args.serve_args, args.pythonpath)
             try:
-                if scenario == "tickets":
+                if scenario == "mask":
+                    mask(proc, address, args.mask_bytes)
+                elif scenario == "tickets":
                     tickets(proc, address, args.tickets, expire)
                 else:
                     stalled(proc, address, args.streams, args.watch)

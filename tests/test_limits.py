@@ -509,6 +509,19 @@ def test_stop_lets_transfers_in_flight_and_pending_tickets_finish() -> None:
     assert not stopper.is_alive() and bulk.sent == 2
 
 
+@pytest.mark.e2e
+def test_stop_grants_the_grace_period_to_tickets_issued() -> None:
+    srv, address = _start(unary_max_bytes=1024)
+    with _channel(address) as ch:
+        ticket = _ticket(ch, _whole("big"))
+    done = srv.stop(grace=30)
+    assert not done.wait(0.5)  # a ticket is pending: the bulk plane still serves it
+    data = _redeem(ticket.port, ticket.token)
+    assert torch.equal(safetensors.torch.load(data)["values"], BIG)
+    assert done.wait(30)
+    assert srv.bulk is not None and srv.bulk.sent == 1
+
+
 # ------------------------------------------------------------------ requests, ports
 
 

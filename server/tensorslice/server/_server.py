@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from concurrent import futures
 from typing import Any
 
@@ -77,13 +78,16 @@ class TensorSliceServer:
         issued, which may still be redeemed), get `grace` seconds. The event is set once
         every call and transfer has ended."""
         self.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + (grace or 0)
         grpc_done: threading.Event = self.grpc_server.stop(grace)
         done = threading.Event()
 
         def drain() -> None:
-            if self.bulk is not None:
-                self.bulk.stop(grace)
+            # Calls in flight may still issue tickets: the bulk plane keeps taking them
+            # until the last call has ended, then serves what is pending until the deadline.
             grpc_done.wait()
+            if self.bulk is not None:
+                self.bulk.stop(max(deadline - time.monotonic(), 0))
             if self.service is not None:
                 self.service.watchdog.stop()
             if self._metrics_http is not None:

@@ -134,7 +134,8 @@ def _imported_packages(modules: str) -> list[str]:
 def test_core_imports_neither_side_nor_grpc() -> None:
     assert _imported_packages(
         "tensorslice.core.errors, tensorslice.core.selection, tensorslice.core.codec, "
-        "tensorslice.core.results, tensorslice.core.parse, tensorslice.core.endpoint"
+        "tensorslice.core.results, tensorslice.core.parse, tensorslice.core.endpoint, "
+        "tensorslice.core.credentials"
     ) == []
 
 

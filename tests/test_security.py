@@ -7,6 +7,8 @@ from __future__ import annotations
 import pickle
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ from tensorslice.client import (
     TlsConfig,
     Unauthenticated,
 )
-from tensorslice.client._auth import resolve_tls, resolve_token
+from tensorslice.core.credentials import resolve_tls, resolve_token
 from tensorslice.server import (
     AddressInUse,
     ServerConfig,
@@ -356,7 +358,7 @@ def test_health_command(tls_server: tuple[Any, str], certs: Certs,
                         capsys: pytest.CaptureFixture[str]) -> None:
     srv, address = tls_server
     assert main(["health", address, "--timeout", "5"]) == 1  # plaintext against TLS
-    assert "ServerUnavailable" in capsys.readouterr().err
+    assert f"{address}: UNAVAILABLE" in capsys.readouterr().err
     monkeypatch.setenv("TENSORSLICE_TLS_CA", str(certs.ca))
     assert main(["health", address]) == 0
     assert capsys.readouterr().out.strip() == "SERVING"
@@ -370,3 +372,12 @@ def test_health_command(tls_server: tuple[Any, str], certs: Certs,
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
     assert main(["health", f"127.0.0.1:{free}", "--timeout", "2"]) == 1
+
+
+def test_health_command_imports_no_torch() -> None:
+    # A container's HEALTHCHECK runs it every few seconds; it must start quickly.
+    code = ("import sys; from tensorslice.server._cli import main; "
+            "import tensorslice.server._probe; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip() == "False"

@@ -9,9 +9,9 @@ own indexing.
 """
 
 from tensorslice.client._async import AsyncClient, AsyncRemoteTensor
-from tensorslice.client._auth import TlsConfig
 from tensorslice.client._client import Client, RemoteTensor
 from tensorslice.client._dataset import RemoteTensorDataset, RemoteTensorIterableDataset
+from tensorslice.core.credentials import TlsConfig
 from tensorslice.core.errors import (
     DeadlineExceeded,
     InternalServerError,

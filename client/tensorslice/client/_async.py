@@ -22,7 +22,6 @@ import grpc
 import grpc.aio
 import torch
 
-from tensorslice.client._auth import TlsConfig
 from tensorslice.client._base import (
     DEFAULT,
     BaseClient,
@@ -41,6 +40,7 @@ from tensorslice.client._base import (
 from tensorslice.client._client import receive_bulk
 from tensorslice.client._errors import map_rpc_errors
 from tensorslice.core.codec import decode_chunk
+from tensorslice.core.credentials import TlsConfig
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
 from tensorslice.core.selection import Combine
 

@@ -22,9 +22,9 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from tensorslice.client._auth import Credentials, TlsConfig, resolve_tls, resolve_token
 from tensorslice.client._receive import Assembler
 from tensorslice.core.codec import dtype_name, split_chunk
+from tensorslice.core.credentials import Credentials, TlsConfig, resolve_tls, resolve_token
 from tensorslice.core.endpoint import SERVICE_NAME, has_tcp_host, host_of
 from tensorslice.core.errors import FailedPrecondition, InvalidSelection, SelectionOutOfRange
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult

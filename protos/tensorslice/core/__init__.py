@@ -8,6 +8,7 @@ It imports neither side, nor grpc:
     tensorslice.core.codec       dtype codes, safetensors headers, `SliceChunk` framing
     tensorslice.core.results     result and description types (`TensorInfo`, `SlicePlan`...)
     tensorslice.core.parse       index expressions written as text (``"0:10, [1, 3]"``)
+    tensorslice.core.credentials a client's token and TLS settings (arguments or environment)
 
 `tensorslice.client` re-exports the names users need; the server imports them from here.
 """

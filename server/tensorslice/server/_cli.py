@@ -19,16 +19,16 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from tensorslice.client import Client, Combine, TensorSliceError
-from tensorslice.core.codec import dtype_name
-from tensorslice.core.parse import parse_index
-from tensorslice.core.selection import Selection, outer_selectors, selectors_from_index
-from tensorslice.server._auth import StartupError, TlsFiles, read_token
-from tensorslice.server._config import ServerConfig
-from tensorslice.server._server import AddressInUse, TensorSliceServer, create_server
-from tensorslice.server._store import DEMO_DIM_NAMES, DEMO_NAME, TensorStore, demo_tensor
+# Each command imports what it needs when it runs: `tensorslice health`, a container's
+# HEALTHCHECK, must not pay for importing torch.
+from tensorslice.core.errors import TensorSliceError
+
+if TYPE_CHECKING:
+    from tensorslice.server._auth import TlsFiles
+    from tensorslice.server._server import TensorSliceServer
+    from tensorslice.server._store import TensorStore
 
 log = logging.getLogger("tensorslice.server")
 
@@ -66,6 +66,8 @@ def parse_bytes(text: str) -> int:
 
 
 def _index(text: str) -> tuple[object, ...]:
+    from tensorslice.core.parse import parse_index
+
     try:
         return parse_index(text)
     except TensorSliceError as exc:
@@ -119,6 +121,8 @@ def _split_tensor_arg(arg: str) -> tuple[str, Path, str | None]:
 def plan_sources(tensors: Sequence[str], dirs: Sequence[str]) -> list[Source]:
     """Every tensor the options name, in load order. Two of one name are refused, naming
     both sources (within one directory the `FILESTEM/KEY` rule applies first)."""
+    from tensorslice.server._store import TensorStore
+
     sources = []
     for arg in tensors:
         name, path, key = _split_tensor_arg(arg)
@@ -139,6 +143,8 @@ def plan_sources(tensors: Sequence[str], dirs: Sequence[str]) -> list[Source]:
 
 def load(store: TensorStore, sources: Sequence[Source], *, progress: bool = True) -> None:
     """Load every source into `store`; with none, the generated demo tensor."""
+    from tensorslice.server._store import DEMO_DIM_NAMES, DEMO_NAME, demo_tensor
+
     for s in sources:
         store.load_file(s.path, s.key, s.name, progress=progress)
     if len(store) == 0:
@@ -164,6 +170,8 @@ def _check_free(host: str, port: int, option: str) -> None:
 
 def _security(args: argparse.Namespace) -> tuple[str | None, TlsFiles | None]:
     """The token and TLS files of `serve`, checked before anything loads."""
+    from tensorslice.server._auth import StartupError, TlsFiles, read_token
+
     token = read_token(args.token_file)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise StartupError("--tls-cert and --tls-key go together")
@@ -181,6 +189,10 @@ def _start(
 ) -> tuple[TensorSliceServer, int, TensorStore, str | None, TlsFiles | None]:
     """The server of `serve`, its ports bound, then its tensors loaded (not yet started):
     a port in use fails at once, before any file is read."""
+    from tensorslice.server._config import ServerConfig
+    from tensorslice.server._server import AddressInUse, create_server
+    from tensorslice.server._store import TensorStore
+
     sources = plan_sources(args.tensor, args.dir)
     token, tls = _security(args)
     _check_free(args.host, args.port, "--port")
@@ -215,6 +227,10 @@ def _start(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from tensorslice.server._auth import StartupError
+    from tensorslice.server._server import AddressInUse
+    from tensorslice.server._store import DEMO_NAME
+
     try:
         server, port, store, token, tls = _start(args)
         server.start()
@@ -256,6 +272,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from tensorslice.client import Client
+    from tensorslice.core.codec import dtype_name
+
     with Client(args.address, timeout=args.timeout) as c:
         infos = c.list_tensors()
     rows = [("NAME", "SHAPE", "DTYPE", "DEVICE", "BYTES", "DIMS")]
@@ -269,6 +288,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
+    from tensorslice.client import Client, Combine
+    from tensorslice.core.codec import dtype_name
+    from tensorslice.core.selection import Selection, outer_selectors, selectors_from_index
+
     index = args.index
     combine = Combine.OUTER if args.oindex else Combine.VECTORIZED
     sels = outer_selectors(index) if args.oindex else selectors_from_index(index)
@@ -297,12 +320,19 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 only when the server answers SERVING (for HEALTHCHECK and probes)."""
+    import grpc
+
+    from tensorslice.server._probe import health_status
+
     try:
-        with Client(args.address, timeout=args.timeout, retries=0) as c:
-            status = c.health(args.service)
-    except (TensorSliceError, ValueError) as exc:
-        print(f"tensorslice health: {args.address}: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
+        status = health_status(args.address, args.service, args.timeout)
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        print(f"tensorslice health: {args.address}: {code.name}: {details}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a TLS file named in the environment is missing
+        print(f"tensorslice health: {exc}", file=sys.stderr)
         return 1
     print(status)
     return 0 if status == "SERVING" else 1

@@ -1,6 +1,7 @@
-"""The client's credentials: the bearer token and the TLS settings, given as arguments or
+"""A client's credentials: the bearer token and the TLS settings, given as arguments or
 taken from the environment, so that DataLoader workers (which inherit the environment,
-and receive pickled clients) authenticate like their parent.
+and receive pickled clients) authenticate like their parent. Used by both clients and by
+`tensorslice health` (which must start fast: nothing here imports torch or grpc).
 
 Environment variables, read when a client is created without the argument:
 
@@ -21,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TlsConfig", "resolve_tls", "resolve_token"]
+__all__ = ["Credentials", "TlsConfig", "resolve_tls", "resolve_token"]
 
 
 @dataclass(frozen=True)

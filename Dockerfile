@@ -27,7 +27,6 @@ RUN set -eu; \
     else \
         $pip install --extra-index-url "$TORCH_INDEX" /src; \
     fi; \
-    /opt/tensorslice/bin/python -m compileall -q /opt/tensorslice >/dev/null; \
     /opt/tensorslice/bin/python -c "import tensorslice.server, tensorslice.client"
 
 FROM ${BASE}
@@ -37,7 +36,7 @@ RUN set -eu; \
         --shell /usr/sbin/nologin tensorslice 2>/dev/null \
      || adduser --system --uid 10001 --group --no-create-home tensorslice); \
     mkdir -p /data
-# The environment is compiled at build time and read-only at run time.
+# pip compiled the environment at install time; it is read-only at run time.
 ENV PATH=/opt/tensorslice/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

@@ -210,10 +210,11 @@ def test_zero_device_memory_means_no_budget() -> None:
 @pytest.mark.e2e
 def test_bad_options_are_one_line_exit_2(tmp_path: Path) -> None:
     _assert_usage_error(_cli("serve", "--port", "x"), "argument --port: invalid int value: 'x'")
-    _assert_usage_error(_cli("serve", "--tensor", "nonsense"),
+    _assert_usage_error(_cli("serve", "--port", "0", "--tensor", "nonsense"),
                         "--tensor wants NAME=PATH[:KEY]; got 'nonsense'")
-    _assert_usage_error(_cli("serve", "--tensor", f"x={tmp_path}/missing.safetensors"),
-                        "no such file")
+    _assert_usage_error(
+        _cli("serve", "--port", "0", "--tensor", f"x={tmp_path}/missing.safetensors"),
+        "no such file")
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     _assert_usage_error(_cli("serve", "--port", "0", "--dir", str(tmp_path)),
                         f"{tmp_path}/bad.safetensors is not a readable safetensors file")
@@ -243,7 +244,8 @@ def test_wrong_number_of_dim_names_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidSelection, match=re.escape(
             f"{path}: dim_names 'N,C,H' names 3 dimensions but tensor 'x' has 2")):
         TensorStore().load_file(path)
-    _assert_usage_error(_cli("serve", "--tensor", f"x={path}"), "names 3 dimensions")
+    _assert_usage_error(_cli("serve", "--port", "0", "--tensor", f"x={path}"),
+                        "names 3 dimensions")
 
 
 # ---------------------------------------------------------------------------- name clashes

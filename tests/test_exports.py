@@ -152,3 +152,18 @@ def test_planner_imports_neither_grpc_nor_the_client() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip() == "False"
+
+
+def test_server_imports_no_private_client_module() -> None:
+    import ast
+    from pathlib import Path
+
+    server = Path(tensorslice.server.__file__).parent
+    private = [
+        f"{path.name}: {node.module}"
+        for path in sorted(server.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        and (node.module or "").startswith("tensorslice.client._")
+    ]
+    assert private == []

@@ -212,7 +212,7 @@ def test_tls_settings_from_the_environment(
 def test_plaintext_client_against_tls_server(tls_server: tuple[Any, str]) -> None:
     _, address = tls_server
     with Client(address, timeout=5, retries=0, token=TOKEN) as c, pytest.raises(
-        ServerUnavailable
+        ServerUnavailable, match="this client speaks plaintext: if the server uses TLS"
     ):
         c.list_tensors()
 
@@ -222,7 +222,7 @@ def test_tls_client_against_plaintext_server(
 ) -> None:
     _, address = token_server
     with Client(address, timeout=5, retries=0, token=TOKEN, tls=str(certs.ca)) as c, \
-            pytest.raises(ServerUnavailable):
+            pytest.raises(ServerUnavailable, match="the server may be plaintext"):
         c.list_tensors()
 
 

@@ -126,11 +126,11 @@ class AsyncClient(BaseClient):
             deserialize = None if step.response_cls is None else step.response_cls.FromString
             call = self._chan().unary_unary(step.path, request_serializer=serialize,
                                             response_deserializer=deserialize)
-            with map_rpc_errors():
+            with map_rpc_errors(self._connect_hint()):
                 return await call(step.request, timeout=step.timeout, metadata=self._metadata)
         stream = self._chan().unary_stream(step.path, request_serializer=serialize,
                                            response_deserializer=None)
-        with map_rpc_errors():
+        with map_rpc_errors(self._connect_hint()):
             async for chunk in stream(step.request, timeout=step.timeout,
                                       metadata=self._metadata):
                 step.sink.feed(decode_chunk(chunk))

@@ -289,6 +289,14 @@ class BaseClient:
         """The TLS settings in use, or None for plaintext."""
         return self._credentials.tls
 
+    def _connect_hint(self) -> str:
+        """What to check when no connection can be made: the TLS setting on both ends."""
+        if self._credentials.tls is None:
+            return ("this client speaks plaintext: if the server uses TLS, give the client "
+                    "tls= or TENSORSLICE_TLS_CA")
+        return ("this client speaks TLS: the server may be plaintext (then tls=False), or "
+                "its certificate not signed by a CA the client trusts")
+
     def _server_name(self) -> str | None:
         tls = self._credentials.tls
         return None if tls is None else tls.server_name

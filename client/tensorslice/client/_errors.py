@@ -18,13 +18,17 @@ def status_of(code: grpc.StatusCode) -> Status:
 
 
 @contextlib.contextmanager
-def map_rpc_errors() -> Iterator[None]:
-    """Translate a `grpc.RpcError` raised inside the block into a `TensorSliceError`."""
+def map_rpc_errors(connect_hint: str = "") -> Iterator[None]:
+    """Translate a `grpc.RpcError` raised inside the block into a `TensorSliceError`;
+    `connect_hint` is added to the message when no connection could be made."""
     try:
         yield
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
+        if connect_hint and code is grpc.StatusCode.UNAVAILABLE and details \
+                and "failed to connect" in details:
+            details = f"{details} ({connect_hint})"
         raise error_from_status(status_of(code), details or code.name, _class_name(exc)) from None
 
 

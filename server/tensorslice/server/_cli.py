@@ -237,6 +237,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (TensorSliceError, StartupError, AddressInUse) as exc:
         # a file, a key, a device, a budget, a token or TLS file, a port
         raise UsageError(str(exc)) from None
+    # Before the first line is printed: whoever reads it may signal at once.
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: object) -> None:
+        print(f"tensorslice: {signal.Signals(signum).name} received, shutting down", flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     address = f"{args.host}:{port}"
     security = ", ".join(w for w in ("TLS" if tls else "plaintext",
                                      "mutual TLS" if tls and tls.client_ca else "",
@@ -257,14 +266,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"no tensors given: serving a generated demo tensor. Try:\n"
               f"  tensorslice ls {address}\n"
               f"  tensorslice get {address} {DEMO_NAME} '0:2, [1, 3], ..., 0'", flush=True)
-    stop = threading.Event()
-
-    def _on_signal(signum: int, frame: object) -> None:
-        print(f"tensorslice: {signal.Signals(signum).name} received, shutting down", flush=True)
-        stop.set()
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
     stop.wait()
     server.stop(grace=5).wait()
     print("tensorslice: stopped", flush=True)

@@ -208,47 +208,34 @@ def test_inline_fetch_frame_is_a_slice_chunk() -> None:
 
 @pytest.mark.unit
 def test_receive_buffers_are_recycled_only_once_their_tensors_are_gone() -> None:
-    import ctypes
     import gc
 
-    from tensorslice.client import _receive
+    from tensorslice.client._receive import BufferPool
     from tensorslice.core.codec import safetensors_header
 
     n = 2 << 20
     header, _ = safetensors_header([("values", torch.uint8, (n,))])
+    pool = BufferPool()  # this test's own: nothing another test left matters
 
     def receive(fill: int) -> torch.Tensor:
-        asm = Assembler()
+        asm = Assembler(pool=pool)
         asm.feed(header)
         asm.feed(bytes([fill]) * n)
         return asm.tensors()["values"]
 
-    def holds(buf: bytearray, address: int) -> bool:
-        start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        return start <= address < start + len(buf)
-
-    def recycled(address: int) -> bool:  # a buffer waiting for reuse holds this address
-        return any(holds(b, address) for b in _receive._recycled)
-
-    # Only this test's buffers count: earlier tests may free theirs at any collection.
-    gc.collect()
-    _receive._recycled.clear()
     first = receive(1)
     view = first[10:20]  # a view keeps the buffer too
     del first
     gc.collect()
-    assert not recycled(view.data_ptr())
+    assert pool.free_count == 0
     second = receive(2)  # must not reuse the buffer `view` lives on
     assert int(view.sum()) == 10 and int(second[:10].sum()) == 20
     address = second.data_ptr()
     del second
     gc.collect()
-    assert recycled(address)
-    for b in list(_receive._recycled):  # leave no other candidate (freed meanwhile) in the pool
-        if not holds(b, address):
-            _receive._recycled.remove(b)
+    assert pool.free_count == 1
     third = receive(3)  # reuses the freed buffer: no fresh pages to fault in
-    assert third.data_ptr() == address
+    assert third.data_ptr() == address and pool.handed_out == 1
     assert int(third.sum()) == 3 * n and int(view.sum()) == 10
 
 

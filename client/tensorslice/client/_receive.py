@@ -3,23 +3,37 @@
 Guarantees:
 - A result is copied once, from the network into one buffer whose size the safetensors
   header announces; tensors are built on that buffer with `torch.frombuffer`.
-- A recycled buffer is handed to at most one live result (see `_receive_buffer`).
+- A receive buffer has exactly one owner at any time: the `BufferPool` that lists it as
+  free, or the one live view it handed out (and the tensors built on that view). Buffers
+  are tracked by identity (``id``), never by equality; taking one removes it from the pool
+  under the pool's lock, so two results can never be given the same buffer.
+- A buffer goes back to its pool exactly once, when its view and every tensor on it are
+  gone (`weakref.finalize` calls at most once). The return never blocks and never takes
+  the pool's lock, so a finalizer run by the garbage collector in any thread (even one
+  inside the pool) cannot deadlock: it lands in a queue the pool drains under its lock.
+- Free buffers are bounded in bytes (`max_bytes`); a returned buffer beyond the bound is
+  dropped. Between two operations of a pool, buffers freed meanwhile wait in its return
+  queue (they are memory the caller held until then).
+- A forked child starts with an empty pool and a fresh lock (a lock held by another
+  thread of the parent at fork time would never be released in the child).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+import queue
 import socket
 import struct
+import threading
 import weakref
-from collections import deque
 
 import torch
 
 from tensorslice.core.codec import TensorEntry, parse_header
 from tensorslice.core.errors import TensorSliceError
 
-__all__ = ["RECYCLE_MAX_BYTES", "Assembler"]
+__all__ = ["RECYCLE_MAX_BYTES", "Assembler", "BufferPool"]
 
 _RECV_BYTES = 16 << 20
 
@@ -29,34 +43,99 @@ reused: filling fresh memory costs a page fault per 4 KiB, about as much as the 
 _RECYCLE_MIN = 1 << 20
 
 
-_recycled: deque[bytearray] = deque()
+class BufferPool:
+    """Receive buffers of at least `min_bytes`, recycled once their results are gone.
 
+    `take(n)` hands out a writable view of n bytes on a buffer that no live view uses; the
+    buffer returns to the pool when that view (and every tensor built on it) is collected.
+    See the module's guarantees.
+    """
 
-def _give_back(buf: bytearray) -> None:
-    if sum(map(len, _recycled)) + len(buf) <= RECYCLE_MAX_BYTES:
-        _recycled.append(buf)
+    def __init__(self, max_bytes: int = RECYCLE_MAX_BYTES, min_bytes: int = _RECYCLE_MIN
+                 ) -> None:
+        self.max_bytes = max_bytes
+        self.min_bytes = min_bytes
+        self._reset()
+        ref = weakref.ref(self)
 
+        def _after_fork() -> None:
+            pool = ref()
+            if pool is not None:
+                pool._reset()
 
-def _receive_buffer(n: int) -> memoryview:
-    """A writable view of n bytes. Large ones come from the recycling pool when a free
-    buffer of at most twice the size is there; the buffer goes back to the pool when the
-    view (and every tensor built on it) is gone."""
-    if n < _RECYCLE_MIN:
-        return memoryview(bytearray(n))
-    buf = None
-    for cand in list(_recycled):
-        if n <= len(cand) <= 2 * n:
+        os.register_at_fork(after_in_child=_after_fork)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._free: dict[int, bytearray] = {}  # id(buffer) -> buffer; the pool's own
+        self._free_bytes = 0
+        # Finalizers put returned buffers here: SimpleQueue.put is reentrant and never
+        # blocks (safe from a finalizer that runs while this thread holds `_lock`).
+        self._returned: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self.handed_out = 0  # views handed out on recycled buffers (for tests)
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes of the buffers listed as free (after taking in those returned)."""
+        with self._lock:
+            self._drain()
+            return self._free_bytes
+
+    @property
+    def free_count(self) -> int:
+        with self._lock:
+            self._drain()
+            return len(self._free)
+
+    def _drain(self) -> None:
+        """Move returned buffers into the free list, within the byte bound (lock held)."""
+        while True:
             try:
-                _recycled.remove(cand)
-            except ValueError:  # taken by another thread meanwhile
-                continue
-            buf = cand
-            break
-    if buf is None:
-        buf = bytearray(n)
-    view = memoryview(buf)[:n]
-    weakref.finalize(view, _give_back, buf)
-    return view
+                buf = self._returned.get_nowait()
+            except queue.Empty:
+                return
+            key = id(buf)
+            if key in self._free:  # cannot happen: one finalizer per handout
+                raise AssertionError("a receive buffer was returned twice")
+            if self._free_bytes + len(buf) <= self.max_bytes:
+                self._free[key] = buf
+                self._free_bytes += len(buf)
+
+    def take(self, n: int) -> memoryview:
+        """A writable view of n bytes that no other live view shares. From `min_bytes` up,
+        a free buffer of n to 2n bytes is reused when the pool has one."""
+        if n < self.min_bytes:
+            return memoryview(bytearray(n))
+        buf: bytearray | None = None
+        with self._lock:
+            self._drain()
+            best: int | None = None
+            best_size = 0
+            for key, cand in self._free.items():
+                size = len(cand)
+                if n <= size <= 2 * n and (best is None or size < best_size):
+                    best, best_size = key, size
+            if best is not None:
+                buf = self._free.pop(best)
+                self._free_bytes -= len(buf)
+                self.handed_out += 1
+        if buf is None:
+            buf = bytearray(n)
+        view = memoryview(buf)[:n]
+        done = weakref.finalize(view, _give_back, weakref.ref(self), buf)
+        done.atexit = False
+        return view
+
+
+def _give_back(pool_ref: weakref.ref[BufferPool], buf: bytearray) -> None:
+    """A view's finalizer: hand its buffer back (to the pool's current return queue)."""
+    pool = pool_ref()
+    if pool is not None:
+        pool._returned.put(buf)
+
+
+DEFAULT_POOL = BufferPool()
+"""The pool every `Assembler` uses unless given its own."""
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -98,8 +177,10 @@ class Assembler:
     with ``as_bytes=True`` the buffer is a `bytes` object, for `file_bytes()`.
     """
 
-    def __init__(self, *, as_bytes: bool = False, share_memory: bool = False) -> None:
+    def __init__(self, *, as_bytes: bool = False, share_memory: bool = False,
+                 pool: BufferPool | None = None) -> None:
         self._as_bytes = as_bytes
+        self._pool = DEFAULT_POOL if pool is None else pool
         self._shared: torch.Tensor | None = None
         self._share_memory = share_memory
         self._head = bytearray()
@@ -144,7 +225,7 @@ class Assembler:
             self._shared = torch.empty(0, dtype=torch.uint8).set_(storage)
             self._buf = self._view = self._shared.numpy().data.cast("B")
         else:
-            self._buf = self._view = _receive_buffer(total)
+            self._buf = self._view = self._pool.take(total)
         head = bytes(self._head)
         self._head = bytearray()
         self._view[: len(head)] = head

@@ -4,18 +4,26 @@ in-process gRPC server would be forked along with the workers)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import pickle
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
+import grpc
 import pytest
 import torch
 from _output import first_line
-from torch.utils.data import DataLoader, DistributedSampler
+from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpc_health.v1.health_pb2_grpc import HealthStub
+from torch.utils.data import DataLoader, DistributedSampler, SubsetRandomSampler
 
 from tensorslice.client import (
+    AsyncClient,
     Client,
     DeadlineExceeded,
     RemoteTensor,
@@ -167,14 +175,13 @@ def test_iterable_covers_every_row_once_across_ranks_and_workers(address: str) -
     assert one.num_batches() == 3
 
 
-def test_server_killed_mid_epoch_raises_within_timeout() -> None:
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_server_killed_mid_epoch_raises_within_timeout(method: str) -> None:
     proc, addr = _start_server()
     try:
         ds = RemoteTensorDataset(Client(addr, timeout=3), ["x", "y"])
-        # forkserver: once, under fork, a worker stayed stuck after the server died (gRPC
-        # in a forked child); the epoch tests cover fork itself.
         loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=2,
-                            collate_fn=ds.collate, multiprocessing_context="forkserver",
+                            collate_fn=ds.collate, multiprocessing_context=method,
                             timeout=LOADER_TIMEOUT)
         it = iter(loader)
         next(it)
@@ -214,3 +221,87 @@ def test_a_dataset_holding_a_remote_tensor(parent_client: Client, method: str) -
                         multiprocessing_context=method, timeout=LOADER_TIMEOUT)
     got = torch.cat(list(loader))
     _check_rows(got, torch.tensor(rows))
+
+
+
+# ------------------------------------------------------------- fork, whatever the parent does
+# gRPC cannot be used in a process forked while another thread was inside gRPC ("Other
+# threads are currently calling into gRPC, skipping fork() handlers"): workers forked from
+# a process that loaded the client never call gRPC; they use the data plane.
+
+FORK_ROWS, FORK_EPOCHS = 96, 20
+
+
+def _twenty_forked_epochs(address: str) -> None:
+    """20 epochs under fork (each forks its two workers afresh), over the first FORK_ROWS
+    samples: every one exactly once per epoch."""
+    ds = RemoteTensorDataset(address, ["x", "y"])
+    loader = DataLoader(ds, batch_size=16, num_workers=2, collate_fn=ds.collate,
+                        sampler=SubsetRandomSampler(range(FORK_ROWS)),
+                        multiprocessing_context="fork", timeout=LOADER_TIMEOUT)
+    for _ in range(FORK_EPOCHS):
+        seen: list[int] = []
+        for x, y in loader:
+            _check_rows(x, y)
+            seen += y.tolist()
+        assert sorted(seen) == list(range(FORK_ROWS))
+
+
+def test_fork_while_a_readiness_future_is_pending(address: str) -> None:
+    with socket.socket() as unused:  # a port nobody listens on: the future never resolves
+        unused.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{unused.getsockname()[1]}"
+    channel = grpc.insecure_channel(dead)
+    future = grpc.channel_ready_future(channel)
+    try:
+        _twenty_forked_epochs(address)
+        assert not future.done()  # it was pending the whole time
+    finally:
+        future.cancel()
+        channel.close()
+
+
+def test_fork_while_a_thread_consumes_a_stream(address: str) -> None:
+    channel = grpc.insecure_channel(address)
+    watch = HealthStub(channel).Watch(HealthCheckRequest(service=""))
+    updates: list[int] = []
+
+    def consume() -> None:
+        with contextlib.suppress(grpc.RpcError):  # cancelled at the end
+            for update in watch:
+                updates.append(update.status)
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    try:
+        _twenty_forked_epochs(address)
+    finally:
+        watch.cancel()
+        thread.join(timeout=10)
+        channel.close()
+    assert updates and updates[0] == HealthCheckResponse.SERVING
+
+
+def test_fork_while_an_async_client_loop_runs_in_a_thread(address: str) -> None:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    stop = threading.Event()
+    results: list[int] = []
+
+    async def keep_slicing() -> None:
+        async with AsyncClient(address, timeout=30) as client:
+            y = await client.tensor("y")
+            while not stop.is_set():
+                results.append(int((await y[[7]])[0]))
+
+    running = asyncio.run_coroutine_threadsafe(keep_slicing(), loop)
+    try:
+        _twenty_forked_epochs(address)
+    finally:
+        stop.set()
+        running.result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+    assert results and set(results) == {7}

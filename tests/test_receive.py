@@ -32,6 +32,7 @@ def fast_switching() -> Iterator[None]:
         sys.setswitchinterval(before)
 
 
+@pytest.mark.unit
 def test_a_buffer_is_never_handed_out_twice(fast_switching: None) -> None:
     pool = BufferPool(max_bytes=64 * MIB, min_bytes=MIB)
     live: dict[int, int] = {}  # id of the buffer under a live view -> the thread holding it
@@ -69,6 +70,7 @@ def test_a_buffer_is_never_handed_out_twice(fast_switching: None) -> None:
     assert pool.handed_out > 0  # buffers were recycled, not only fresh ones made
 
 
+@pytest.mark.unit
 def test_a_buffer_returns_once_when_its_last_tensor_is_gone() -> None:
     pool = BufferPool(max_bytes=64 * MIB, min_bytes=MIB)
     view = pool.take(2 * MIB)
@@ -89,6 +91,7 @@ def test_a_buffer_returns_once_when_its_last_tensor_is_gone() -> None:
     assert pool.free_count == 2
 
 
+@pytest.mark.unit
 def test_free_buffers_are_bounded_in_bytes() -> None:
     pool = BufferPool(max_bytes=3 * MIB, min_bytes=MIB)
     views = [pool.take(MIB) for _ in range(5)]
@@ -99,6 +102,7 @@ def test_free_buffers_are_bounded_in_bytes() -> None:
     assert pool.free_count == 3 and len(small) == MIB // 2
 
 
+@pytest.mark.unit
 def test_size_fit_takes_the_smallest_free_buffer_that_fits() -> None:
     pool = BufferPool(max_bytes=64 * MIB, min_bytes=MIB)
     a, b, c = pool.take(4 * MIB), pool.take(2 * MIB), pool.take(5 * MIB)
@@ -116,6 +120,7 @@ def _child_pool_state(pool: BufferPool, out: multiprocessing.Queue[tuple[int, in
     out.put((pool.free_count, len(view)))
 
 
+@pytest.mark.unit
 def test_a_forked_child_starts_with_an_empty_pool() -> None:
     pool = BufferPool(max_bytes=64 * MIB, min_bytes=MIB)
     del_me = [pool.take(MIB) for _ in range(2)]
@@ -151,6 +156,7 @@ def rows_server() -> Iterator[tuple[str, torch.Tensor]]:
     srv.stop(grace=None)
 
 
+@pytest.mark.e2e
 def test_one_client_from_eight_threads_every_result_its_own(
     rows_server: tuple[str, torch.Tensor], fast_switching: None
 ) -> None:
@@ -180,6 +186,7 @@ def test_one_client_from_eight_threads_every_result_its_own(
     assert errors == []
 
 
+@pytest.mark.e2e
 def test_one_async_client_with_sixteen_tasks_every_result_its_own(
     rows_server: tuple[str, torch.Tensor], fast_switching: None
 ) -> None:

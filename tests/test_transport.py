@@ -15,7 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from tensorslice.client import AsyncClient, Client, TensorSliceError
+from tensorslice.client import AsyncClient, Client, ServerUnavailable, TensorSliceError
 from tensorslice.client._receive import Assembler
 from tensorslice.core.codec import decode_chunk
 from tensorslice.server import ServerConfig, TensorStore, create_server
@@ -181,8 +181,9 @@ def test_truncated_bulk_transfer_raises() -> None:
         asm = Assembler()
         with socket.create_connection(("127.0.0.1", bulk.port), timeout=10) as s:
             s.sendall(token)
-            with pytest.raises(TensorSliceError, match=re.escape(
-                    f"bulk transfer ended early: {len(head) + 10} of {len(head) + 100} bytes")):
+            with pytest.raises(ServerUnavailable, match=re.escape(
+                    f"connection closed by the server after {len(head) + 10} of "
+                    f"{len(head) + 100} bytes")):
                 asm.receive(s, len(head) + 100)
     finally:
         bulk.stop()
@@ -378,3 +379,106 @@ def test_fetch_refuses_from_the_plan_before_any_work(monkeypatch: pytest.MonkeyP
     assert len(executed) == 1
     assert torch.equal(safetensors.torch.load(pb.SliceChunk.FromString(frame).data)["values"],
                        X[0, 1, 2])
+
+
+# ------------------------------------------------------------------ direct requests (no gRPC)
+
+
+def _direct(port: int, method: str, request: bytes, auth: bytes = b"") -> tuple[int, bytes]:
+    import struct
+
+    from tensorslice.core.codec import DIRECT_MAGIC
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(DIRECT_MAGIC + struct.pack("<H", len(auth)) + auth
+                  + struct.pack("<H", len(method)) + method.encode()
+                  + struct.pack("<Q", len(request)) + request)
+        data = b""
+        while chunk := s.recv(1 << 20):
+            data += chunk
+    code, n = struct.unpack_from("<BQ", data)
+    assert len(data) == 9 + n
+    return code, data[9:]
+
+
+@pytest.mark.e2e
+def test_direct_requests_answer_with_statuses() -> None:
+    srv, _ = _server(unary_max_bytes=1024)
+    port = srv.bulk.port  # type: ignore[attr-defined]
+    try:
+        code, body = _direct(port, "Slice", pb.SliceRequest(tensor="x").SerializeToString())
+        assert code == 0 and torch.equal(safetensors.torch.load(body)["values"].cpu(), X)
+        code, body = _direct(port, "DescribeTensor",
+                             pb.DescribeTensorRequest(name="x").SerializeToString())
+        assert code == 0 and list(pb.TensorInfo.FromString(body).shape) == [64, 32, 16, 16]
+        code, body = _direct(port, "Slice", pb.SliceRequest(tensor="nope").SerializeToString())
+        assert (code, body) == (5, b"no tensor named 'nope'; the server holds: x")
+        code, body = _direct(port, "Slice", b"\xff\xff\xff")
+        assert code == 3 and body.startswith(b"malformed tensorslice.v1.SliceRequest (3 bytes)")
+        code, body = _direct(port, "Drop", b"")
+        assert (code, body) == (3, b"unknown method 'Drop'")
+    finally:
+        srv.stop(grace=None)  # type: ignore[attr-defined]
+
+
+def _in_forked_child(address: str, port: int | None, out: object) -> None:
+    from tensorslice.client._fork import forked_from_grpc
+
+    torch.set_num_threads(1)  # as DataLoader workers do: the parent's OpenMP pool is gone
+    client = Client(address, timeout=10)
+    client._data_addr = None if port is None else (socket.AF_INET, ("127.0.0.1", port))
+    results: list[object] = [forked_from_grpc()]
+    try:
+        results.append([t.name for t in client.list_tensors()])
+        results.append(torch.equal(client.tensor("x")[0:40].cpu(), X[0:40]))  # large
+        results.append(torch.equal(client.tensor("x")[[3, 1], 2].cpu(), X[[3, 1], 2]))
+        results.append(client.explain("x", (slice(0, 2),)).result_shape)
+        results.append(safetensors.torch.load(client.slice_bytes("x", 5))["values"].shape)
+        client.describe("nope")
+    except TensorSliceError as exc:
+        results.append(f"{type(exc).__name__}: {exc}")
+    out.put(results)  # type: ignore[attr-defined]
+
+
+@pytest.mark.e2e
+def test_direct_requests_check_the_token_as_grpc_does() -> None:
+    srv, _ = _server(token="s3cret")
+    port = srv.bulk.port  # type: ignore[attr-defined]
+    request = pb.DescribeTensorRequest(name="x").SerializeToString()
+    try:
+        code, body = _direct(port, "DescribeTensor", request)
+        assert code == 16 and body.startswith(b"no credentials")  # UNAUTHENTICATED
+        code, _ = _direct(port, "DescribeTensor", request, b"Bearer wrong")
+        assert code == 16
+        code, body = _direct(port, "DescribeTensor", request, b"Bearer s3cret")
+        assert code == 0 and pb.TensorInfo.FromString(body).name == "x"
+    finally:
+        srv.stop(grace=None)  # type: ignore[attr-defined]
+
+
+@pytest.mark.e2e
+def test_a_forked_client_calls_over_the_data_plane_only() -> None:
+    import multiprocessing
+
+    srv, address = _server(unary_max_bytes=1024)
+    try:
+        with Client(address, timeout=10) as parent:
+            parent.list_tensors()  # announces the data plane's port
+            port = parent._data_port
+            assert port == srv.bulk.port  # type: ignore[attr-defined]
+        ctx = multiprocessing.get_context("fork")
+        out = ctx.Queue()
+        for known in (port, None):
+            child = ctx.Process(target=_in_forked_child, args=(address, known, out))
+            child.start()
+            got = out.get(timeout=60)
+            child.join(timeout=30)
+            if known is None:
+                assert got[0] is True and got[1].startswith(
+                    "FailedPrecondition: this process was forked from one that uses gRPC")
+            else:
+                assert got == [True, ["x"], True, True, (2, 32, 16, 16),
+                               torch.Size([32, 16, 16]),
+                               "TensorNotFound: no tensor named 'nope'; the server holds: x"]
+    finally:
+        srv.stop(grace=None)  # type: ignore[attr-defined]

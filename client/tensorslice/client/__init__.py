@@ -8,6 +8,8 @@ own indexing.
         acts[0:10, [1, 3, 5]]          # exactly what a local tensor would return
 """
 
+# First: sets gRPC's fork mode before gRPC loads (see `_fork`).
+from tensorslice.client import _fork  # noqa: F401  # isort: skip
 from tensorslice.client._async import AsyncClient, AsyncRemoteTensor
 from tensorslice.client._client import Client, RemoteTensor
 from tensorslice.client._dataset import RemoteTensorDataset, RemoteTensorIterableDataset

@@ -26,6 +26,7 @@ from tensorslice.client._base import (
     DEFAULT,
     BaseClient,
     BaseRemoteTensor,
+    CallDirect,
     CallUnary,
     Explainer,
     Flow,
@@ -37,7 +38,7 @@ from tensorslice.client._base import (
     Unary,
     where_result,
 )
-from tensorslice.client._client import receive_bulk
+from tensorslice.client._client import call_direct, receive_bulk, resolve_data_plane
 from tensorslice.client._errors import map_rpc_errors
 from tensorslice.core.codec import decode_chunk
 from tensorslice.core.credentials import TlsConfig
@@ -121,13 +122,21 @@ class AsyncClient(BaseClient):
             await asyncio.to_thread(receive_bulk, step, self._credentials.ssl_context(),
                                     self._server_name())
             return None
+        if isinstance(step, CallDirect):
+            return await asyncio.to_thread(call_direct, step, self._metadata,
+                                           self._credentials.ssl_context(),
+                                           self._server_name() or self._bulk_host)
         serialize = type(step.request).SerializeToString
         if isinstance(step, CallUnary):
             deserialize = None if step.response_cls is None else step.response_cls.FromString
             call = self._chan().unary_unary(step.path, request_serializer=serialize,
                                             response_deserializer=deserialize)
             with map_rpc_errors(self._connect_hint()):
-                return await call(step.request, timeout=step.timeout, metadata=self._metadata)
+                pending = call(step.request, timeout=step.timeout, metadata=self._metadata)
+                response = await pending
+                self._note_port(await pending.trailing_metadata())
+            resolve_data_plane(self)
+            return response
         stream = self._chan().unary_stream(step.path, request_serializer=serialize,
                                            response_deserializer=None)
         with map_rpc_errors(self._connect_hint()):

@@ -22,8 +22,9 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from tensorslice.client._fork import forked_from_grpc
 from tensorslice.client._receive import Assembler
-from tensorslice.core.codec import dtype_name, split_chunk
+from tensorslice.core.codec import DATA_PORT_KEY, dtype_name, split_chunk
 from tensorslice.core.credentials import Credentials, TlsConfig, resolve_tls, resolve_token
 from tensorslice.core.endpoint import SERVICE_NAME, has_tcp_host, host_of
 from tensorslice.core.errors import FailedPrecondition, InvalidSelection, SelectionOutOfRange
@@ -50,6 +51,7 @@ __all__ = [
     "BaseClient",
     "BaseRemoteTensor",
     "BulkUnreachable",
+    "CallDirect",
     "CallStream",
     "CallUnary",
     "Default",
@@ -210,7 +212,23 @@ class ReceiveBulk:
     connect_timeout: float
 
 
-Step = CallUnary | CallStream | ReceiveBulk
+@dataclass(frozen=True)
+class CallDirect:
+    """A whole call over the data plane, without gRPC (what a client in a process forked
+    from a gRPC user does), to `sockaddr` of `family`: resolved in the parent, so that the
+    child never calls `getaddrinfo` (whose locks a parent thread may hold at fork time).
+    The outcome is the response's bytes; with a `sink`, the result file is received into
+    it instead (outcome b"")."""
+
+    family: int
+    sockaddr: Any
+    method: str
+    request: Any
+    sink: Assembler | None
+    timeout: float | None
+
+
+Step = CallUnary | CallStream | ReceiveBulk | CallDirect
 Flow = Generator[Step, Any, R]
 
 _BULK_CONNECT_SECONDS = 5.0
@@ -278,6 +296,8 @@ class BaseClient:
         # false once the bulk port proved unreachable, or where the target has no TCP host
         self._bulk_ok = self._bulk_host is not None
         self._closed = False  # true once closed: a closed client makes no more calls
+        self._data_port: int | None = None  # the server's data plane, once announced
+        self._data_addr: tuple[int, Any] | None = None  # its (family, sockaddr), resolved
         self._channel: Any = None
         self._pid = 0
 
@@ -339,6 +359,8 @@ class BaseClient:
         if self._closed:
             raise RuntimeError(f"{self!r} is closed; a closed client makes no more calls")
         deadline = self._deadline(timeout)
+        if forked_from_grpc():
+            return self._direct_flow(op, deadline)
         if isinstance(op, Unary):
             return unary_flow(op, deadline)
         return self._fetch_flow(op, deadline)
@@ -370,6 +392,32 @@ class BaseClient:
                 self._bulk_ok = False
             asm = op.assembler()
             yield CallStream(op.path, request, asm, timeout)
+        return op.finish(asm)
+
+    def _note_port(self, metadata: Any) -> None:
+        """Remember the data plane's port from a call's trailing metadata."""
+        for key, value in metadata or ():
+            if key == DATA_PORT_KEY and int(value) != self._data_port:
+                self._data_port = int(value)
+                self._data_addr = None  # the client resolves it (`resolve_data_plane`)
+
+    def _direct_flow(self, op: Unary[R] | Stream[R], timeout: float | None) -> Flow[R]:
+        """In a process forked from a gRPC user: the call over the data plane, never gRPC
+        (see `_fork`). Its address was announced to the parent (`list_tensors`,
+        `describe`) and resolved there."""
+        if self._data_addr is None:
+            raise FailedPrecondition(
+                "this process was forked from one that uses gRPC, so this client calls "
+                "over the server's data plane only, whose port it does not know: call "
+                "list_tensors() or describe() before the fork (a dataset does), or start "
+                "workers with spawn or forkserver"
+            )
+        family, sockaddr = self._data_addr
+        if isinstance(op, Unary):
+            data = yield CallDirect(family, sockaddr, op.method, op.request, None, timeout)
+            return op.finish(op.response_cls.FromString(data))
+        asm = op.assembler()
+        yield CallDirect(family, sockaddr, op.method, op.request, asm, timeout)
         return op.finish(asm)
 
     # ------------------------------------------------------------------ operations

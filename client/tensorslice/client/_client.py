@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -19,6 +21,7 @@ from tensorslice.client._base import (
     BaseClient,
     BaseRemoteTensor,
     BulkUnreachable,
+    CallDirect,
     CallUnary,
     Explainer,
     Flow,
@@ -32,12 +35,14 @@ from tensorslice.client._base import (
     where_result,
 )
 from tensorslice.client._errors import map_rpc_errors
-from tensorslice.core.codec import decode_chunk
-from tensorslice.core.errors import DeadlineExceeded, ServerUnavailable
+from tensorslice.client._receive import recv_exact
+from tensorslice.core.codec import DIRECT_MAGIC, decode_chunk
+from tensorslice.core.errors import DeadlineExceeded, ServerUnavailable, Status, error_from_status
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
 from tensorslice.core.selection import Combine
 
-__all__ = ["CHANNEL_OPTIONS", "Client", "RemoteTensor", "receive_bulk"]
+__all__ = ["CHANNEL_OPTIONS", "Client", "RemoteTensor", "call_direct", "receive_bulk",
+           "resolve_data_plane"]
 
 CHANNEL_OPTIONS = channel_options(3)
 """The options of a client's channel with the default settings."""
@@ -48,10 +53,13 @@ R = TypeVar("R")
 class Client(BaseClient):
     """A connection to a tensorslice server.
 
-    The channel is created lazily, once per process: a client inherited across `fork`, or
-    unpickled in a DataLoader worker, opens its own channel on first use (and never touches
-    the parent's). `timeout` is every call's deadline (each method takes ``timeout=`` to
-    override it); gRPC retries calls that fail with UNAVAILABLE up to `retries` times.
+    The channel is created lazily, once per process: a client unpickled in a DataLoader
+    worker opens its own channel on first use. In a process forked from one that loaded
+    the client (a DataLoader worker under fork), gRPC is never used: every call goes over
+    the server's data plane, whose port the client learned from `list_tensors` or
+    `describe` before the fork. `timeout` is every call's deadline (each method takes
+    ``timeout=`` to override it); gRPC retries calls that fail with UNAVAILABLE up to
+    `retries` times.
     """
 
     # ------------------------------------------------------------------ channel
@@ -101,13 +109,20 @@ class Client(BaseClient):
         if isinstance(step, ReceiveBulk):
             receive_bulk(step, self._credentials.ssl_context(), self._server_name())
             return None
+        if isinstance(step, CallDirect):
+            return call_direct(step, self._metadata, self._credentials.ssl_context(),
+                               self._server_name() or self._bulk_host)
         serialize = type(step.request).SerializeToString
         if isinstance(step, CallUnary):
             deserialize = None if step.response_cls is None else step.response_cls.FromString
             call = self._chan().unary_unary(step.path, request_serializer=serialize,
                                             response_deserializer=deserialize)
             with map_rpc_errors(self._connect_hint()):
-                return call(step.request, timeout=step.timeout, metadata=self._metadata)
+                response, done = call.with_call(step.request, timeout=step.timeout,
+                                                metadata=self._metadata)
+            self._note_port(done.trailing_metadata())
+            resolve_data_plane(self)
+            return response
         stream = self._chan().unary_stream(step.path, request_serializer=serialize,
                                            response_deserializer=None)
         with map_rpc_errors(self._connect_hint()):
@@ -257,11 +272,12 @@ def receive_bulk(step: ReceiveBulk, tls: ssl.SSLContext | None = None,
             raise ServerUnavailable(
                 f"TLS handshake with the bulk port {step.host}:{step.port} failed: {exc}"
             ) from None
+    deadline = None if step.timeout is None else time.monotonic() + step.timeout
     try:
         with sock:
             sock.settimeout(step.timeout)
             sock.sendall(step.token)
-            step.sink.receive(sock, step.nbytes)
+            step.sink.receive(sock, step.nbytes, deadline)
     except TimeoutError:
         raise DeadlineExceeded(
             f"bulk transfer of {step.nbytes} bytes from {step.host}:{step.port} did not "
@@ -271,3 +287,66 @@ def receive_bulk(step: ReceiveBulk, tls: ssl.SSLContext | None = None,
         raise ServerUnavailable(
             f"bulk transfer from {step.host}:{step.port} failed: {exc}"
         ) from None
+
+
+def resolve_data_plane(client: BaseClient) -> None:
+    """Resolve the data plane's address once its port is known (in the parent, before any
+    fork: a forked client connects to the address, never resolving a name itself)."""
+    host = client._bulk_host
+    if client._data_port is not None and client._data_addr is None and host is not None:
+        try:
+            info = socket.getaddrinfo(host, client._data_port,
+                                      type=socket.SOCK_STREAM)
+        except OSError:
+            return  # a forked client then says it does not know the data plane
+        client._data_addr = (info[0][0], info[0][4])
+
+
+def call_direct(step: CallDirect, metadata: tuple[tuple[str, str], ...] | None = None,
+                tls: ssl.SSLContext | None = None, server_name: str | None = None) -> bytes:
+    """Perform a `CallDirect` step: one whole call over the data plane (see
+    `tensorslice.server._bulk`), no gRPC and no name resolution; the call's token (from
+    `metadata`) travels with it, over TLS with `tls`. Every read waits at most until the
+    call's deadline; a server that goes away raises ServerUnavailable, never a short
+    result. (Blocking; `AsyncClient` runs it in a thread.)"""
+    where = f"data plane {step.sockaddr[0]}:{step.sockaddr[1]}"
+    deadline = None if step.timeout is None else time.monotonic() + step.timeout
+    connect = (_CONNECT_SECONDS if step.timeout is None
+               else min(step.timeout, _CONNECT_SECONDS))
+    sock = socket.socket(step.family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(connect)
+        sock.connect(step.sockaddr)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=server_name)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        sock.close()
+        raise ServerUnavailable(f"{where} unreachable: {exc}") from None
+    auth = dict(metadata or ()).get("authorization", "").encode()
+    name = step.method.encode()
+    request = step.request.SerializeToString()
+    try:
+        with sock:
+            sock.settimeout(step.timeout)
+            sock.sendall(DIRECT_MAGIC + struct.pack("<H", len(auth)) + auth
+                         + struct.pack("<H", len(name)) + name
+                         + struct.pack("<Q", len(request)) + request)
+            code, nbytes = struct.unpack("<BQ", recv_exact(sock, 9, deadline))
+            if code:
+                status = Status(code) if code in _STATUS_VALUES else Status.UNKNOWN
+                message = recv_exact(sock, nbytes, deadline).decode("utf-8", "replace")
+                raise error_from_status(status, message)
+            if step.sink is None:
+                return recv_exact(sock, nbytes, deadline)
+            step.sink.receive(sock, nbytes, deadline)
+            return b""
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"{step.method} over the {where} did not finish within {step.timeout} s"
+        ) from None
+    except OSError as exc:
+        raise ServerUnavailable(f"{step.method} over the {where} failed: {exc}") from None
+
+
+_CONNECT_SECONDS = 5.0
+_STATUS_VALUES = {s.value for s in Status}

@@ -26,12 +26,13 @@ import queue
 import socket
 import struct
 import threading
+import time
 import weakref
 
 import torch
 
 from tensorslice.core.codec import TensorEntry, parse_header
-from tensorslice.core.errors import TensorSliceError
+from tensorslice.core.errors import ServerUnavailable, TensorSliceError
 
 __all__ = ["RECYCLE_MAX_BYTES", "Assembler", "BufferPool"]
 
@@ -138,12 +139,24 @@ DEFAULT_POOL = BufferPool()
 """The pool every `Assembler` uses unless given its own."""
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _settle(sock: socket.socket, deadline: float | None) -> None:
+    """Give the next blocking read on `sock` what is left until `deadline` (monotonic)."""
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        sock.settimeout(left)
+
+
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """Exactly n bytes from `sock`; ServerUnavailable if the peer closes first."""
     out = bytearray()
     while len(out) < n:
+        _settle(sock, deadline)
         part = sock.recv(n - len(out))
         if not part:
-            raise TensorSliceError(f"bulk transfer ended early: {len(out)} of {n} bytes")
+            raise ServerUnavailable(
+                f"connection closed by the server after {len(out)} of {n} bytes")
         out += part
     return bytes(out)
 
@@ -231,14 +244,17 @@ class Assembler:
         self._view[: len(head)] = head
         self._pos = len(head)
 
-    def receive(self, sock: socket.socket, nbytes: int) -> None:
+    def receive(self, sock: socket.socket, nbytes: int, deadline: float | None = None
+                ) -> None:
         """Read a whole file of `nbytes` from `sock`: the header first, then the rest
-        straight into the preallocated buffer (`recv_into`, no intermediate copy)."""
-        head = _recv_exact(sock, 8)
+        straight into the preallocated buffer (`recv_into`, no intermediate copy). Every
+        read waits at most until `deadline` (monotonic seconds; TimeoutError after); a
+        server gone before the end raises ServerUnavailable, never a short result."""
+        head = recv_exact(sock, 8, deadline)
         (hlen,) = struct.unpack_from("<Q", head)
         if 8 + hlen > nbytes:
             raise TensorSliceError(f"bulk header of {hlen} bytes exceeds the {nbytes}-byte file")
-        self.feed(head + _recv_exact(sock, hlen))
+        self.feed(head + recv_exact(sock, hlen, deadline))
         view = self._view
         if view is None or len(view) != nbytes:
             raise TensorSliceError(
@@ -246,10 +262,11 @@ class Assembler:
                 f"{nbytes}"
             )
         while self._pos < nbytes:
+            _settle(sock, deadline)
             n = sock.recv_into(view[self._pos :], min(nbytes - self._pos, _RECV_BYTES))
             if n == 0:
-                raise TensorSliceError(
-                    f"bulk transfer ended early: {self._pos} of {nbytes} bytes received"
+                raise ServerUnavailable(
+                    f"connection closed by the server after {self._pos} of {nbytes} bytes"
                 )
             self._pos += n
 

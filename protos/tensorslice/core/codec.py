@@ -20,6 +20,8 @@ import torch
 from tensorslice.core.errors import InvalidSelection, TensorSliceError
 
 __all__ = [
+    "DATA_PORT_KEY",
+    "DIRECT_MAGIC",
     "DTYPE_NAMES",
     "TensorEntry",
     "decode_chunk",
@@ -29,6 +31,13 @@ __all__ = [
     "safetensors_header",
     "split_chunk",
 ]
+
+DIRECT_MAGIC = b"tensorslice/req\x01"
+"""The first 16 bytes of a direct request on the data plane (in place of a ticket's token):
+one whole call, for clients that cannot use gRPC (a process forked from a gRPC user)."""
+
+DATA_PORT_KEY = "tensorslice-data-port"
+"""Trailing metadata of `ListTensors` and `DescribeTensor`: the data plane's port."""
 
 # torch dtype <-> safetensors dtype code
 _ST_CODES: dict[torch.dtype, str] = {

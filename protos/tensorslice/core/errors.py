@@ -154,7 +154,8 @@ class DeadlineExceeded(TensorSliceError, TimeoutError):
 class FailedPrecondition(TensorSliceError):
     """The call does not apply in the server's state: a `Fetch` whose result is too large
     for one message and cannot go over the bulk data plane (FAILED_PRECONDITION). The
-    client handles it by streaming; it does not reach users."""
+    client handles it by streaming. It reaches users in one case: a client in a forked
+    process that does not know the server's data plane (the message says what to do)."""
 
     status = Status.FAILED_PRECONDITION
 

@@ -25,29 +25,55 @@ Guarantees:
   redeemed at most once. With an `ssl` context (the server's TLS certificate), every
   connection completes a TLS handshake before its token is read, within the same
   handshake deadline, and the file travels encrypted.
+
+Direct requests: a connection that presents `DIRECT_MAGIC` in place of a token carries one
+whole call (what a client in a process forked from a gRPC user sends: gRPC cannot be used
+there): the ``authorization`` value gRPC calls carry (``<H`` length; empty for none), the
+method's name (``<H`` length, ASCII) and its serialized request (``<Q`` length, at most
+`MAX_DIRECT_REQUEST_BYTES`), all within the handshake deadline (plus a second per 64 MiB of
+request). The service checks the token as its gRPC port does. The answer is ``<BQ``: a
+status (0 for OK, else the `Status` number) and a length, then that many bytes: the
+response (the safetensors file for `Slice`/`SliceMany`/`Fetch`/`FetchMany`, the serialized
+response message for the unary methods) or, on an error, its UTF-8 message. Such a
+connection counts against `max_connections` like a transfer (over TLS where the plane has
+TLS); a stopping server answers UNAVAILABLE.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import selectors
 import socket
 import ssl
+import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from tensorslice.core.errors import ServerUnavailable
+from tensorslice.core.codec import DIRECT_MAGIC
+from tensorslice.core.errors import InvalidSelection, ServerUnavailable, Status, TensorSliceError
 from tensorslice.server._limits import Hold
 
-__all__ = ["TOKEN_BYTES", "BulkServer"]
+__all__ = ["MAX_DIRECT_REQUEST_BYTES", "TOKEN_BYTES", "BulkServer", "DirectAnswer",
+           "DirectHandler"]
 
 log = logging.getLogger("tensorslice.server")
 
 TOKEN_BYTES = 16
 _TICK = 0.1  # seconds between checks of deadlines and expiries
 _REPORT_EVERY = 60.0
+MAX_DIRECT_REQUEST_BYTES = 256 << 20
+_DIRECT_BYTES_PER_SECOND = 64 << 20  # request bytes a direct request's deadline grants
+_MAX_ERROR_BYTES = 4096
+
+Pieces = Iterable[bytes | memoryview]
+DirectAnswer = tuple[Pieces, int, Callable[[], None]]
+"""A direct call's answer: its pieces, their size, and what to call once sent (or not)."""
+DirectHandler = Callable[[str, bytes, bytes], DirectAnswer]
+"""Runs one direct call: (method, authorization value, serialized request) -> its answer;
+raises `TensorSliceError` to answer with its status."""
 _SEND_STEP = 1 << 20  # seconds between summaries of refused connections
 
 
@@ -91,6 +117,7 @@ class BulkServer:
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self.send_timeout = send_timeout
+        self.direct: DirectHandler | None = None  # set by the service that answers them
         self.ssl_context = ssl_context
         """TLS for every connection (the gRPC port's certificate), or None for plain TCP."""
         self._pending: dict[bytes, _Transfer] = {}
@@ -347,13 +374,20 @@ class BulkServer:
                 self._refuse(sock, "closed before sending a whole token")
                 return
             h.token += part
+        if h.token == DIRECT_MAGIC and self.direct is not None:
+            self._hand_over(sock, self._serve_direct, (sock, self.direct, h.deadline))
+            return
         transfer = self._take(h.token)
         if transfer is None:
             self._refuse(sock, "unknown or expired token")
             return
+        self._hand_over(sock, self._send, (sock, transfer))
+
+    def _hand_over(self, sock: socket.socket, target: Callable[..., None],
+                   args: tuple[object, ...]) -> None:
+        """From the handshake loop to a thread of its own (counted as sending)."""
         self._selector.unregister(sock)
-        thread = threading.Thread(target=self._send, args=(sock, transfer), name="bulk-send",
-                                  daemon=True)
+        thread = threading.Thread(target=target, args=args, name="bulk-send", daemon=True)
         with self._lock:
             del self._handshakes[sock]
             self._sending.add(sock)
@@ -388,22 +422,7 @@ class BulkServer:
         try:
             with sock:
                 sock.setblocking(True)
-                # The timeout bounds each `sendall` of at most _SEND_STEP bytes: a reader
-                # that stops is dropped, a slow one that keeps reading is not.
-                sock.settimeout(self.send_timeout or None)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sent = 0
-                for piece in transfer.pieces:
-                    view = memoryview(piece)
-                    for at in range(0, len(view), _SEND_STEP):
-                        sock.sendall(view[at : at + _SEND_STEP])
-                    sent += len(view)
-                    with self._lock:
-                        self.bytes_sent += len(view)
-                if sent != transfer.nbytes:
-                    raise RuntimeError(f"sent {sent} of {transfer.nbytes} bytes")
-                with self._lock:
-                    self.sent += 1
+                self._send_pieces(sock, transfer.pieces, transfer.nbytes)
         except OSError as exc:
             log.info("bulk transfer dropped: %s", exc)
         except Exception:
@@ -414,3 +433,96 @@ class BulkServer:
                 self._sending.discard(sock)
                 self._senders.discard(threading.current_thread())
             self._wake()
+
+    def _send_pieces(self, sock: socket.socket, pieces: Pieces, nbytes: int) -> None:
+        # The timeout bounds each `sendall` of at most _SEND_STEP bytes: a reader that
+        # stops is dropped, a slow one that keeps reading is not.
+        sock.settimeout(self.send_timeout or None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sent = 0
+        for piece in pieces:
+            view = memoryview(piece)
+            for at in range(0, len(view), _SEND_STEP):
+                sock.sendall(view[at : at + _SEND_STEP])
+            sent += len(view)
+            with self._lock:
+                self.bytes_sent += len(view)
+        if sent != nbytes:
+            raise RuntimeError(f"sent {sent} of {nbytes} bytes")
+        with self._lock:
+            self.sent += 1
+
+    # ---------------------------------------------------------------- direct requests
+
+    def _serve_direct(self, sock: socket.socket, handler: DirectHandler, deadline: float
+                      ) -> None:
+        """One direct call (see the module's docstring); errors are answered, not raised."""
+        release: Callable[[], None] = _nothing
+        try:
+            with sock:
+                sock.setblocking(True)
+                try:
+                    (auth_len,) = struct.unpack("<H", _recv_exact(sock, 2, deadline))
+                    auth = _recv_exact(sock, auth_len, deadline)
+                    (name_len,) = struct.unpack("<H", _recv_exact(sock, 2, deadline))
+                    method = _recv_exact(sock, name_len, deadline).decode("ascii", "replace")
+                    (req_len,) = struct.unpack("<Q", _recv_exact(sock, 8, deadline))
+                    if req_len > MAX_DIRECT_REQUEST_BYTES:
+                        raise InvalidSelection(
+                            f"request of {req_len} bytes exceeds the limit of "
+                            f"{MAX_DIRECT_REQUEST_BYTES} bytes"
+                        )
+                    with self._lock:
+                        stopping = self._stopping
+                    if stopping:
+                        raise ServerUnavailable("the server is shutting down; retry shortly")
+                    request = _recv_exact(sock, req_len,
+                                          deadline + req_len / _DIRECT_BYTES_PER_SECOND)
+                    pieces, nbytes, release = handler(method, auth, request)
+                except TensorSliceError as exc:
+                    _answer_error(sock, exc.status, exc.message)
+                    return
+                except (OSError, ConnectionError):
+                    raise
+                except Exception:
+                    log.exception("internal error while serving a direct request")
+                    _answer_error(sock, Status.INTERNAL,
+                                  "internal error; the server log has the details")
+                    return
+                self._send_pieces(sock, itertools.chain((struct.pack("<BQ", 0, nbytes),),
+                                                        pieces), 9 + nbytes)
+        except (OSError, ConnectionError) as exc:
+            log.info("direct request dropped: %s", exc)
+        except Exception:
+            log.exception("direct request failed")
+        finally:
+            release()
+            with self._lock:
+                self._sending.discard(sock)
+                self._senders.discard(threading.current_thread())
+            self._wake()
+
+
+def _nothing() -> None:
+    pass
+
+
+def _answer_error(sock: socket.socket, status: Status, message: str) -> None:
+    data = message.encode("utf-8", "replace")[:_MAX_ERROR_BYTES]
+    sock.sendall(struct.pack("<BQ", status.value, len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """Exactly n bytes, all before `deadline` (monotonic), not per read."""
+    out = bytearray()
+    while len(out) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConnectionError(f"request incomplete at its deadline ({len(out)} of {n} "
+                                  f"bytes)")
+        sock.settimeout(left)
+        part = sock.recv(min(n - len(out), 1 << 20))
+        if not part:
+            raise ConnectionError(f"closed after {len(out)} of {n} bytes")
+        out += part
+    return bytes(out)

@@ -263,6 +263,21 @@ class Calls:
         finally:
             hold.release()  # nothing left once a ticket took it
 
+    def whole_file(self, planned: Planned) -> tuple[Iterator[bytes | memoryview], int, Hold]:
+        """A direct request's answer (`BulkServer`): the whole file as pieces, its size, and
+        the memory it holds until sent (the caller releases it)."""
+        hold = self.budget.hold()
+        payloads = planned.execute(hold, self.config.slab_bytes)
+        try:
+            body = pieces(payloads, planned.metadata, chunk_bytes=_BULK_PIECE_BYTES,
+                          slab_bytes=self.config.slab_bytes)
+            header = next(body)
+        except BaseException:
+            hold.release()
+            raise
+        size = len(header) + sum(p.nbytes for p in payloads)
+        return itertools.chain((header,), body), size, hold
+
     def _transport(self, size: int, bulk_requested: bool) -> Transport:
         return choose_transport(size, self.config, bulk_requested, self.bulk)
 

@@ -160,6 +160,8 @@ def create_server(
                 f"{exc.strerror or exc}"
             ) from None
     service = TensorSliceService(store, config, bulk)
+    if bulk is not None:
+        bulk.direct = service.direct
     grpc_server.add_generic_rpc_handlers((generic_handler(service),))
     health = _health.HealthServicer()
     for name in ("", SERVICE_NAME):

@@ -10,15 +10,17 @@ from typing import Any, TypeVar
 
 import grpc
 
-from tensorslice.core.codec import dtype_name, split_chunk
+from tensorslice.core.codec import DATA_PORT_KEY, dtype_name, split_chunk
 from tensorslice.core.endpoint import SERVICE_NAME
 from tensorslice.core.errors import (
     ERROR_CLASS_KEY,
     InvalidSelection,
     TensorSliceError,
+    Unauthenticated,
     error_class_name,
 )
-from tensorslice.server._bulk import BulkServer
+from tensorslice.server._auth import TokenAuth
+from tensorslice.server._bulk import BulkServer, DirectAnswer
 from tensorslice.server._config import ServerConfig
 from tensorslice.server._limits import CallGate, StreamWatchdog, shorten
 from tensorslice.server._metrics import Metrics
@@ -89,14 +91,61 @@ class TensorSliceService:
         self.watchdog = StreamWatchdog(self.config.send_timeout)
         self.metrics: Metrics | None = None
         """Where result bytes are counted, when the server has a metrics endpoint."""
+        self._auth = None if self.config.token is None else TokenAuth(self.config.token)
 
-    def ListTensors(self, request: _pb.ListTensorsRequest, context: grpc.ServicerContext
-                    ) -> _pb.ListTensorsResponse:
+    def ListTensors(self, request: _pb.ListTensorsRequest,
+                    context: grpc.ServicerContext | None) -> _pb.ListTensorsResponse:
+        self._announce(context)
         return _pb.ListTensorsResponse(tensors=[tensor_info(e) for e in self.store.entries()])
 
-    def DescribeTensor(self, request: _pb.DescribeTensorRequest, context: grpc.ServicerContext
-                       ) -> _pb.TensorInfo:
+    def DescribeTensor(self, request: _pb.DescribeTensorRequest,
+                       context: grpc.ServicerContext | None) -> _pb.TensorInfo:
+        self._announce(context)
         return tensor_info(self.store.get(request.name))
+
+    def _announce(self, context: grpc.ServicerContext | None) -> None:
+        """Tell the client the data plane's port (`DATA_PORT_KEY`, trailing metadata): it
+        learns it before it is forked (a forked client calls over the data plane only)."""
+        if context is not None and self.bulk is not None:
+            context.set_trailing_metadata(((DATA_PORT_KEY, str(self.bulk.port)),))
+
+    def direct(self, method: str, authorization: bytes, data: bytes) -> DirectAnswer:
+        """A whole call over the data plane (`BulkServer`'s direct requests, from clients in
+        processes forked from a gRPC user): the same token check, calls, limits and errors
+        as over gRPC. A result is answered as the whole file, whatever its size."""
+        if self._auth is not None:
+            given = [("authorization", authorization)] if authorization else []
+            why = self._auth.check(given)
+            if why is not None:
+                raise Unauthenticated(why)
+        spec = _METHODS.get(method)
+        if spec is None:
+            raise InvalidSelection(f"unknown method {shorten(method, 64)!r}")
+        _, counted, request_cls, _ = spec
+        request = _parser(request_cls)(data)
+        if isinstance(request, _Malformed):
+            raise InvalidSelection(request.message)
+        if method in ("ListTensors", "DescribeTensor", "Explain"):
+            answer = getattr(self, method)(request, None).SerializeToString()
+            return (answer,), len(answer), _nothing
+        if counted:
+            self.gate.enter()
+        try:
+            many = method in ("SliceMany", "FetchMany")
+            planned = (self.calls.planned_many(request) if many
+                       else self.calls.planned(request))
+            body, size, hold = self.calls.whole_file(planned)
+        except BaseException:
+            if counted:
+                self.gate.leave()
+            raise
+        leave = _once(self.gate.leave) if counted else _nothing
+
+        def release() -> None:
+            hold.release()
+            leave()
+
+        return body, size, release
 
     def Explain(self, request: _pb.SliceRequest, context: grpc.ServicerContext) -> _pb.SlicePlan:
         _, p = self.calls.plan(request)
@@ -222,6 +271,10 @@ def _stream(
                 leave()
 
     return handler
+
+
+def _nothing() -> None:
+    pass
 
 
 def _once(fn: Callable[[], object]) -> Callable[[], None]:

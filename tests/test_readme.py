@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 README_ADDRESS = "127.0.0.1:50051"
-MAX_NOT_RUN = 4
+MAX_NOT_RUN = 5
 BLOCK_SECONDS = 180
 
 

@@ -389,9 +389,11 @@ def test_pending_tickets_bounded_in_bytes_and_expiry_gives_them_back(serve: Any)
     with _channel(address) as ch:
         _ticket(ch, _gather_request())  # 1 MiB materialised, held by its ticket
         assert srv.service.calls.budget.used >= 1 << 20
+        peak = srv.service.calls.budget.peak
         code, details = _code(lambda: _ticket(ch, _gather_request()))
         assert code == grpc.StatusCode.UNAVAILABLE
         assert "(max_ticket_bytes, serve --max-ticket-bytes); retry shortly" in details
+        assert srv.service.calls.budget.peak == peak  # refused before building anything
         _ticket(ch, _whole("big"))  # a view holds nothing: still offered
         assert _until(lambda: srv.bulk.pending == 0)  # type: ignore[union-attr]
         assert srv.service.calls.budget.used == 0 and srv.bulk.held_bytes == 0

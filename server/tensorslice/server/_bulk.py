@@ -163,25 +163,34 @@ class BulkServer:
                hold: Hold | None) -> bytes:
         held = hold.nbytes if hold is not None else 0
         with self._lock:
-            if self._stopping:
-                raise ServerUnavailable("server shutting down: no new bulk transfers")
-            if len(self._pending) >= self.max_tickets:
-                raise ServerUnavailable(
-                    f"server busy: {len(self._pending)} bulk tickets await redemption, the "
-                    f"limit of {self.max_tickets} (max_pending_tickets, serve "
-                    f"--max-pending-tickets); retry shortly"
-                )
-            if self.max_ticket_bytes and held and self._held + held > self.max_ticket_bytes:
-                raise ServerUnavailable(
-                    f"server busy: bulk tickets hold {self._held} bytes and this result "
-                    f"{held} more, beyond the limit of {self.max_ticket_bytes} "
-                    f"(max_ticket_bytes, serve --max-ticket-bytes); retry shortly"
-                )
+            self._check_room(held)
             token = secrets.token_bytes(TOKEN_BYTES)
             self._pending[token] = _Transfer(pieces, nbytes,
                                              time.monotonic() + self.ticket_timeout, hold)
             self._held += held
         return token
+
+    def check_room(self, held: int) -> None:
+        """Raise ServerUnavailable, as `offer` would, where a ticket holding `held` bytes
+        would not fit now: a caller may ask before it builds the result."""
+        with self._lock:
+            self._check_room(held)
+
+    def _check_room(self, held: int) -> None:
+        if self._stopping:
+            raise ServerUnavailable("server shutting down: no new bulk transfers")
+        if len(self._pending) >= self.max_tickets:
+            raise ServerUnavailable(
+                f"server busy: {len(self._pending)} bulk tickets await redemption, the "
+                f"limit of {self.max_tickets} (max_pending_tickets, serve "
+                f"--max-pending-tickets); retry shortly"
+            )
+        if self.max_ticket_bytes and held and self._held + held > self.max_ticket_bytes:
+            raise ServerUnavailable(
+                f"server busy: bulk tickets hold {self._held} bytes and this result "
+                f"{held} more, beyond the limit of {self.max_ticket_bytes} "
+                f"(max_ticket_bytes, serve --max-ticket-bytes); retry shortly"
+            )
 
     @property
     def pending(self) -> int:

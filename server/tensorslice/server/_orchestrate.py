@@ -27,7 +27,7 @@ from tensorslice.core.errors import (
 from tensorslice.core.selection import selection_from_proto
 from tensorslice.server._bulk import BulkServer
 from tensorslice.server._config import ServerConfig
-from tensorslice.server._execute import execute
+from tensorslice.server._execute import execute, materialized_bytes
 from tensorslice.server._limits import ByteBudget, Hold, shorten
 from tensorslice.server._model import Mode, Plan
 from tensorslice.server._payload import Payload
@@ -86,6 +86,12 @@ class Planned:
             return -1
         tensors = [(i.name, i.plan.result_dtype, i.plan.result_shape) for i in self.items]
         return file_nbytes(tensors, self.metadata)
+
+    def materialized_bytes(self, slab_bytes: int) -> int:
+        """What executing builds in memory (threshold items, which the data sizes, not
+        counted)."""
+        return sum(materialized_bytes(i.plan, slab_bytes) for i in self.items
+                   if i.plan.mode is not Mode.THRESHOLD)
 
     def execute(self, hold: Hold, slab_bytes: int) -> list[Payload]:
         """The payloads of the file (producing their bytes lazily), the memory they need
@@ -239,6 +245,10 @@ class Calls:
             known = planned.file_nbytes()
             if known >= 0 and self._transport(known, bulk_requested) is Transport.REFUSE:
                 raise self._refusal(known, bulk_requested)
+        elif all(i.plan.result_nbytes >= 0 for i in planned.items) and sum(
+                i.plan.result_nbytes for i in planned.items) > self.config.unary_max_bytes:
+            # Bound for a ticket: refused from the plan if tickets are full, before any work.
+            self.bulk.check_room(planned.materialized_bytes(self.config.slab_bytes))
         hold = self.budget.hold()
         payloads = planned.execute(hold, self.config.slab_bytes)
         try:

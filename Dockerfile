@@ -17,6 +17,7 @@ ARG WHEELHOUSE=
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY . /src
+# torch's C++ headers and CMake files serve only to build extensions: not kept.
 RUN set -eu; \
     python3 -m venv --system-site-packages /opt/tensorslice; \
     pip="/opt/tensorslice/bin/python -m pip"; \
@@ -27,7 +28,9 @@ RUN set -eu; \
     else \
         $pip install --extra-index-url "$TORCH_INDEX" /src; \
     fi; \
-    /opt/tensorslice/bin/python -c "import tensorslice.server, tensorslice.client"
+    /opt/tensorslice/bin/python -c "import tensorslice.server, tensorslice.client"; \
+    rm -rf /opt/tensorslice/lib/python3*/site-packages/torch/include \
+           /opt/tensorslice/lib/python3*/site-packages/torch/share/cmake
 
 FROM ${BASE}
 COPY --from=build /opt/tensorslice /opt/tensorslice

@@ -381,3 +381,24 @@ def test_health_command_imports_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_direct_calls_on_the_tls_data_plane(tls_server: tuple[Any, str], certs: Certs) -> None:
+    # What a client forked from a gRPC user sends: the same token, over the same TLS.
+    from tensorslice.client._base import CallDirect
+    from tensorslice.client._client import call_direct
+    from tensorslice.core.codec import DIRECT_MAGIC
+
+    srv, _ = tls_server
+    port = srv.bulk.port
+    step = CallDirect(socket.AF_INET, ("127.0.0.1", port), "DescribeTensor",
+                      pb.DescribeTensorRequest(name="x"), None, 10)
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    assert pb.TensorInfo.FromString(call_direct(step, auth, context, "127.0.0.1")).name == "x"
+    with pytest.raises(Unauthenticated, match="no credentials"):
+        call_direct(step, None, context, "127.0.0.1")
+    # The same call in clear gets nothing: the listener speaks TLS only.
+    assert _redeem(port, DIRECT_MAGIC, None) == b""
+    with pytest.raises(ServerUnavailable):
+        call_direct(step, auth, None, None)

@@ -21,6 +21,11 @@ import operator
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+# A DataLoader worker seeds NumPy's generator at start-up and imports numpy.random for it;
+# imported here, in the parent, so that a forked worker imports nothing at start. A module
+# import in a child forked while another thread of the parent was importing can fail on the
+# import lock it inherited (KeyError inside importlib).
+import numpy.random  # noqa: F401
 import torch
 import torch.utils.data
 from torch.utils.data import get_worker_info

@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from tensorslice.client import Client
+from tensorslice.client import Client, DeadlineExceeded, _base
 from tensorslice.client._base import (
     BulkUnreachable,
     CallStream,
@@ -26,6 +26,23 @@ pytestmark = pytest.mark.unit
 
 X = torch.arange(12, dtype=torch.float32).reshape(3, 4)
 FILE = safetensors.torch.save({"values": X})
+
+
+class Clock:
+    """A clock that moves only when told: steps' timeouts are exact."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(autouse=True)
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(_base, "_clock", c)
+    return c
 
 
 def _start(flow: Flow[Any]) -> Any:
@@ -100,3 +117,36 @@ def test_unary_flow_is_one_step() -> None:
     assert step.path == "/tensorslice.v1.TensorSlice/DescribeTensor"
     info = pb.TensorInfo(name="x", shape=[3, 4], dtype="float32", device="cpu", nbytes=48)
     assert _finish(flow, info).shape == (3, 4)
+
+
+# ---------------------------------------------------------------------------- one deadline
+
+
+def test_each_step_gets_what_is_left_of_one_deadline(clock: Clock) -> None:
+    client = Client("127.0.0.1:1")
+    flow = _slice_flow(client, timeout=10.0)
+    assert _start(flow).timeout == 10.0
+    clock.now += 4.0  # the Fetch took 4 s and answered with a ticket
+    ticket = pb.BulkTicket(port=4242, token=b"t" * 16, nbytes=len(FILE))
+    step = flow.send(pb.SliceChunk(ticket=ticket).SerializeToString())
+    assert isinstance(step, ReceiveBulk) and step.timeout == 6.0
+    assert step.connect_timeout == 5.0
+    clock.now += 5.0  # connecting to the bulk port failed after 5 s
+    step = flow.throw(BulkUnreachable("no route"))
+    assert isinstance(step, CallStream) and step.timeout == 1.0  # the clock never restarts
+
+
+def test_the_fallback_after_the_deadline_is_not_attempted(clock: Clock) -> None:
+    flow = _slice_flow(Client("127.0.0.1:1"), timeout=3.0)
+    _start(flow)
+    clock.now += 3.0
+    with pytest.raises(DeadlineExceeded, match=r"the call's deadline of 3.0 s has passed"):
+        flow.throw(FailedPrecondition("too large for one message"))
+
+
+def test_a_deadline_already_past_makes_no_step(clock: Clock) -> None:
+    client = Client("127.0.0.1:1")
+    with pytest.raises(DeadlineExceeded):
+        _start(_slice_flow(client, timeout=-1.0))
+    with pytest.raises(DeadlineExceeded):
+        _start(client._flow(client._op_describe("x"), 0.0))

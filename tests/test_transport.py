@@ -15,7 +15,13 @@ import pytest
 import safetensors.torch
 import torch
 
-from tensorslice.client import AsyncClient, Client, ServerUnavailable, TensorSliceError
+from tensorslice.client import (
+    AsyncClient,
+    Client,
+    DeadlineExceeded,
+    ServerUnavailable,
+    TensorSliceError,
+)
 from tensorslice.client._receive import Assembler
 from tensorslice.core.codec import decode_chunk
 from tensorslice.server import ServerConfig, TensorStore, create_server
@@ -323,6 +329,27 @@ def test_slice_many_into_shared_memory() -> None:
             assert torch.equal(out["a"].cpu(), X[[3, 1]]) and torch.equal(out["b"], X[0, 0])
             plain = c.slice_many({"a": ("x", ([3, 1],))})
             assert not plain["a"].is_shared() and torch.equal(plain["a"], out["a"])
+    finally:
+        srv.stop(grace=None)  # type: ignore[attr-defined]
+
+
+@pytest.mark.e2e
+def test_a_bulk_result_honours_the_calls_deadline() -> None:
+    """One deadline per call, whatever carries it: 1 ms cannot fetch a ticket and receive
+    its file (the socket's per-read timeout once let such a call succeed)."""
+    srv, address = _server(unary_max_bytes=1024)
+    try:
+        with Client(address, timeout=30) as c:
+            assert c.slice("x", (slice(0, 40),))["values"].shape[0] == 40  # bulk works
+            with pytest.raises(DeadlineExceeded):
+                c.slice("x", (), timeout=0.001)
+
+        async def go() -> None:
+            async with AsyncClient(address, timeout=30) as ac:
+                await ac.slice("x", (), timeout=0.001)
+
+        with pytest.raises(DeadlineExceeded):
+            asyncio.run(go())
     finally:
         srv.stop(grace=None)  # type: ignore[attr-defined]
 

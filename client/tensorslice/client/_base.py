@@ -16,6 +16,7 @@ import enum
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -27,7 +28,12 @@ from tensorslice.client._receive import Assembler
 from tensorslice.core.codec import DATA_PORT_KEY, dtype_name, split_chunk
 from tensorslice.core.credentials import Credentials, TlsConfig, resolve_tls, resolve_token
 from tensorslice.core.endpoint import SERVICE_NAME, has_tcp_host, host_of
-from tensorslice.core.errors import FailedPrecondition, InvalidSelection, SelectionOutOfRange
+from tensorslice.core.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidSelection,
+    SelectionOutOfRange,
+)
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
 from tensorslice.core.selection import (
     Combine,
@@ -54,6 +60,7 @@ __all__ = [
     "CallDirect",
     "CallStream",
     "CallUnary",
+    "Deadline",
     "Default",
     "Explainer",
     "Flow",
@@ -174,7 +181,28 @@ class BulkUnreachable(Exception):
 # each step's outcome (`send`) or its error (`throw`), as httpx's auth flows do. The clients
 # drive flows and perform the steps, `Client` with blocking calls and `AsyncClient` with
 # asyncio; the policy (which step comes next, and what an error means) is written once,
-# here. Each step carries its own timeout, so the flow decides each step's time.
+# here. A call has one deadline (`Deadline`), whatever path carries it: each step gets
+# the time left when it starts, so a fallback never restarts the clock.
+
+
+_clock = time.monotonic  # what `Deadline` reads (tests drive a clock of their own)
+
+
+class Deadline:
+    """The one deadline of a call: `timeout` seconds from its start (None: none). Each step
+    of the call gets `left()`, the time that remains; none is left: DeadlineExceeded."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self._at = None if timeout is None else _clock() + timeout
+
+    def left(self) -> float | None:
+        if self._at is None:
+            return None
+        left = self._at - _clock()
+        if left <= 0:
+            raise DeadlineExceeded(f"the call's deadline of {self.timeout} s has passed")
+        return left
 
 
 @dataclass(frozen=True)
@@ -234,9 +262,9 @@ Flow = Generator[Step, Any, R]
 _BULK_CONNECT_SECONDS = 5.0
 
 
-def unary_flow(op: Unary[R], timeout: float | None) -> Flow[R]:
+def unary_flow(op: Unary[R], deadline: Deadline) -> Flow[R]:
     """One call, one response."""
-    response = yield CallUnary(op.path, op.request, op.response_cls, timeout)
+    response = yield CallUnary(op.path, op.request, op.response_cls, deadline.left())
     return op.finish(response)
 
 
@@ -358,14 +386,14 @@ class BaseClient:
         """The steps of one call (see `CallUnary`); the subclasses drive them."""
         if self._closed:
             raise RuntimeError(f"{self!r} is closed; a closed client makes no more calls")
-        deadline = self._deadline(timeout)
+        deadline = Deadline(self._deadline(timeout))
         if forked_from_grpc():
             return self._direct_flow(op, deadline)
         if isinstance(op, Unary):
             return unary_flow(op, deadline)
         return self._fetch_flow(op, deadline)
 
-    def _fetch_flow(self, op: Stream[R], timeout: float | None) -> Flow[R]:
+    def _fetch_flow(self, op: Stream[R], deadline: Deadline) -> Flow[R]:
         """A result that is one safetensors file: `Fetch` first (small results come inline,
         large ones as a ticket for the bulk data plane on the server's host); the gRPC
         stream where the server refuses (FAILED_PRECONDITION: large, and no bulk listener)
@@ -376,22 +404,23 @@ class BaseClient:
             request.CopyFrom(op.request)
             request.bulk = False
         try:
-            frame = yield CallUnary(op.fetch_path, request, None, timeout)
+            frame = yield CallUnary(op.fetch_path, request, None, deadline.left())
             asm = op.assembler()
             data, raw_ticket = split_chunk(frame)
             if raw_ticket is None:
                 asm.feed(data)
             else:
                 ticket = _pb.BulkTicket.FromString(bytes(raw_ticket))
-                connect = (_BULK_CONNECT_SECONDS if timeout is None
-                           else min(timeout, _BULK_CONNECT_SECONDS))
+                left = deadline.left()
+                connect = (_BULK_CONNECT_SECONDS if left is None
+                           else min(left, _BULK_CONNECT_SECONDS))
                 yield ReceiveBulk(self._bulk_host or "", ticket.port, ticket.token,
-                                  ticket.nbytes, asm, timeout, connect)
+                                  ticket.nbytes, asm, left, connect)
         except (FailedPrecondition, BulkUnreachable) as exc:
             if isinstance(exc, BulkUnreachable):
                 self._bulk_ok = False
             asm = op.assembler()
-            yield CallStream(op.path, request, asm, timeout)
+            yield CallStream(op.path, request, asm, deadline.left())  # the same deadline
         return op.finish(asm)
 
     def _note_port(self, metadata: Any) -> None:
@@ -401,7 +430,7 @@ class BaseClient:
                 self._data_port = int(value)
                 self._data_addr = None  # the client resolves it (`resolve_data_plane`)
 
-    def _direct_flow(self, op: Unary[R] | Stream[R], timeout: float | None) -> Flow[R]:
+    def _direct_flow(self, op: Unary[R] | Stream[R], deadline: Deadline) -> Flow[R]:
         """In a process forked from a gRPC user: the call over the data plane, never gRPC
         (see `_fork`). Its address was announced to the parent (`list_tensors`,
         `describe`) and resolved there."""
@@ -414,10 +443,11 @@ class BaseClient:
             )
         family, sockaddr = self._data_addr
         if isinstance(op, Unary):
-            data = yield CallDirect(family, sockaddr, op.method, op.request, None, timeout)
+            data = yield CallDirect(family, sockaddr, op.method, op.request, None,
+                                    deadline.left())
             return op.finish(op.response_cls.FromString(data))
         asm = op.assembler()
-        yield CallDirect(family, sockaddr, op.method, op.request, asm, timeout)
+        yield CallDirect(family, sockaddr, op.method, op.request, asm, deadline.left())
         return op.finish(asm)
 
     # ------------------------------------------------------------------ operations

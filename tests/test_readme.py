@@ -69,6 +69,19 @@ def test_blocks_are_marked_and_few_are_skipped() -> None:
     assert sum(b.lang == "bash" for b in RUNNABLE) >= 1
 
 
+def test_every_shell_block_pastes() -> None:
+    """Run or not, each shell block is what a shell would read as written: no line of it
+    (continuations joined) starts with an option, as a line missing its ``\\`` would."""
+    for b in BLOCKS:
+        if b.lang != "bash":
+            continue
+        for line in b.code.replace("\\\n", " ").splitlines():
+            assert not line.strip().startswith("-"), f"{b}: {line.strip()!r}"
+        check = subprocess.run(["bash", "-n", "-c", b.code], capture_output=True, text=True,
+                               timeout=30)
+        assert check.returncode == 0, f"{b}: {check.stderr}"
+
+
 # ---------------------------------------------------------------------------- the server
 
 

@@ -353,9 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     log_help = "DEBUG, INFO, WARNING or ERROR (default: INFO); before or after the command"
     parser = _Parser(prog="tensorslice", description=DESCRIPTION,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log-level", type=_log_level, default="INFO", help=log_help)
+    parser.add_argument("--log-level", type=_log_level, default="INFO", metavar="LEVEL",
+                        help=log_help)
     common = _Parser(add_help=False)
-    common.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS,
+    common.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, metavar="LEVEL",
                         help=log_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

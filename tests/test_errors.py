@@ -25,7 +25,12 @@ from tensorslice.client import (
     UnconvertibleIndex,
 )
 from tensorslice.core.codec import DTYPE_NAMES
-from tensorslice.core.errors import ERROR_CLASS_KEY
+from tensorslice.core.errors import (
+    ERROR_CLASS_KEY,
+    Status,
+    error_class_name,
+    error_from_status,
+)
 from tensorslice.server import ServerConfig, TensorStore, create_server
 from tensorslice.v1 import tensorslice_pb2 as pb
 from tensorslice.v1 import tensorslice_pb2_grpc as pb_grpc
@@ -140,6 +145,7 @@ def remote(client: Client) -> RemoteTensor:
 
 
 @pytest.mark.e2e
+@pytest.mark.filterwarnings("ignore::UserWarning")  # a string is a sequence read as a tuple
 @pytest.mark.parametrize("call,cls,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_request(
     remote: RemoteTensor, demo: torch.Tensor, call: Callable[[RemoteTensor], Any],
@@ -252,6 +258,25 @@ def test_error_classes_carry_their_status_codes() -> None:
     assert issubclass(SelectionOutOfRange, IndexError)
     assert issubclass(InvalidSelection, ValueError)
     assert issubclass(TensorNotFound, LookupError)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("cls,builtin", [
+    (InvalidIndex, IndexError), (InvalidIndexType, TypeError), (UnconvertibleIndex, RuntimeError),
+])
+def test_index_errors_are_also_torchs_classes(cls: type[TensorSliceError], builtin: type) -> None:
+    """Each is an InvalidSelection (INVALID_ARGUMENT) and the builtin PyTorch raises; the
+    class travels by name beside the status and comes back as itself."""
+    assert issubclass(cls, InvalidSelection) and issubclass(cls, builtin)
+    assert cls.status is Status.INVALID_ARGUMENT
+    name = error_class_name(cls("m"))
+    assert name == cls.__name__
+    back = error_from_status(Status.INVALID_ARGUMENT, "m", name)
+    assert type(back) is cls and str(back) == "m"
+    # A name for another status, or an unknown one, falls back to the status's class.
+    assert type(error_from_status(Status.OUT_OF_RANGE, "m", name)) is SelectionOutOfRange
+    assert type(error_from_status(Status.INVALID_ARGUMENT, "m", "Nope")) is InvalidSelection
+    assert error_class_name(InvalidSelection("m")) is None
 
 
 # ---------------------------------------------------------------------------- server limit

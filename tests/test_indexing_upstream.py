@@ -43,6 +43,10 @@ from tensorslice.core.selection import (
 )
 from tensorslice.server import ServerConfig, TensorStore, create_server
 
+# PyTorch's own warnings on deprecated forms (uint8 masks, lists read as tuples), which the
+# client repeats where it reads an index the same way.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 TENSORS = build_tensors()
 CASES = cases()
 _BY_ID = {c.id: c for c in CASES}

@@ -29,7 +29,13 @@ from tensorslice.client import (
 )
 from tensorslice.client._base import Indexer, make_selection
 from tensorslice.client._receive import Assembler
-from tensorslice.core.selection import Combine, Selection, selection_from_proto, selection_to_proto
+from tensorslice.core.selection import (
+    Combine,
+    Selection,
+    selection_from_proto,
+    selection_to_proto,
+    selectors_from_index,
+)
 from tensorslice.server import ServerConfig, TensorMeta, TensorStore, create_server, execute, plan
 from tensorslice.server._stream import pieces
 
@@ -544,3 +550,39 @@ def test_several_ellipses_mean_what_torch_makes_of_them(
         _assert_same(remote[idx], demo[idx])
     with pytest.raises(IndexError, match="too many indices"):
         remote[..., ..., 0]
+
+
+@pytest.mark.unit
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PyTorch's own, on deprecated forms
+@pytest.mark.parametrize("index", [
+    [[0, 1], [1, 2]],  # a short list of lists is a tuple
+    [torch.tensor(0), torch.tensor(1)],  # ... of tensors too
+    [[0, 1], [1]],  # ragged: a tuple, broadcast
+    [range(2), range(2)],
+    [slice(None), 1],
+    [0, None],
+    [np.array(0)],
+    [[0]] * 32,  # 32 or more: one index
+    np.array([[0, 1], [1, 2]]),  # a NumPy array is never a tuple
+    (np.array(1), 0),  # 0-d arrays and tensors select
+    (0, torch.tensor(1, dtype=torch.int8)),
+    [0.5, 1.5],  # floats in a list truncate
+    np.array([0.0, 2.0]),
+    np.array([0, 1], dtype=np.uint64),
+    True, False, np.array(True), torch.tensor(False), torch.tensor(1, dtype=torch.uint8),
+    (True, [0, 1], True),
+    (Ellipsis, 0, Ellipsis),
+])
+def test_client_reads_an_index_as_torch_does(index: Any) -> None:
+    """The selectors a Python index becomes, planned by the server's own planner, have the
+    shape torch gives (values: `test_indexing_upstream`, through a served client)."""
+    x = torch.arange(60.0).reshape(3, 4, 5)
+    p = plan(TensorMeta("x", (3, 4, 5), torch.float32),
+             Selection(selectors_from_index(index), Combine.VECTORIZED))
+    assert p.result_shape == tuple(x[index].shape)
+
+
+@pytest.mark.unit
+def test_a_list_read_as_a_tuple_warns_as_torch_does() -> None:
+    with pytest.warns(UserWarning, match=r"use x\[tuple\(seq\)\] instead of x\[seq\]"):
+        assert len(selectors_from_index([[0, 1], [1, 2]])) == 2

@@ -221,6 +221,10 @@ def _as_tuple(index: object) -> tuple[object, ...]:
             item = index[i]  # type: ignore[index]
             if (isinstance(item, (torch.Tensor, slice)) or item is None or item is Ellipsis
                     or _is_sequence(item)):
+                warnings.warn(
+                    "a non-tuple sequence used for multidimensional indexing is read as a "
+                    "tuple, as PyTorch reads it (and deprecates); use x[tuple(seq)] instead "
+                    "of x[seq]", UserWarning, stacklevel=4)
                 return tuple(index)  # type: ignore[arg-type]
     except Exception:  # a sequence that fails to enumerate is one index, as in PyTorch
         return (index,)

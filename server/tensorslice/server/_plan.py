@@ -107,9 +107,9 @@ def _bind(meta: TensorMeta, selection: Selection) -> list[tuple[Selector, int | 
                 if d < ndim:
                     out.append((Full(), d))
                 d += 1
-        elif k == 0:
+        elif k == 0 and d <= ndim:
             out.append((s, None))
-        elif d >= ndim and _whole_slice(s):
+        elif k and d >= ndim and _whole_slice(s):
             d += 1
         elif d + k > ndim:
             raise InvalidIndex(
@@ -174,10 +174,10 @@ def _normalize(
         try:
             return Gather(d, _check_indices(meta, d, sel.values))
         except SelectionOutOfRange as exc:
-            if deferred is None or meta.shape[d] == 0:
+            if deferred is None:
                 raise
-            # PyTorch checks an index list against a non-empty dimension only where the
-            # result has elements: kept until the result's size is known (`plan`).
+            # PyTorch checks index lists only where the result has elements, or where the
+            # lists have some and index a size-0 dimension: kept until `plan` knows.
             deferred.append(exc)
             return Gather(d, torch.zeros(sel.values.shape, dtype=torch.int64))
     if isinstance(sel, Mask):
@@ -253,7 +253,10 @@ def plan(meta: TensorMeta, selection: Selection, *, limit: int = 0) -> Plan:
         _check_limit(p, limit)  # a size the data decides (-1) is checked before its gather
         return p
     p = plan_region(meta, bound, selection.combine, out_dtype, limit)
-    if deferred and p.result_nbytes != 0:
+    if deferred and (p.result_nbytes != 0 or (
+        any(isinstance(b, Gather) and meta.shape[b.dim] == 0 for b in bound)
+        and math.prod(_index_shape(bound)) > 0
+    )):
         raise deferred[0]
     _check_limit(p, limit)
     return p
@@ -433,6 +436,18 @@ def _out_shape(meta: TensorMeta, bound: Sequence[Bound], mode: Mode) -> tuple[in
         else:  # pragma: no cover - other kinds plan elsewhere
             raise AssertionError(b)
     return tuple(shape)
+
+
+def _index_shape(bound: Sequence[Bound]) -> tuple[int, ...]:
+    """The shape index lists and masks broadcast to (checked by `_check_broadcast`)."""
+    shapes = [
+        tuple(b.index.shape) if isinstance(b, Gather)
+        else (int(b.value),) if isinstance(b, Flag)
+        else (int(b.mask.sum()),)
+        for b in bound
+        if isinstance(b, (Gather, MaskND, Flag))
+    ]
+    return tuple(torch.broadcast_shapes(*shapes))  # type: ignore[no-untyped-call]
 
 
 def _check_broadcast(bound: Sequence[Bound]) -> None:

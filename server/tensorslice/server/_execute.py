@@ -37,6 +37,12 @@ from tensorslice.server._payload import (
 
 __all__ = ["Reserve", "execute", "materialized_bytes"]
 
+# The modes as module globals: an enum member lookup (`Mode.VIEW`) costs a descriptor call
+# per use in Python 3.11, and every call passes here.
+_VIEW, _ROWS, _SELECT, _TORCH, _THRESHOLD = (
+    Mode.VIEW, Mode.ROWS, Mode.SELECT, Mode.TORCH, Mode.THRESHOLD
+)
+
 
 class Reserve(Protocol):
     """Where execution reserves memory before it builds it (`_limits.Hold`)."""
@@ -59,7 +65,7 @@ def execute(p: Plan, tensor: torch.Tensor, reserve: Reserve | None = None,
     """Run a plan: the payloads of the result, named as in the safetensors file. Memory
     the result needs beyond the source is reserved with `reserve` before it is built."""
     reserve = reserve or _Unbounded()
-    if p.mode is Mode.THRESHOLD:
+    if p.mode is _THRESHOLD:
         return _execute_threshold(p, tensor, reserve)
     reserve.add(materialized_bytes(p, slab_bytes), f"the result of {p.meta.name!r}")
     return [_payload(p, tensor)]
@@ -72,9 +78,9 @@ def materialized_bytes(p: Plan, slab_bytes: int = 0) -> int:
     any other gather builds its whole result (and its index lists)."""
     elems = math.prod(p.result_shape)
     cast = elems * p.result_dtype.itemsize if p.result_dtype != p.meta.dtype else 0
-    if p.mode is Mode.VIEW:
+    if p.mode is _VIEW:
         return 0 if p.zero_copy else slab_bytes
-    if p.mode is Mode.ROWS:
+    if p.mode is _ROWS:
         return slab_bytes + (3 * 8 * _row_count(p) if _lead(p) > 0 else 0)
     return _whole_bytes(p) + cast
 
@@ -94,11 +100,11 @@ def _whole_bytes(p: Plan) -> int:
     """What `_materialize` builds for a plan (in the source's dtype)."""
     item = p.meta.dtype.itemsize
     elems = math.prod(p.result_shape)
-    if p.mode is Mode.VIEW:
+    if p.mode is _VIEW:
         return 0
-    if p.mode is Mode.ROWS:
+    if p.mode is _ROWS:
         return elems * item + 3 * 8 * _row_count(p)
-    if p.mode is Mode.SELECT:
+    if p.mode is _SELECT:
         return sum(s.bytes_moved // 2 for s in p.steps if s.kind == "gather")
     # TORCH: the result, the index lists a k-D mask becomes, the flipped region.
     extra = sum(int(b.mask.sum()) * 8 * b.ndim for b in p.bound if isinstance(b, MaskND))
@@ -113,11 +119,11 @@ def _whole_bytes(p: Plan) -> int:
 
 def _materialize(p: Plan, tensor: torch.Tensor) -> torch.Tensor:
     """The result of a (non-threshold) plan as a tensor: a view where the plan is a view."""
-    if p.mode is Mode.VIEW:
+    if p.mode is _VIEW:
         return tensor[torch_index(p.meta, p.bound, tensor.device)]
-    if p.mode is Mode.TORCH:
+    if p.mode is _TORCH:
         return _run_torch(p, tensor)
-    if p.mode is Mode.ROWS:
+    if p.mode is _ROWS:
         src, flat = _row_source(p, tensor)
         return src.index_select(0, flat).view(p.result_shape)
     return _run_select(p, tensor)
@@ -125,15 +131,15 @@ def _materialize(p: Plan, tensor: torch.Tensor) -> torch.Tensor:
 
 def _payload(p: Plan, tensor: torch.Tensor) -> Payload:
     cast = p.result_dtype if p.result_dtype != p.meta.dtype else None
-    if p.mode is Mode.VIEW:
+    if p.mode is _VIEW:
         v = tensor[torch_index(p.meta, p.bound, tensor.device)]
         if v.is_contiguous() and cast is None:
             return ContiguousPayload("values", v)
         return StridedPayload("values", v, cast)
-    if p.mode is Mode.ROWS:
+    if p.mode is _ROWS:
         src, flat = _row_source(p, tensor)
         return RowGatherPayload("values", src, flat, p.result_shape, cast)
-    result = _run_torch(p, tensor) if p.mode is Mode.TORCH else _run_select(p, tensor)
+    result = _run_torch(p, tensor) if p.mode is _TORCH else _run_select(p, tensor)
     if cast is not None:
         result = result.to(cast)
     return ContiguousPayload("values", result.contiguous())

@@ -15,7 +15,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tensorslice.core.codec import encode_chunk
 from tensorslice.core.errors import (
@@ -53,36 +53,44 @@ class Transport(enum.Enum):
     REFUSE = "refuse"  # FAILED_PRECONDITION: the client streams it instead
 
 
+# As module globals: an enum member lookup costs a descriptor call per use (Python 3.11).
+_INLINE, _BULK, _REFUSE = Transport.INLINE, Transport.BULK, Transport.REFUSE
+
+
 def choose_transport(
     size: int, config: ServerConfig, bulk_requested: bool, bulk: BulkServer | None
 ) -> Transport:
     """The transport of a file of `size` bytes."""
     if size <= config.unary_max_bytes:
-        return Transport.INLINE
+        return _INLINE
     if bulk_requested and bulk is not None:
-        return Transport.BULK
-    return Transport.REFUSE
+        return _BULK
+    return _REFUSE
 
 
-@dataclass(frozen=True)
-class _Item:
+class _Item(NamedTuple):  # (a tuple: made on every call, cheaper than a frozen dataclass)
     name: str  # what the result's ``values`` is called in the file
     entry: Entry
     plan: Plan
 
 
-@dataclass(frozen=True)
-class Planned:
-    """A planned result: every item validated, nothing executed yet."""
+class Planned(NamedTuple):
+    """A planned result: every item validated, nothing executed yet. Immutable; a tuple,
+    since one is made on every call."""
 
     items: tuple[_Item, ...]
     metadata: Mapping[str, str]
     many: bool  # several items (`SliceMany`): the names are the keys
     limit: int  # bytes, for the executed total of several items; 0 means none
 
+    def data_nbytes(self) -> int:
+        """The size of the tensors' data, or -1 where the data decides (a threshold)."""
+        sizes = [i.plan.result_nbytes for i in self.items]
+        return -1 if min(sizes) < 0 else sum(sizes)
+
     def file_nbytes(self) -> int:
         """The size of the file, or -1 where the data decides (a threshold)."""
-        if any(i.plan.result_nbytes < 0 for i in self.items):
+        if self.data_nbytes() < 0:
             return -1
         tensors = [(i.name, i.plan.result_dtype, i.plan.result_shape) for i in self.items]
         return file_nbytes(tensors, self.metadata)
@@ -241,12 +249,11 @@ class Calls:
         """The `Fetch`/`FetchMany` answer: a whole result as one serialized `SliceChunk`,
         inline when small, else a ticket for the bulk data plane. A result too large for
         either is refused from its plan, before any work."""
+        large = planned.data_nbytes() > self.config.unary_max_bytes
         if not (bulk_requested and self.bulk is not None):  # a large result is refused
-            known = planned.file_nbytes()
-            if known >= 0 and self._transport(known, bulk_requested) is Transport.REFUSE:
-                raise self._refusal(known, bulk_requested)
-        elif all(i.plan.result_nbytes >= 0 for i in planned.items) and sum(
-                i.plan.result_nbytes for i in planned.items) > self.config.unary_max_bytes:
+            if large:
+                raise self._refusal(planned.file_nbytes(), bulk_requested)
+        elif large:
             # Bound for a ticket: refused from the plan if tickets are full, before any work.
             self.bulk.check_room(planned.materialized_bytes(self.config.slab_bytes))
         hold = self.budget.hold()
@@ -259,11 +266,11 @@ class Calls:
             header = next(body)
             size = len(header) + sum(p.nbytes for p in payloads)
             transport = self._transport(size, bulk_requested)
-            if transport is Transport.INLINE:
+            if transport is _INLINE:
                 # A piece may be a view of a reused buffer: copy each before the next is made.
                 return encode_chunk(header, *(bytes(p) if isinstance(p, memoryview) else p
                                               for p in body))
-            if transport is Transport.BULK:
+            if transport is _BULK:
                 assert self.bulk is not None
                 # The ticket owns what the result holds until it is sent or expires.
                 token = self.bulk.offer(itertools.chain((header,), body), size, hold.move())

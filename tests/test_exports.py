@@ -27,6 +27,7 @@ CLIENT = [
     "InvalidSelection",
     "Mask",
     "NewAxis",
+    "PermissionDenied",
     "PlanStep",
     "Range",
     "RemoteTensor",
@@ -37,6 +38,7 @@ CLIENT = [
     "SelectionOutOfRange",
     "ServerUnavailable",
     "SlicePlan",
+    "TensorExists",
     "TensorInfo",
     "TensorNotFound",
     "TensorSliceError",
@@ -44,6 +46,7 @@ CLIENT = [
     "TlsConfig",
     "Unauthenticated",
     "UnconvertibleIndex",
+    "VersionGone",
     "WhereResult",
 ]
 

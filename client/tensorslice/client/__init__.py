@@ -20,13 +20,16 @@ from tensorslice.core.errors import (
     InvalidIndex,
     InvalidIndexType,
     InvalidSelection,
+    PermissionDenied,
     ResultTooLarge,
     SelectionOutOfRange,
     ServerUnavailable,
+    TensorExists,
     TensorNotFound,
     TensorSliceError,
     Unauthenticated,
     UnconvertibleIndex,
+    VersionGone,
 )
 from tensorslice.core.results import PlanStep, SlicePlan, TensorInfo, WhereResult
 from tensorslice.core.selection import (
@@ -58,6 +61,7 @@ __all__ = [
     "InvalidSelection",
     "Mask",
     "NewAxis",
+    "PermissionDenied",
     "PlanStep",
     "Range",
     "RemoteTensor",
@@ -68,6 +72,7 @@ __all__ = [
     "SelectionOutOfRange",
     "ServerUnavailable",
     "SlicePlan",
+    "TensorExists",
     "TensorInfo",
     "TensorNotFound",
     "TensorSliceError",
@@ -75,5 +80,6 @@ __all__ = [
     "TlsConfig",
     "Unauthenticated",
     "UnconvertibleIndex",
+    "VersionGone",
     "WhereResult",
 ]

@@ -28,6 +28,7 @@ from tensorslice.client._base import (
     BaseRemoteTensor,
     CallDirect,
     CallUnary,
+    CallUpload,
     Explainer,
     Flow,
     Indexer,
@@ -36,6 +37,7 @@ from tensorslice.client._base import (
     Stream,
     Timeout,
     Unary,
+    Upload,
     where_result,
 )
 from tensorslice.client._client import call_direct, receive_bulk, resolve_data_plane
@@ -126,6 +128,13 @@ class AsyncClient(BaseClient):
             return await asyncio.to_thread(call_direct, step, self._metadata,
                                            self._credentials.ssl_context(),
                                            self._server_name() or self._bulk_host)
+        if isinstance(step, CallUpload):
+            upload = self._chan().stream_unary(
+                step.path, request_serializer=None,
+                response_deserializer=step.response_cls.FromString)
+            with map_rpc_errors():
+                return await upload(step.messages, timeout=step.timeout,
+                                    metadata=self._metadata)
         serialize = type(step.request).SerializeToString
         if isinstance(step, CallUnary):
             deserialize = None if step.response_cls is None else step.response_cls.FromString
@@ -145,7 +154,7 @@ class AsyncClient(BaseClient):
                 step.sink.feed(decode_chunk(chunk))
         return None
 
-    async def _call(self, op: Unary[R] | Stream[R], timeout: Timeout) -> R:
+    async def _call(self, op: Unary[R] | Stream[R] | Upload[R], timeout: Timeout) -> R:
         return await self._run(self._flow(op, timeout))
 
     # ------------------------------------------------------------------ metadata
@@ -167,10 +176,27 @@ class AsyncClient(BaseClient):
 
     # ------------------------------------------------------------------ slicing
     async def slice(
-        self, name: str, selection: object, *, timeout: Timeout = DEFAULT
+        self, name: str, selection: object, *, version: int = 0, timeout: Timeout = DEFAULT
     ) -> dict[str, torch.Tensor]:
         """As `Client.slice`."""
-        return await self._call(self._op_slice(name, selection), timeout)
+        return await self._call(self._op_slice(name, selection, version), timeout)
+
+    # ------------------------------------------------------------------ writing
+    async def put(self, name: str, tensor: torch.Tensor,
+                  dim_names: Sequence[str] | None = None, *, replace: bool = False,
+                  timeout: Timeout = DEFAULT) -> TensorInfo:
+        """As `Client.put`."""
+        return await self._call(self._op_put(name, tensor, dim_names, replace), timeout)
+
+    async def append(self, name: str, rows: torch.Tensor,
+                     dim_names: Sequence[str] | None = None, *,
+                     timeout: Timeout = DEFAULT) -> TensorInfo:
+        """As `Client.append`."""
+        return await self._call(self._op_append(name, rows, dim_names), timeout)
+
+    async def drop(self, name: str, *, timeout: Timeout = DEFAULT) -> int:
+        """As `Client.drop`."""
+        return await self._call(self._op_drop(name), timeout)
 
     async def slice_bytes(
         self,
@@ -232,7 +258,12 @@ class AsyncRemoteTensor(BaseRemoteTensor[AsyncClient]):
         return AsyncRemoteTensor(self.client, self.info, **self._cast_args(dtype, max_bytes))
 
     async def _values(self, selection: object) -> torch.Tensor:
-        return (await self.client.slice(self.name, selection))["values"]
+        return (await self.client.slice(self.name, selection, version=self._pinned))["values"]
+
+    def at_version(self, version: int | None = None) -> AsyncRemoteTensor:
+        """As `RemoteTensor.at_version`."""
+        pinned: AsyncRemoteTensor = self._pinned_to(version)
+        return pinned
 
     def __getitem__(self, index: object) -> Coroutine[Any, Any, torch.Tensor]:
         return self._values(self._sel(index, Combine.VECTORIZED))
@@ -259,4 +290,4 @@ class AsyncRemoteTensor(BaseRemoteTensor[AsyncClient]):
     ) -> WhereResult:
         """As `RemoteTensor.where`."""
         sel = self._threshold(dim, stat, over, op, value, scope, k, index)
-        return where_result(await self.client.slice(self.name, sel))
+        return where_result(await self.client.slice(self.name, sel, version=self._pinned))

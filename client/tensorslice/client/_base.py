@@ -12,12 +12,13 @@ return the same results.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -25,7 +26,14 @@ import torch
 
 from tensorslice.client._fork import forked_from_grpc
 from tensorslice.client._receive import Assembler
-from tensorslice.core.codec import DATA_PORT_KEY, dtype_name, split_chunk
+from tensorslice.core.codec import (
+    DATA_PORT_KEY,
+    DTYPE_NAMES,
+    dtype_name,
+    encode_upload_data,
+    safetensors_header,
+    split_chunk,
+)
 from tensorslice.core.credentials import Credentials, TlsConfig, resolve_tls, resolve_token
 from tensorslice.core.endpoint import SERVICE_NAME, has_tcp_host, host_of
 from tensorslice.core.errors import (
@@ -33,6 +41,7 @@ from tensorslice.core.errors import (
     FailedPrecondition,
     InvalidSelection,
     SelectionOutOfRange,
+    VersionGone,
 )
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
 from tensorslice.core.selection import (
@@ -60,6 +69,7 @@ __all__ = [
     "CallDirect",
     "CallStream",
     "CallUnary",
+    "CallUpload",
     "Deadline",
     "Default",
     "Explainer",
@@ -68,6 +78,7 @@ __all__ = [
     "Step",
     "Stream",
     "Unary",
+    "Upload",
     "channel_options",
     "make_selection",
 ]
@@ -164,6 +175,56 @@ class Stream(Generic[R]):
         return Assembler(as_bytes=self.as_bytes, share_memory=self.share_memory)
 
 
+@dataclass(frozen=True)
+class Upload(Generic[R]):
+    """A client-streaming call (`Put`, `Append`): the messages to send (made lazily, one
+    slab of the tensor at a time), the response class and the result it makes."""
+
+    method: str
+    messages: Callable[[], Iterator[bytes]]
+    response_cls: Any
+    finish: Callable[[Any], R]
+
+    @property
+    def path(self) -> str:
+        return f"/{SERVICE}/{self.method}"
+
+
+UPLOAD_CHUNK_BYTES = (1 << 20) - (64 << 10)
+"""Bytes of the file in each upload message: under the smallest request-size limit a
+server takes (1 MiB), with room for the message's other fields."""
+
+
+def upload_messages(name: str, tensor: torch.Tensor, dim_names: Sequence[str] = (),
+                    replace: bool = False) -> Iterator[bytes]:
+    """The serialized `UploadChunk` messages of an upload: the first names the tensor, the
+    rest carry the safetensors file (header, then the tensor's bytes, read from its memory
+    a chunk at a time: a CUDA tensor is copied to the host one chunk at a time)."""
+    t = tensor.detach()
+    if t.dtype not in (x for x in _DTYPES):
+        raise InvalidSelection(f"tensor of dtype {dtype_name(t.dtype)} has no safetensors "
+                               f"encoding")
+    if not t.is_contiguous():
+        t = t.contiguous()
+    header, _ = safetensors_header([("values", t.dtype, tuple(t.shape))])
+    first = _pb.UploadChunk(name=name, replace=replace, dim_names=list(dim_names))
+    yield first.SerializeToString()
+    yield encode_upload_data(b"", header)
+    nbytes = t.numel() * t.element_size()
+    flat = t.reshape(-1).view(torch.uint8) if nbytes else None
+    for start in range(0, nbytes, UPLOAD_CHUNK_BYTES):
+        end = min(start + UPLOAD_CHUNK_BYTES, nbytes)
+        if t.device.type == "cpu":
+            view = memoryview((ctypes.c_char * (end - start)).from_address(
+                t.data_ptr() + start)).cast("B")
+            yield encode_upload_data(b"", view)
+        else:
+            assert flat is not None
+            piece = flat[start:end].cpu()
+            yield encode_upload_data(b"", memoryview(
+                (ctypes.c_char * (end - start)).from_address(piece.data_ptr())).cast("B"))
+
+
 def bulk_host(address: str) -> str | None:
     """The host of a gRPC target, where the bulk data plane listens too (see
     `tensorslice.core.endpoint.host_of`); None for a target with no TCP host (``unix:``):
@@ -256,7 +317,19 @@ class CallDirect:
     timeout: float | None
 
 
-Step = CallUnary | CallStream | ReceiveBulk | CallDirect
+
+@dataclass(frozen=True)
+class CallUpload:
+    """A client-streaming call: `messages` (serialized) sent in order; the outcome is the
+    response."""
+
+    path: str
+    messages: Iterator[bytes]
+    response_cls: Any
+    timeout: float | None
+
+
+Step = CallUnary | CallStream | ReceiveBulk | CallDirect | CallUpload
 Flow = Generator[Step, Any, R]
 
 _BULK_CONNECT_SECONDS = 5.0
@@ -265,6 +338,12 @@ _BULK_CONNECT_SECONDS = 5.0
 def unary_flow(op: Unary[R], deadline: Deadline) -> Flow[R]:
     """One call, one response."""
     response = yield CallUnary(op.path, op.request, op.response_cls, deadline.left())
+    return op.finish(response)
+
+
+def upload_flow(op: Upload[R], timeout: float | None) -> Flow[R]:
+    """One client stream, one response."""
+    response = yield CallUpload(op.path, op.messages(), op.response_cls, timeout)
     return op.finish(response)
 
 
@@ -382,7 +461,7 @@ class BaseClient:
         return f"{type(self).__name__}({self.address!r})"
 
     # ------------------------------------------------------------------ flows
-    def _flow(self, op: Unary[R] | Stream[R], timeout: Timeout) -> Flow[R]:
+    def _flow(self, op: Unary[R] | Stream[R] | Upload[R], timeout: Timeout) -> Flow[R]:
         """The steps of one call (see `CallUnary`); the subclasses drive them."""
         if self._closed:
             raise RuntimeError(f"{self!r} is closed; a closed client makes no more calls")
@@ -391,6 +470,8 @@ class BaseClient:
             return self._direct_flow(op, deadline)
         if isinstance(op, Unary):
             return unary_flow(op, deadline)
+        if isinstance(op, Upload):
+            return upload_flow(op, deadline)
         return self._fetch_flow(op, deadline)
 
     def _fetch_flow(self, op: Stream[R], deadline: Deadline) -> Flow[R]:
@@ -417,6 +498,8 @@ class BaseClient:
                 yield ReceiveBulk(self._bulk_host or "", ticket.port, ticket.token,
                                   ticket.nbytes, asm, left, connect)
         except (FailedPrecondition, BulkUnreachable) as exc:
+            if isinstance(exc, VersionGone):
+                raise
             if isinstance(exc, BulkUnreachable):
                 self._bulk_ok = False
             asm = op.assembler()
@@ -477,9 +560,32 @@ class BaseClient:
                      _pb.SlicePlan, SlicePlan.from_proto)
 
     @staticmethod
-    def _op_slice(name: str, selection: object) -> Stream[dict[str, torch.Tensor]]:
-        return Stream("Slice", _bulk(selection_to_proto(name, make_selection(selection))),
-                      _tensors)
+    def _op_slice(name: str, selection: object, version: int = 0
+                  ) -> Stream[dict[str, torch.Tensor]]:
+        request = _bulk(selection_to_proto(name, make_selection(selection)))
+        request.version = version
+        return Stream("Slice", request, _tensors)
+
+    @staticmethod
+    def _op_put(name: str, tensor: torch.Tensor, dim_names: Sequence[str] | None,
+                replace: bool) -> Upload[TensorInfo]:
+        if not isinstance(tensor, torch.Tensor):
+            raise InvalidSelection(f"put needs a torch.Tensor; got {type(tensor).__name__}")
+        return Upload("Put", lambda: upload_messages(name, tensor, dim_names or (), replace),
+                      _pb.TensorInfo, TensorInfo.from_proto)
+
+    @staticmethod
+    def _op_append(name: str, rows: torch.Tensor, dim_names: Sequence[str] | None
+                   ) -> Upload[TensorInfo]:
+        if not isinstance(rows, torch.Tensor):
+            raise InvalidSelection(f"append needs a torch.Tensor; got {type(rows).__name__}")
+        return Upload("Append", lambda: upload_messages(name, rows, dim_names or ()),
+                      _pb.TensorInfo, TensorInfo.from_proto)
+
+    @staticmethod
+    def _op_drop(name: str) -> Unary[int]:
+        return Unary("Drop", _pb.DropRequest(name=name), _pb.DropResponse,
+                     lambda resp: int(resp.version))
 
     @staticmethod
     def _op_slice_bytes(
@@ -517,6 +623,7 @@ def _bulk(request: _pb.SliceRequest) -> _pb.SliceRequest:
     return request
 
 
+_DTYPES = frozenset(DTYPE_NAMES.values())
 _ORPHANS: list[Any] = []
 
 
@@ -542,6 +649,21 @@ class BaseRemoteTensor(Generic[C]):
         self.info = info
         self._dtype = dtype
         self._max_bytes = max_bytes
+        self._pinned = 0  # a version this handle reads (0: the newest)
+
+    @property
+    def version(self) -> int:
+        """The tensor's version when this handle was made (or the one it is pinned to)."""
+        return self._pinned or self.info.version
+
+    def _pinned_to(self, version: int | None) -> Any:
+        """A copy of this handle that reads only `version` (None: the one it describes)."""
+        out = type(self).__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        out._pinned = self.info.version if version is None else version
+        if out._pinned < 0:
+            raise InvalidSelection(f"version must not be negative; got {out._pinned}")
+        return out
 
     # ------------------------------------------------------------------ metadata
     @property

@@ -23,6 +23,7 @@ from tensorslice.client._base import (
     BulkUnreachable,
     CallDirect,
     CallUnary,
+    CallUpload,
     Explainer,
     Flow,
     Indexer,
@@ -31,6 +32,7 @@ from tensorslice.client._base import (
     Stream,
     Timeout,
     Unary,
+    Upload,
     channel_options,
     where_result,
 )
@@ -112,6 +114,12 @@ class Client(BaseClient):
         if isinstance(step, CallDirect):
             return call_direct(step, self._metadata, self._credentials.ssl_context(),
                                self._server_name() or self._bulk_host)
+        if isinstance(step, CallUpload):
+            upload = self._chan().stream_unary(
+                step.path, request_serializer=None,
+                response_deserializer=step.response_cls.FromString)
+            with map_rpc_errors():
+                return upload(step.messages, timeout=step.timeout, metadata=self._metadata)
         serialize = type(step.request).SerializeToString
         if isinstance(step, CallUnary):
             deserialize = None if step.response_cls is None else step.response_cls.FromString
@@ -130,7 +138,7 @@ class Client(BaseClient):
                 step.sink.feed(decode_chunk(chunk))
         return None
 
-    def _call(self, op: Unary[R] | Stream[R], timeout: Timeout) -> R:
+    def _call(self, op: Unary[R] | Stream[R] | Upload[R], timeout: Timeout) -> R:
         return self._run(self._flow(op, timeout))
 
     # ------------------------------------------------------------------ metadata
@@ -153,12 +161,35 @@ class Client(BaseClient):
 
     # ------------------------------------------------------------------ slicing
     def slice(
-        self, name: str, selection: object, *, timeout: Timeout = DEFAULT
+        self, name: str, selection: object, *, version: int = 0, timeout: Timeout = DEFAULT
     ) -> dict[str, torch.Tensor]:
         """The tensors of the result of one selection (``values``, plus ``indices`` and
         ``offsets`` for threshold masks), built on the received buffer without a copy.
-        `selection` is a `Selection` or a Python index (PyTorch's meaning)."""
-        return self._call(self._op_slice(name, selection), timeout)
+        `selection` is a `Selection` or a Python index (PyTorch's meaning). `version`
+        reads that version of the tensor (`VersionGone` once the server no longer holds
+        it); 0 reads the newest."""
+        return self._call(self._op_slice(name, selection, version), timeout)
+
+    # ------------------------------------------------------------------ writing
+    def put(self, name: str, tensor: torch.Tensor, dim_names: Sequence[str] | None = None,
+            *, replace: bool = False, timeout: Timeout = DEFAULT) -> TensorInfo:
+        """Store `tensor` under `name` (sent as a safetensors file, a chunk at a time, from
+        the tensor's memory); with `replace`, atomically replace a tensor of that name
+        (`TensorExists` without it). Readers of the replaced version finish on it. The new
+        version's metadata."""
+        return self._call(self._op_put(name, tensor, dim_names, replace), timeout)
+
+    def append(self, name: str, rows: torch.Tensor, dim_names: Sequence[str] | None = None,
+               *, timeout: Timeout = DEFAULT) -> TensorInfo:
+        """Add `rows` along dimension 0 of `name` (created from them when missing; dtype
+        and trailing shape must match, InvalidSelection naming both otherwise). The new
+        version's metadata."""
+        return self._call(self._op_append(name, rows, dim_names), timeout)
+
+    def drop(self, name: str, *, timeout: Timeout = DEFAULT) -> int:
+        """Remove `name` (TensorNotFound when missing); reads already running finish. The
+        version dropped."""
+        return self._call(self._op_drop(name), timeout)
 
     def slice_bytes(
         self,
@@ -221,7 +252,14 @@ class RemoteTensor(BaseRemoteTensor[Client]):
         return RemoteTensor(self.client, self.info, **self._cast_args(dtype, max_bytes))
 
     def _values(self, selection: object) -> torch.Tensor:
-        return self.client.slice(self.name, selection)["values"]
+        return self.client.slice(self.name, selection, version=self._pinned)["values"]
+
+    def at_version(self, version: int | None = None) -> RemoteTensor:
+        """This tensor pinned to `version` (default: the version this handle describes):
+        every read returns that version's data, or raises `VersionGone` (FAILED_PRECONDITION)
+        once the server no longer holds it; never newer data."""
+        pinned: RemoteTensor = self._pinned_to(version)
+        return pinned
 
     def __getitem__(self, index: object) -> torch.Tensor:
         return self._values(self._sel(index, Combine.VECTORIZED))
@@ -251,7 +289,7 @@ class RemoteTensor(BaseRemoteTensor[Client]):
         ``op value``; scope any, all, per_sample or topk (with k). `index` optionally
         selects along the other dimensions first (orthogonally), one entry per dimension."""
         sel = self._threshold(dim, stat, over, op, value, scope, k, index)
-        return where_result(self.client.slice(self.name, sel))
+        return where_result(self.client.slice(self.name, sel, version=self._pinned))
 
 
 def receive_bulk(step: ReceiveBulk, tls: ssl.SSLContext | None = None,

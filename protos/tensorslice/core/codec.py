@@ -27,6 +27,7 @@ __all__ = [
     "decode_chunk",
     "dtype_from_name",
     "encode_chunk",
+    "encode_upload_data",
     "parse_header",
     "safetensors_header",
     "split_chunk",
@@ -151,6 +152,16 @@ def encode_chunk(*parts: bytes | memoryview) -> bytes:
     if size == 0:
         return b""
     return b"".join((bytes((_TAG_DATA,)), _varint(size), *parts))
+
+
+_TAG_UPLOAD_DATA = 0x22  # UploadChunk.data: field 4, wire type 2
+
+
+def encode_upload_data(head: bytes, data: bytes | memoryview) -> bytes:
+    """One serialized `UploadChunk`: `head` (its other fields, serialized, or b"") and
+    `data` as its `data` field, copied once, straight into the frame."""
+    size = len(data) if isinstance(data, bytes) else data.nbytes
+    return b"".join((head, bytes((_TAG_UPLOAD_DATA,)), _varint(size), data))
 
 
 def decode_chunk(frame: bytes) -> memoryview:

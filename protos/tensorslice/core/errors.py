@@ -12,6 +12,9 @@
     ├── ServerUnavailable     (ConnectionError)  UNAVAILABLE
     ├── DeadlineExceeded      (TimeoutError)     DEADLINE_EXCEEDED
     ├── FailedPrecondition                       FAILED_PRECONDITION
+    │   └── VersionGone                          FAILED_PRECONDITION
+    ├── TensorExists                             ALREADY_EXISTS
+    ├── PermissionDenied                         PERMISSION_DENIED
     └── InternalServerError                      INTERNAL
 
 Each class carries a `Status` of its own. The planner and the store raise these without
@@ -44,14 +47,17 @@ __all__ = [
     "InvalidIndex",
     "InvalidIndexType",
     "InvalidSelection",
+    "PermissionDenied",
     "ResultTooLarge",
     "SelectionOutOfRange",
     "ServerUnavailable",
     "Status",
+    "TensorExists",
     "TensorNotFound",
     "TensorSliceError",
     "Unauthenticated",
     "UnconvertibleIndex",
+    "VersionGone",
     "error_class_name",
     "error_from_status",
 ]
@@ -160,6 +166,26 @@ class FailedPrecondition(TensorSliceError):
     status = Status.FAILED_PRECONDITION
 
 
+class VersionGone(FailedPrecondition):
+    """A read pinned to a version of a tensor (`RemoteTensor.at_version`) that the server
+    no longer holds: it was replaced, grown or dropped, and no reader holds it any more
+    (FAILED_PRECONDITION). Never answered with newer data."""
+
+
+class TensorExists(TensorSliceError):
+    """`put` of a name the server holds already, without ``replace=True``
+    (ALREADY_EXISTS)."""
+
+    status = Status.ALREADY_EXISTS
+
+
+class PermissionDenied(TensorSliceError):
+    """A write (`put`, `append`, `drop`) by a caller without write permission: the server
+    is read-only, or the caller's token is not the write token (PERMISSION_DENIED)."""
+
+    status = Status.PERMISSION_DENIED
+
+
 class InternalServerError(TensorSliceError):
     """The server failed unexpectedly (INTERNAL); its log holds the traceback."""
 
@@ -177,6 +203,8 @@ _BY_STATUS: dict[Status, type[TensorSliceError]] = {
         ServerUnavailable,
         DeadlineExceeded,
         FailedPrecondition,
+        TensorExists,
+        PermissionDenied,
         InternalServerError,
     )
 }
@@ -186,7 +214,8 @@ ERROR_CLASS_KEY = "tensorslice-error"
 """Trailing metadata key naming the error class where a status has several."""
 
 _REFINED: dict[str, type[TensorSliceError]] = {
-    cls.__name__: cls for cls in (InvalidIndex, InvalidIndexType, UnconvertibleIndex)
+    cls.__name__: cls
+    for cls in (InvalidIndex, InvalidIndexType, UnconvertibleIndex, VersionGone)
 }
 
 

@@ -24,6 +24,8 @@ class TensorInfo:
     device: str
     nbytes: int
     dim_names: tuple[str, ...]
+    version: int = 0
+    """Changes with every put, append and replace of the tensor."""
 
     @classmethod
     def from_proto(cls, msg: _pb.TensorInfo) -> TensorInfo:
@@ -34,6 +36,7 @@ class TensorInfo:
             device=msg.device,
             nbytes=msg.nbytes,
             dim_names=tuple(msg.dim_names),
+            version=msg.version,
         )
 
 

@@ -14,6 +14,30 @@ class Combine(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 OUTER: Combine
 VECTORIZED: Combine
 
+class UploadChunk(_message.Message):
+    __slots__ = ("name", "replace", "dim_names", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    DIM_NAMES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    replace: bool
+    dim_names: _containers.RepeatedScalarFieldContainer[str]
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., replace: _Optional[bool] = ..., dim_names: _Optional[_Iterable[str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class DropRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DropResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
 class ListTensorsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -31,20 +55,22 @@ class DescribeTensorRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "device", "nbytes", "dim_names")
+    __slots__ = ("name", "shape", "dtype", "device", "nbytes", "dim_names", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     DIM_NAMES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     device: str
     nbytes: int
     dim_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., nbytes: _Optional[int] = ..., dim_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    version: int
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., nbytes: _Optional[int] = ..., dim_names: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Full(_message.Message):
     __slots__ = ()
@@ -171,20 +197,22 @@ class Selector(_message.Message):
     def __init__(self, full: _Optional[_Union[Full, _Mapping]] = ..., range: _Optional[_Union[Range, _Mapping]] = ..., index: _Optional[_Union[Index, _Mapping]] = ..., indices: _Optional[_Union[Indices, _Mapping]] = ..., mask: _Optional[_Union[Mask, _Mapping]] = ..., threshold: _Optional[_Union[Threshold, _Mapping]] = ..., new_axis: _Optional[_Union[NewAxis, _Mapping]] = ..., ellipsis: _Optional[_Union[Ellipsis, _Mapping]] = ...) -> None: ...
 
 class SliceRequest(_message.Message):
-    __slots__ = ("tensor", "selectors", "combine", "dtype", "max_bytes", "bulk")
+    __slots__ = ("tensor", "selectors", "combine", "dtype", "max_bytes", "bulk", "version")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     SELECTORS_FIELD_NUMBER: _ClassVar[int]
     COMBINE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     BULK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     tensor: str
     selectors: _containers.RepeatedCompositeFieldContainer[Selector]
     combine: Combine
     dtype: str
     max_bytes: int
     bulk: bool
-    def __init__(self, tensor: _Optional[str] = ..., selectors: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ..., combine: _Optional[_Union[Combine, str]] = ..., dtype: _Optional[str] = ..., max_bytes: _Optional[int] = ..., bulk: _Optional[bool] = ...) -> None: ...
+    version: int
+    def __init__(self, tensor: _Optional[str] = ..., selectors: _Optional[_Iterable[_Union[Selector, _Mapping]]] = ..., combine: _Optional[_Union[Combine, str]] = ..., dtype: _Optional[str] = ..., max_bytes: _Optional[int] = ..., bulk: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class NamedSlice(_message.Message):
     __slots__ = ("key", "request")

@@ -70,6 +70,21 @@ class TensorSliceStub:
                 request_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceManyRequest.SerializeToString,
                 response_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceChunk.FromString,
                 _registered_method=True)
+        self.Put = channel.stream_unary(
+                '/tensorslice.v1.TensorSlice/Put',
+                request_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.UploadChunk.SerializeToString,
+                response_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.TensorInfo.FromString,
+                _registered_method=True)
+        self.Append = channel.stream_unary(
+                '/tensorslice.v1.TensorSlice/Append',
+                request_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.UploadChunk.SerializeToString,
+                response_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.TensorInfo.FromString,
+                _registered_method=True)
+        self.Drop = channel.unary_unary(
+                '/tensorslice.v1.TensorSlice/Drop',
+                request_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.DropRequest.SerializeToString,
+                response_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.DropResponse.FromString,
+                _registered_method=True)
 
 
 class TensorSliceServicer:
@@ -134,6 +149,31 @@ class TensorSliceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Put(self, request_iterator, context):
+        """A new tensor, or (with `replace`) an atomic replacement of one: the
+        concatenation of every chunk's `data` is a safetensors file holding exactly
+        one tensor. The first chunk names it. Nothing is stored unless the whole
+        file arrives and is valid. Answers the new version's metadata.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Append(self, request_iterator, context):
+        """Rows added along dimension 0 of a tensor (created when missing), sent as
+        Put sends a tensor: dtype and trailing shape must match the tensor's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drop(self, request, context):
+        """Removes a tensor; NOT_FOUND when there is none of that name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TensorSliceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +211,21 @@ def add_TensorSliceServicer_to_server(servicer, server):
                     servicer.FetchMany,
                     request_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceManyRequest.FromString,
                     response_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.SliceChunk.SerializeToString,
+            ),
+            'Put': grpc.stream_unary_rpc_method_handler(
+                    servicer.Put,
+                    request_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.UploadChunk.FromString,
+                    response_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.TensorInfo.SerializeToString,
+            ),
+            'Append': grpc.stream_unary_rpc_method_handler(
+                    servicer.Append,
+                    request_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.UploadChunk.FromString,
+                    response_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.TensorInfo.SerializeToString,
+            ),
+            'Drop': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drop,
+                    request_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.DropRequest.FromString,
+                    response_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.DropResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -363,6 +418,87 @@ class TensorSlice:
             '/tensorslice.v1.TensorSlice/FetchMany',
             tensorslice_dot_v1_dot_tensorslice__pb2.SliceManyRequest.SerializeToString,
             tensorslice_dot_v1_dot_tensorslice__pb2.SliceChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Put(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tensorslice.v1.TensorSlice/Put',
+            tensorslice_dot_v1_dot_tensorslice__pb2.UploadChunk.SerializeToString,
+            tensorslice_dot_v1_dot_tensorslice__pb2.TensorInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Append(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tensorslice.v1.TensorSlice/Append',
+            tensorslice_dot_v1_dot_tensorslice__pb2.UploadChunk.SerializeToString,
+            tensorslice_dot_v1_dot_tensorslice__pb2.TensorInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorslice.v1.TensorSlice/Drop',
+            tensorslice_dot_v1_dot_tensorslice__pb2.DropRequest.SerializeToString,
+            tensorslice_dot_v1_dot_tensorslice__pb2.DropResponse.FromString,
             options,
             channel_credentials,
             insecure,

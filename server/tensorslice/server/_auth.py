@@ -137,13 +137,25 @@ class TokenAuth(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Refuses, UNAUTHENTICATED, every call whose ``authorization`` metadata is not
     ``Bearer TOKEN``; methods under an `exempt` prefix (health checks) pass unchecked."""
 
-    def __init__(self, token: str, exempt: Sequence[str] = (HEALTH_PREFIX,)) -> None:
+    def __init__(self, token: str, exempt: Sequence[str] = (HEALTH_PREFIX,), *,
+                 write_token: str | None = None, writes: Sequence[str] = ()) -> None:
         self._expected = f"Bearer {token}".encode()
         self._exempt = tuple(exempt)
+        self._write = None if write_token is None else f"Bearer {write_token}".encode()
+        self._writes = frozenset(writes)
         self.refused = 0
 
+    def _is_write_token(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        given = [v for k, v in metadata or () if k == "authorization"]
+        if self._write is None or len(given) != 1:
+            return False
+        raw = given[0] if isinstance(given[0], bytes) else given[0].encode("utf-8", "replace")
+        return hmac.compare_digest(raw, self._write)
+
     def check(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
-        """None when `metadata` carries the token; else why not."""
+        """None when `metadata` carries the token (or the write token); else why not."""
+        if self._is_write_token(metadata):
+            return None
         given = [v for k, v in metadata or () if k == "authorization"]
         if not given:
             return ("no credentials: this server wants the metadata 'authorization: Bearer "
@@ -166,6 +178,13 @@ class TokenAuth(grpc.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         why = self.check(details.invocation_metadata)
         if why is None:
+            if (self._write is not None and details.method in self._writes
+                    and not self._is_write_token(details.invocation_metadata)):
+                self.refused += 1
+                return refusal_handler(
+                    handler, grpc.StatusCode.PERMISSION_DENIED,
+                    "this token may read but not write: put, append and drop need the "
+                    "server's write token (serve --write-token-file)")
             return handler
         self.refused += 1
         return refusal_handler(handler, grpc.StatusCode.UNAUTHENTICATED, why)

@@ -195,10 +195,23 @@ def _start(
 
     sources = plan_sources(args.tensor, args.dir)
     token, tls = _security(args)
+    write_token = None
+    if args.write_token_file is not None:
+        from tensorslice.server._auth import read_token
+
+        write_token = read_token(args.write_token_file)
+        if token is None:
+            raise UsageError("--write-token-file needs a read token too (--token-file or "
+                             "$TENSORSLICE_TOKEN): reads would otherwise need none")
     _check_free(args.host, args.port, "--port")
     if not args.no_bulk:
         _check_free(args.host, args.bulk_port, "--bulk-port")
-    store = TensorStore(device=args.device, max_device_memory=args.max_device_memory)
+    store = TensorStore(device=args.device, max_device_memory=args.max_device_memory,
+                        max_memory=args.max_memory)
+    if args.data_dir is not None:
+        from tensorslice.server._persist import DataDir
+
+        store.persist = DataDir(args.data_dir)
     config = ServerConfig(
         max_result_bytes=args.max_result_bytes,
         max_calls=args.max_calls,
@@ -217,11 +230,15 @@ def _start(
         tls=tls,
         metrics_port=args.metrics_port,
         reflection=not args.no_reflection,
+        read_only=args.read_only,
+        write_token=write_token,
     )
     try:
         server, port = create_server(store, f"{args.host}:{args.port}", config)
     except AddressInUse as exc:  # taken between the check and the bind
         raise UsageError(str(exc)) from None
+    if store.persist is not None:
+        store.restore()
     load(store, sources, progress=not args.no_progress)
     return server, port, store, token, tls
 
@@ -381,6 +398,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="budget for the tensors on the device; a load beyond it is refused "
                         "(default: on cuda what is free minus max(1GiB, 10%%); "
                         "on cpu no limit)")
+    s.add_argument("--max-memory", type=parse_bytes, default=None, metavar="BYTES",
+                   help="host budget for the tensors of a cpu server, old versions still "
+                        "being read included; an upload or append beyond it is refused "
+                        "with RESOURCE_EXHAUSTED (default: half of the memory; 0: none)")
+    s.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="keep uploaded tensors in DIR: every acknowledged put, append and "
+                        "drop is on disk before the call returns, and a restart with the "
+                        "same DIR serves them again")
+    s.add_argument("--read-only", action="store_true",
+                   help="refuse put, append and drop with PERMISSION_DENIED")
+    s.add_argument("--write-token-file", default=None, metavar="PATH",
+                   help="writes (put, append, drop) need the token this file holds; reads "
+                        "take it or the read token (needs --token-file)")
     s.add_argument("--max-result-bytes", type=parse_bytes, default=None, metavar="BYTES",
                    help="refuse larger results with RESOURCE_EXHAUSTED (default: an eighth "
                         "of the memory)")

@@ -46,6 +46,8 @@ class ServerConfig:
         tls: TlsFiles | None = None,
         metrics_port: int | None = None,
         reflection: bool = True,
+        read_only: bool = False,
+        write_token: str | None = None,
     ) -> None:
         memory = machine_memory()
         self.max_result_bytes = (
@@ -103,9 +105,14 @@ class ServerConfig:
         None: no endpoint."""
         self.reflection = reflection
         """Serve gRPC server reflection (``grpcurl list`` / ``describe``)."""
+        self.read_only = read_only
+        """Refuse every write (put, append, drop) with PERMISSION_DENIED."""
+        self.write_token = write_token
+        """The bearer token writes must carry (reads take it or `token`); None: writes
+        need only what reads need."""
 
     def __repr__(self) -> str:
-        shown = {k: ("'***'" if k == "token" and v is not None else repr(v))
+        shown = {k: ("'***'" if k in ("token", "write_token") and v is not None else repr(v))
                  for k, v in vars(self).items()}
         fields = ", ".join(f"{k}={v}" for k, v in shown.items())
         return f"ServerConfig({fields})"

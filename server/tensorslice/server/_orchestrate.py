@@ -14,15 +14,17 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator, Mapping
+from typing import NamedTuple, TypeVar
 
 from tensorslice.core.codec import encode_chunk
 from tensorslice.core.errors import (
     FailedPrecondition,
     InvalidIndex,
     InvalidSelection,
+    PermissionDenied,
     ResultTooLarge,
+    TensorExists,
 )
 from tensorslice.core.selection import selection_from_proto
 from tensorslice.server._bulk import BulkServer
@@ -32,17 +34,25 @@ from tensorslice.server._limits import ByteBudget, Hold, shorten
 from tensorslice.server._model import Mode, Plan
 from tensorslice.server._payload import Payload
 from tensorslice.server._plan import combined_limit, plan
-from tensorslice.server._store import Entry, TensorStore
+from tensorslice.server._store import MAX_NAME_CHARS, Entry, TensorStore, check_name
 from tensorslice.server._stream import file_nbytes, frames, pieces
+from tensorslice.server._upload import Upload, receive
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
 __all__ = ["MAX_NAME_CHARS", "Calls", "Frames", "Planned", "Transport", "choose_transport"]
-
-MAX_NAME_CHARS = 1024
-"""Longest tensor name or SliceMany key a request may carry."""
 _BULK_PIECE_BYTES = 16 << 20
 _PLAN_CACHE_SIZE = 1024
 _PLAN_CACHE_KEY_BYTES = 4096  # requests with large index lists are planned afresh
+
+T = TypeVar("T")
+
+
+def _holding(items: Iterator[T], keep: object) -> Iterator[T]:
+    """`items`, keeping `keep` (the entries a result reads) referenced until the last one
+    is taken or the iterator is dropped: an old version's memory stays counted, and held,
+    while a reader still reads it."""
+    yield from items
+    del keep
 
 
 class Transport(enum.Enum):
@@ -126,9 +136,11 @@ class Frames:
     `release` is idempotent; the service calls it too when the call ends, since a
     cancelled stream's generator may never be resumed."""
 
-    def __init__(self, frames: Iterator[bytes], hold: Hold) -> None:
+    def __init__(self, frames: Iterator[bytes], hold: Hold, planned: Planned | None = None
+                 ) -> None:
         self._frames = frames
         self._hold = hold
+        self._planned = planned  # the versions it reads stay held while it streams
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -138,6 +150,7 @@ class Frames:
 
     def release(self) -> None:
         self._hold.release()
+        self._planned = None
 
 
 class Calls:
@@ -159,14 +172,25 @@ class Calls:
         self.plan_misses = 0  # plans made afresh
 
     # ------------------------------------------------------------------ planning
-    def plan(self, request: _pb.SliceRequest) -> tuple[Entry, Plan]:
-        """The tensor a request names and the plan of its selection (cached)."""
+    def plan(self, request: _pb.SliceRequest, seen: dict[str, Entry] | None = None
+             ) -> tuple[Entry, Plan]:
+        """The tensor a request names (the version it pins, else the newest; the one in
+        `seen` where a call has read that tensor already) and the plan of its selection
+        (cached)."""
         if len(request.tensor) > MAX_NAME_CHARS:
             raise InvalidSelection(
                 f"tensor name of {len(request.tensor)} characters is longer than any the "
                 f"server holds (at most {MAX_NAME_CHARS})"
             )
-        entry = self.store.get(request.tensor)
+        if request.version < 0:
+            raise InvalidSelection(f"version must not be negative; got {request.version}")
+        known = None if seen is None else seen.get(request.tensor)
+        if known is not None and request.version in (0, known.version):
+            entry = known
+        else:
+            entry = self.store.get(request.tensor, request.version)
+            if seen is not None and not request.version:
+                seen[request.tensor] = entry
         key = request.SerializeToString(deterministic=True)
         if len(key) > _PLAN_CACHE_KEY_BYTES:
             return entry, self._plan_fresh(entry, request)
@@ -206,6 +230,7 @@ class Calls:
         if request.max_bytes < 0:
             raise InvalidSelection(f"max_bytes must not be negative; got {request.max_bytes}")
         items: list[_Item] = []
+        seen: dict[str, Entry] = {}  # one version of each tensor for the whole call
         reserved: set[str] = set()
         for pos, named in enumerate(request.items):
             key = named.key
@@ -217,7 +242,7 @@ class Calls:
                     f"of a safetensors file ('__metadata__' is reserved; at most "
                     f"{MAX_NAME_CHARS} characters)"
                 )
-            entry, p = self.plan(named.request)
+            entry, p = self.plan(named.request, seen)
             names = {key}
             if p.mode is Mode.THRESHOLD:
                 names |= {f"{key}.indices", f"{key}.offsets"}
@@ -243,7 +268,7 @@ class Calls:
         hold = self.budget.hold()
         payloads = planned.execute(hold, self.config.slab_bytes)
         return Frames(frames(payloads, planned.metadata, chunk_bytes=self.config.chunk_bytes,
-                             slab_bytes=self.config.slab_bytes), hold)
+                             slab_bytes=self.config.slab_bytes), hold, planned)
 
     def one_message(self, planned: Planned, bulk_requested: bool) -> bytes:
         """The `Fetch`/`FetchMany` answer: a whole result as one serialized `SliceChunk`,
@@ -273,7 +298,8 @@ class Calls:
             if transport is _BULK:
                 assert self.bulk is not None
                 # The ticket owns what the result holds until it is sent or expires.
-                token = self.bulk.offer(itertools.chain((header,), body), size, hold.move())
+                token = self.bulk.offer(_holding(itertools.chain((header,), body), planned),
+                                        size, hold.move())
                 ticket = _pb.BulkTicket(port=self.bulk.port, token=token, nbytes=size)
                 return _pb.SliceChunk(ticket=ticket).SerializeToString()
             raise self._refusal(size, bulk_requested)
@@ -293,7 +319,70 @@ class Calls:
             hold.release()
             raise
         size = len(header) + sum(p.nbytes for p in payloads)
-        return itertools.chain((header,), body), size, hold
+        return _holding(itertools.chain((header,), body), planned), size, hold
+
+    # ------------------------------------------------------------------ writes
+    def _writable(self) -> None:
+        if self.config.read_only:
+            raise PermissionDenied(
+                "this server is read-only (serve --read-only): put, append and drop are "
+                "refused"
+            )
+
+    def put(self, chunks: Iterable[_pb.UploadChunk]) -> Entry:
+        """`Put`: the uploaded file's tensor published under the first chunk's name."""
+        self._writable()
+        it = iter(chunks)
+        first = next(it, None)
+        if first is None:
+            raise InvalidSelection("put: the upload carried no message")
+        name = check_name(first.name)
+        if not first.replace and name in self.store:
+            raise TensorExists(
+                f"the server already holds a tensor named {shorten(name, 80)!r}; "
+                f"put(..., replace=True) replaces it"
+            )
+
+        def allocate(up: Upload) -> object:
+            return self.store.allocate(name, up.dtype, up.shape, "storing")
+
+        _, storage = receive(_data(first, it), allocate,  # type: ignore[arg-type]
+                             f"put {shorten(name, 80)!r}")
+        return self.store.put(name, storage, first.dim_names, replace=first.replace)
+
+    def append(self, chunks: Iterable[_pb.UploadChunk]) -> Entry:
+        """`Append`: the uploaded file's tensor added as rows of the first chunk's name."""
+        self._writable()
+        it = iter(chunks)
+        first = next(it, None)
+        if first is None:
+            raise InvalidSelection("append: the upload carried no message")
+        name = check_name(first.name)
+        what = f"append to {shorten(name, 80)!r}"
+
+        def allocate(up: Upload) -> object:
+            if name in self.store:  # refused before any byte is stored
+                m = self.store.get(name).meta
+                if up.dtype != m.dtype or up.shape[1:] != m.shape[1:] or not up.shape:
+                    raise InvalidSelection(
+                        f"{what}: rows of dtype {str(up.dtype).removeprefix('torch.')} and "
+                        f"shape {list(up.shape)} do not match the tensor's dtype "
+                        f"{str(m.dtype).removeprefix('torch.')} and shape {list(m.shape)}"
+                    )
+            return self.store.allocate(name, up.dtype, up.shape, "appending to")
+
+        _, rows = receive(_data(first, it), allocate, what)  # type: ignore[arg-type]
+        return self.store.append(name, rows.tensor, first.dim_names)
+
+    def drop(self, name: str) -> int:
+        """`Drop`: the version dropped."""
+        self._writable()
+        if len(name) > MAX_NAME_CHARS:
+            raise InvalidSelection(
+                f"tensor name of {len(name)} characters is longer than any the server "
+                f"holds (at most {MAX_NAME_CHARS})"
+            )
+        return self.store.drop(name)
 
     def _transport(self, size: int, bulk_requested: bool) -> Transport:
         return choose_transport(size, self.config, bulk_requested, self.bulk)
@@ -304,6 +393,15 @@ class Calls:
             f"result of {size} bytes is larger than the {self.config.unary_max_bytes}-byte "
             f"limit of a single response{no_bulk}; use Slice (streaming)"
         )
+
+
+def _data(first: _pb.UploadChunk, rest: Iterator[_pb.UploadChunk]) -> Iterator[bytes]:
+    """The file's bytes: every chunk's `data`, in order."""
+    if first.data:
+        yield first.data
+    for chunk in rest:
+        if chunk.data:
+            yield chunk.data
 
 
 def _check_sizes(entry: Entry, request: _pb.SliceRequest, limit: int) -> None:

@@ -20,7 +20,7 @@ from tensorslice.server._auth import TokenAuth
 from tensorslice.server._bulk import BulkServer
 from tensorslice.server._config import HEALTH_THREADS, ServerConfig
 from tensorslice.server._metrics import Metrics, MetricsInterceptor, ServerCollector, serve_metrics
-from tensorslice.server._service import TensorSliceService, generic_handler
+from tensorslice.server._service import WRITE_METHODS, TensorSliceService, generic_handler
 from tensorslice.server._store import TensorStore
 
 __all__ = ["AddressInUse", "TensorSliceServer", "create_server", "server_options"]
@@ -125,7 +125,9 @@ def create_server(
     if metrics is not None:
         interceptors.append(MetricsInterceptor(metrics))  # outermost: refusals count too
     if config.token is not None:
-        interceptors.append(TokenAuth(config.token))
+        interceptors.append(TokenAuth(
+            config.token, write_token=config.write_token,
+            writes=[f"/{SERVICE_NAME}/{m}" for m in sorted(WRITE_METHODS)]))
     grpc_server = grpc.server(
         # The TensorSlice calls (running and waiting for a slot), plus threads that
         # health checks and refusals never find busy.

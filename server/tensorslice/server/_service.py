@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -15,6 +15,7 @@ from tensorslice.core.endpoint import SERVICE_NAME
 from tensorslice.core.errors import (
     ERROR_CLASS_KEY,
     InvalidSelection,
+    ServerUnavailable,
     TensorSliceError,
     Unauthenticated,
     error_class_name,
@@ -29,7 +30,7 @@ from tensorslice.server._orchestrate import Calls, Frames
 from tensorslice.server._store import Entry, TensorStore
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
-__all__ = ["TensorSliceService", "generic_handler"]
+__all__ = ["WRITE_METHODS", "TensorSliceService", "generic_handler"]
 
 log = logging.getLogger("tensorslice.server")
 
@@ -45,6 +46,7 @@ def tensor_info(entry: Entry) -> _pb.TensorInfo:
         device=m.device,
         nbytes=m.nbytes,
         dim_names=list(m.dim_names),
+        version=entry.version,
     )
 
 
@@ -119,7 +121,7 @@ class TensorSliceService:
             if why is not None:
                 raise Unauthenticated(why)
         spec = _METHODS.get(method)
-        if spec is None:
+        if spec is None or method in WRITE_METHODS:  # writes go over gRPC only
             raise InvalidSelection(f"unknown method {shorten(method, 64)!r}")
         _, counted, request_cls, _ = spec
         request = _parser(request_cls)(data)
@@ -166,6 +168,18 @@ class TensorSliceService:
         return self._inline(
             self.calls.one_message(self.calls.planned_many(request), request.bulk)
         )
+
+    def Put(self, requests: Iterable[_pb.UploadChunk], context: grpc.ServicerContext
+            ) -> _pb.TensorInfo:
+        return tensor_info(self.calls.put(requests))
+
+    def Append(self, requests: Iterable[_pb.UploadChunk], context: grpc.ServicerContext
+               ) -> _pb.TensorInfo:
+        return tensor_info(self.calls.append(requests))
+
+    def Drop(self, request: _pb.DropRequest, context: grpc.ServicerContext
+             ) -> _pb.DropResponse:
+        return _pb.DropResponse(version=self.calls.drop(request.name))
 
     def _inline(self, frame: bytes) -> bytes:
         """`frame`, counted as inline bytes when it carries data (not a bulk ticket)."""
@@ -277,6 +291,41 @@ def _nothing() -> None:
     pass
 
 
+def _requests(it: Iterator[Any]) -> Iterator[Any]:
+    """A client stream's messages; one that did not parse is refused, and a stream the
+    client cut off ends the call (nothing is stored)."""
+    while True:
+        try:
+            message = next(it)
+        except StopIteration:
+            return
+        except grpc.RpcError:  # the client cancelled, or went away, mid-upload
+            raise ServerUnavailable("the upload was cut off by the client; nothing was "
+                                    "stored") from None
+        if isinstance(message, _Malformed):
+            raise InvalidSelection(message.message)
+        yield message
+
+
+def _upload(
+    fn: Callable[[Any, grpc.ServicerContext], T], gate: CallGate,
+) -> Callable[[Any, grpc.ServicerContext], T]:
+    """A client-streaming handler (an upload), counted against `max_calls`."""
+
+    def handler(request_iterator: Any, context: grpc.ServicerContext) -> T:
+        try:
+            gate.enter()
+            try:
+                return fn(_requests(request_iterator), context)
+            finally:
+                gate.leave()
+        except Exception as exc:
+            _abort(context, exc)
+            raise  # unreachable: abort raises
+
+    return handler
+
+
 def _once(fn: Callable[[], object]) -> Callable[[], None]:
     lock = threading.Lock()
     done = False
@@ -303,7 +352,15 @@ _METHODS: dict[str, tuple[bool, bool, Any, Any]] = {
     "Fetch": (False, True, _pb.SliceRequest, None),
     "FetchMany": (False, True, _pb.SliceManyRequest, None),
     "SliceMany": (True, True, _pb.SliceManyRequest, None),
+    "Drop": (False, True, _pb.DropRequest, _pb.DropResponse),
 }
+# Client-streaming methods (uploads): request class, response class.
+_UPLOADS: dict[str, tuple[Any, Any]] = {
+    "Put": (_pb.UploadChunk, _pb.TensorInfo),
+    "Append": (_pb.UploadChunk, _pb.TensorInfo),
+}
+WRITE_METHODS = frozenset({"Put", "Append", "Drop"})
+"""The methods that change what the server holds."""
 
 
 def generic_handler(service: TensorSliceService) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
@@ -324,4 +381,10 @@ def generic_handler(service: TensorSliceService) -> grpc.GenericRpcHandler:  # t
                 _unary(fn, service.gate if counted else None),
                 request_deserializer=_parser(request_cls), response_serializer=serialize,
             )
+    for name, (request_cls, response_cls) in _UPLOADS.items():
+        handlers[name] = grpc.stream_unary_rpc_method_handler(
+            _upload(getattr(service, name), service.gate),
+            request_deserializer=_parser(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

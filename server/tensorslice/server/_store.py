@@ -6,8 +6,9 @@ import logging
 import math
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +17,26 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from tensorslice.core.codec import DTYPE_NAMES, dtype_from_code
-from tensorslice.core.errors import InvalidSelection, ResultTooLarge, TensorNotFound
-from tensorslice.server._limits import shorten
+from tensorslice.core.errors import (
+    InvalidSelection,
+    ResultTooLarge,
+    TensorExists,
+    TensorNotFound,
+    VersionGone,
+)
+from tensorslice.server._limits import machine_memory, shorten
 from tensorslice.server._model import TensorMeta
 
 __all__ = [
     "DEMO_DIM_NAMES",
     "DEMO_NAME",
+    "MAX_NAME_CHARS",
     "Entry",
+    "Storage",
     "TensorStore",
+    "check_name",
     "default_device_budget",
+    "default_host_budget",
     "demo_tensor",
 ]
 
@@ -48,14 +59,69 @@ def default_device_budget(device: torch.device) -> int | None:
     return max(0, free - max(_GiB, total // 10))
 
 
+MAX_NAME_CHARS = 1024
+"""Longest tensor name (or SliceMany key) a request may carry."""
+
+
+def default_host_budget() -> int:
+    """The default `max_memory` (host bytes the tensors of a CPU store may occupy): half
+    of the machine's memory (the rest is for results, staging and the process itself)."""
+    return machine_memory() // 2
+
+
+def check_name(name: str) -> str:
+    """`name` when a tensor may be stored under it: non-empty, at most `MAX_NAME_CHARS`
+    characters, no ``/`` (kept for ``FILE/KEY`` names of `--dir`) and no NUL or other
+    control character; InvalidSelection naming the problem else."""
+    if not name:
+        raise InvalidSelection("a tensor name cannot be empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidSelection(
+            f"tensor name of {len(name)} characters is too long (at most {MAX_NAME_CHARS})"
+        )
+    bad = next((c for c in name if c == "/" or ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise InvalidSelection(
+            f"tensor name {shorten(name, 80)!r} contains {bad!r} at position "
+            f"{name.index(bad)}; names cannot contain '/' or control characters"
+        )
+    return name
+
+
+class Storage:
+    """The memory of a tensor and of the versions appends grow from it: `tensor` has room
+    for `capacity` rows along dimension 0, of which the first `rows` are written. A
+    version is (storage, its row count): rows appended later lie beyond what an older
+    version sees, so growing in place never changes an older version; growing beyond the
+    capacity copies into a new storage. Its bytes are counted in the store's budget until
+    the last version (and the last reader) lets it go."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.rows = tensor.shape[0] if tensor.ndim else 0
+        self._release: Callable[[], object] | None = None
+
+    def free(self) -> None:
+        """Give the memory back now (an upload that failed: nothing references it)."""
+        self.tensor = self.tensor.new_empty((0,))
+        if self._release is not None:
+            self._release()
+
+    @property
+    def capacity(self) -> int:
+        return self.tensor.shape[0] if self.tensor.ndim else 0
+
+
 @dataclass(frozen=True)
 class Entry:
-    """A resident tensor: contiguous, on the store's device."""
+    """A resident tensor, one version of it: contiguous, on the store's device, immutable
+    (a reader that holds the entry reads that version to the end)."""
 
     meta: TensorMeta
     tensor: torch.Tensor
     source: str
     version: int
+    storage: Storage | None = field(default=None, repr=False, compare=False)
 
 
 def demo_tensor(shape: tuple[int, ...] = (64, 32, 16, 16), seed: int = 0) -> torch.Tensor:
@@ -98,7 +164,8 @@ class TensorStore:
     """
 
     def __init__(
-        self, device: str | torch.device = "cpu", *, max_device_memory: int | None = None
+        self, device: str | torch.device = "cpu", *, max_device_memory: int | None = None,
+        max_memory: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -109,10 +176,24 @@ class TensorStore:
             default_device_budget(self.device) if max_device_memory is None
             else max_device_memory or None  # 0: no budget
         )
+        if max_memory is not None and max_memory < 0:
+            raise InvalidSelection(f"max_memory must be >= 0; got {max_memory}")
+        self.max_memory = (
+            default_host_budget() if max_memory is None else max_memory or None
+        )
+        """Host bytes the tensors of a CPU store may occupy (None: no budget)."""
         self._entries: dict[str, Entry] = {}
-        self._lock = threading.Lock()
+        # Every version some reader still holds, by number (pinned reads find it here).
+        self._versions: weakref.WeakValueDictionary[int, Entry] = (
+            weakref.WeakValueDictionary())
+        # Reentrant: a storage's finalizer gives its bytes back under it, and may run while
+        # this thread holds it (the last reference dropped by a replacement).
+        self._lock = threading.RLock()
+        self._write = threading.Lock()  # one put/append/drop commits at a time
         self._version = 0
-        self._used = 0  # bytes of the held tensors plus loads in progress
+        self._used = 0  # bytes of live storages (old versions still read included)
+        self.persist: Any = None
+        """Where acknowledged writes go before they are published (`_persist.DataDir`)."""
 
     @property
     def device_memory_used(self) -> int:
@@ -126,8 +207,19 @@ class TensorStore:
         return str(self.device)
 
     # ------------------------------------------------------------------ access
-    def get(self, name: str) -> Entry:
+    def get(self, name: str, version: int = 0) -> Entry:
+        """The newest version of `name`, or version `version` while it is held (the newest,
+        or an older one a reader still holds); VersionGone once it is not."""
         entry = self._entries.get(name)
+        if version:
+            old = self._versions.get(version)
+            if old is not None and old.meta.name == name:
+                return old
+            newest = f"; the newest is {entry.version}" if entry is not None else ""
+            raise VersionGone(
+                f"version {version} of tensor {shorten(name, 80)!r} is gone (replaced, "
+                f"grown or dropped, and no reader holds it){newest}"
+            )
         if entry is None:
             names = sorted(self._entries)
             held = ", ".join(shorten(n, 80) for n in names[:20]) or "none"
@@ -165,28 +257,34 @@ class TensorStore:
                 f"tensor {name!r} has {tensor.ndim} dimensions but {len(names)} names"
             )
         nbytes = tensor.numel() * tensor.element_size()
-        self._reserve(name, nbytes)
-        try:
-            if _same_device(tensor.device, self.device) and tensor.is_contiguous():
-                t = tensor
-            else:  # one allocation on the device, filled straight from the source's layout
-                t = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
-                t.copy_(tensor)
-        except BaseException:
-            self._unreserve(nbytes)
-            raise
-        return self._put(name, t, names, source)
+        if _same_device(tensor.device, self.device) and tensor.is_contiguous():
+            self._reserve(name, nbytes)
+            storage = self._track(Storage(tensor), nbytes)
+        else:  # one allocation on the device, filled straight from the source's layout
+            storage = self.allocate(name, tensor.dtype, tuple(tensor.shape), "loading")
+            storage.tensor.copy_(tensor)
+        return self._put(name, storage, names, source)
 
-    def _reserve(self, name: str, nbytes: int) -> None:
-        """Count `nbytes` against the device budget, or refuse them (ResultTooLarge) when
-        the tensors held plus the loads in progress would exceed it."""
+    def _budget(self) -> tuple[int | None, str]:
+        """The budget the store's tensors count against, and how to name it."""
+        device, host = self.max_device_memory, self.max_memory
+        if self.device.type != "cpu" or host is None:
+            return device, "budget"
+        if device is None or host < device:
+            return host, "host budget (serve --max-memory)"
+        return device, "budget"
+
+    def _reserve(self, name: str, nbytes: int, verb: str = "loading") -> None:
+        """Count `nbytes` against the budget, or refuse them (ResultTooLarge) when the
+        storages alive (old versions still read included) plus this would exceed it."""
         with self._lock:
-            budget = self.max_device_memory
+            budget, what = self._budget()
             if budget is not None and self._used + nbytes > budget:
                 free = max(0, budget - self._used)
                 raise ResultTooLarge(
-                    f"loading {name!r} needs {nbytes} bytes on {self._device_label()} but only "
-                    f"{free} of the {budget}-byte budget are free"
+                    f"{verb} {shorten(name, 80)!r} needs {nbytes} bytes on "
+                    f"{self._device_label()} but only {free} of the {budget}-byte {what} "
+                    f"are free"
                 )
             self._used += nbytes
 
@@ -194,25 +292,158 @@ class TensorStore:
         with self._lock:
             self._used -= nbytes
 
-    def _put(self, name: str, t: torch.Tensor, names: tuple[str, ...], source: str) -> Entry:
-        """Hold `t` (its bytes already reserved), replacing any tensor of that name."""
+    def _track(self, storage: Storage, nbytes: int) -> Storage:
+        """Give `nbytes` back to the budget when `storage` is no longer referenced."""
+        storage._release = weakref.finalize(storage, self._unreserve, nbytes)
+        return storage
+
+    def allocate(self, name: str, dtype: torch.dtype, shape: tuple[int, ...],
+                 verb: str = "storing") -> Storage:
+        """A new storage of this shape on the store's device, its bytes counted in the
+        budget first (ResultTooLarge, nothing allocated, when they do not fit)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        self._reserve(name, nbytes, verb)
+        try:
+            t = torch.empty(shape, dtype=dtype, device=self.device)
+        except BaseException:
+            self._unreserve(nbytes)
+            raise
+        return self._track(Storage(t), nbytes)
+
+    def _entry(self, name: str, storage: Storage, names: tuple[str, ...], source: str,
+               version: int) -> Entry:
+        t = storage.tensor
+        if t.ndim and storage.rows != storage.capacity:
+            t = t[: storage.rows]
+        meta = TensorMeta(name=name, shape=tuple(t.shape), dtype=t.dtype,
+                          device=str(t.device), dim_names=names)
+        return Entry(meta, t, source, version, storage)
+
+    def _publish(self, entry: Entry) -> None:
         with self._lock:
-            old = self._entries.get(name)
-            if old is not None:
-                self._used -= old.meta.nbytes
+            self._entries[entry.meta.name] = entry
+            self._versions[entry.version] = entry
+
+    def _next_version(self) -> int:
+        with self._lock:
             self._version += 1
-            meta = TensorMeta(
-                name=name,
-                shape=tuple(t.shape),
-                dtype=t.dtype,
-                device=str(t.device),
-                dim_names=names,
-            )
-            entry = Entry(meta, t, source, self._version)
-            self._entries[name] = entry
-        log.info("holding %s: %s %s on %s (%s)", name, list(t.shape),
-                 meta.dtype, t.device, source)
+            return self._version
+
+    def _put(self, name: str, storage: Storage, names: tuple[str, ...], source: str,
+             version: int | None = None) -> Entry:
+        """Hold `storage` (its bytes already counted), replacing any tensor of that name."""
+        with self._write:
+            entry = self._entry(name, storage, names, source, version or self._next_version())
+            self._publish(entry)
+        log.info("holding %s: %s %s on %s (%s)", name, list(entry.meta.shape),
+                 entry.meta.dtype, entry.tensor.device, source)
         return entry
+
+    # ------------------------------------------------------------------ writes
+    def put(self, name: str, storage: Storage, dim_names: Iterable[str] = (), *,
+            replace: bool = False) -> Entry:
+        """Publish an uploaded tensor (`storage`, from `allocate`, filled) as the newest
+        version of `name`: on disk first where the store persists, then visible to new
+        reads; readers of the version it replaces finish on that version."""
+        check_name(name)
+        names = _check_dim_names(name, tuple(dim_names), storage.tensor.ndim)
+        with self._write:
+            if not replace and name in self._entries:
+                raise TensorExists(
+                    f"the server already holds a tensor named {shorten(name, 80)!r} "
+                    f"(version {self._entries[name].version}); put(..., replace=True) "
+                    f"replaces it"
+                )
+            entry = self._entry(name, storage, names, "put", self._next_version())
+            if self.persist is not None:
+                self.persist.write_base(entry)
+            self._publish(entry)
+        return entry
+
+    def append(self, name: str, rows: torch.Tensor, dim_names: Iterable[str] = ()) -> Entry:
+        """Add `rows` (on the store's device) along dimension 0 of `name`, creating it when
+        missing. Amortised O(rows): the storage grows geometrically and older versions keep
+        seeing their own rows. dtype and trailing shape must match the tensor's."""
+        check_name(name)
+        if rows.ndim == 0:
+            raise InvalidSelection(
+                f"append to {shorten(name, 80)!r}: rows must have at least one dimension "
+                f"(dimension 0 is the one that grows); got a scalar"
+            )
+        with self._write:
+            old = self._entries.get(name)
+            if old is None:
+                names = _check_dim_names(name, tuple(dim_names), rows.ndim)
+                storage = self.allocate(name, rows.dtype, tuple(rows.shape), "appending to")
+                storage.tensor.copy_(rows)
+                entry = self._entry(name, storage, names, "append", self._next_version())
+                if self.persist is not None:
+                    self.persist.write_base(entry)
+                self._publish(entry)
+                return entry
+            m = old.meta
+            if rows.dtype != m.dtype or tuple(rows.shape[1:]) != m.shape[1:] or not m.shape:
+                raise InvalidSelection(
+                    f"append to {shorten(name, 80)!r}: rows of dtype "
+                    f"{str(rows.dtype).removeprefix('torch.')} and shape {list(rows.shape)} "
+                    f"do not match the tensor's dtype {str(m.dtype).removeprefix('torch.')} "
+                    f"and shape {list(m.shape)} (rows need shape [n, "
+                    f"{', '.join(map(str, m.shape[1:]))}])".replace("[n, ]", "[n]")
+                )
+            have, n = m.shape[0], rows.shape[0]
+            current = old.storage
+            storage = (self._grow(old, have + n) if current is None or current.rows != have
+                       or have + n > current.capacity else current)
+            storage.tensor[have : have + n].copy_(rows)
+            rows_before = storage.rows
+            storage.rows = have + n
+            try:
+                entry = self._entry(name, storage, m.dim_names, "append",
+                                    self._next_version())
+                if self.persist is not None:
+                    self.persist.write_rows(entry, rows, old.version)
+            except BaseException:
+                storage.rows = rows_before
+                raise
+            self._publish(entry)
+            return entry
+
+    def _grow(self, old: Entry, need: int) -> Storage:
+        """A new storage for `need` rows and more (double the capacity, or exactly `need`
+        where the double does not fit the budget), holding `old`'s rows."""
+        m = old.meta
+        row_shape = m.shape[1:]
+        cap = old.storage.capacity if old.storage is not None else m.shape[0]
+        try:
+            storage = self.allocate(m.name, m.dtype, (max(need, 2 * cap, 16), *row_shape),
+                                    "appending to")
+        except ResultTooLarge:
+            storage = self.allocate(m.name, m.dtype, (need, *row_shape), "appending to")
+        storage.tensor[: m.shape[0]].copy_(old.tensor)
+        storage.rows = m.shape[0]
+        return storage
+
+    def drop(self, name: str) -> int:
+        """Remove `name` (on disk first where the store persists); its memory is freed when
+        its last reader ends. The version dropped; TensorNotFound when missing."""
+        with self._write:
+            entry = self.get(name)
+            if self.persist is not None:
+                self.persist.drop(name)
+            with self._lock:
+                del self._entries[name]
+        log.info("dropped %s (version %d)", name, entry.version)
+        return entry.version
+
+    def restore(self) -> list[Entry]:
+        """Hold what the store's data directory holds, as it was acknowledged."""
+        assert self.persist is not None
+        out = []
+        for name, tensor, names, version in self.persist.load(self):
+            out.append(self._put(name, tensor, names, "data-dir", version))
+            with self._lock:
+                self._version = max(self._version, version)
+        return out
 
     def load_file(
         self, path: str | os.PathLike[str], key: str | None = None, name: str | None = None,
@@ -236,8 +467,8 @@ class TensorStore:
             meta = f.metadata()
             ndim = len(f.get_slice(key).get_shape())
             names = _dim_names_from(meta, key, ndim, path)
-            t = self._read(f, key, f"{name or key}", progress)  # reserves its bytes
-        return self._put(name or key, t, names, f"{path}:{key}")
+            storage = self._read(f, key, f"{name or key}", progress)  # reserves its bytes
+        return self._put(name or key, storage, names, f"{path}:{key}")
 
     def load_dir(self, directory: str | os.PathLike[str], *, progress: bool = True) -> list[Entry]:
         """Load every tensor of every `.safetensors` file in `directory`, named as
@@ -263,33 +494,38 @@ class TensorStore:
         return [(k if owners[k] == 1 else f"{fp.stem}/{k}", fp, k)
                 for fp, ks in keys.items() for k in ks]
 
-    def _read(self, f: object, key: str, label: str, progress: bool) -> torch.Tensor:
+    def _read(self, f: object, key: str, label: str, progress: bool) -> Storage:
         """Read a tensor slab by slab (at most `_LOAD_SLAB_BYTES` of host memory at a time)
-        straight into a tensor on the store's device, its bytes reserved in the budget."""
+        straight into a storage on the store's device, its bytes counted in the budget."""
         sl = f.get_slice(key)  # type: ignore[attr-defined]
         shape = tuple(sl.get_shape())
         dtype = dtype_from_code(sl.get_dtype())
         if dtype is None:
             raise InvalidSelection(f"tensor {key!r} has unsupported dtype {sl.get_dtype()}")
-        nbytes = math.prod(shape) * dtype.itemsize
-        self._reserve(label, nbytes)
-        try:
-            if not shape:
-                t: torch.Tensor = f.get_tensor(key)  # type: ignore[attr-defined]
-                return t.to(self.device)
-            out = torch.empty(shape, dtype=dtype, device=self.device)
-            if nbytes == 0:
-                return out
-            bar = tqdm(
-                total=nbytes, unit="B", unit_scale=True, desc=f"loading {label}",
-                disable=not progress or nbytes < _PROGRESS_MIN_BYTES, mininterval=0.5,
-            )
-            with bar:
-                _read_into(sl, out, (), _LOAD_SLAB_BYTES, bar.update)
-            return out
-        except BaseException:
-            self._unreserve(nbytes)
-            raise
+        storage = self.allocate(label, dtype, shape, "loading")
+        out = storage.tensor
+        nbytes = out.numel() * out.element_size()
+        if not shape:
+            out.copy_(f.get_tensor(key))  # type: ignore[attr-defined]
+            return storage
+        if nbytes == 0:
+            return storage
+        bar = tqdm(
+            total=nbytes, unit="B", unit_scale=True, desc=f"loading {label}",
+            disable=not progress or nbytes < _PROGRESS_MIN_BYTES, mininterval=0.5,
+        )
+        with bar:
+            _read_into(sl, out, (), _LOAD_SLAB_BYTES, bar.update)
+        return storage
+
+
+def _check_dim_names(name: str, names: tuple[str, ...], ndim: int) -> tuple[str, ...]:
+    if names and len(names) != ndim:
+        raise InvalidSelection(
+            f"tensor {shorten(name, 80)!r} has {ndim} dimensions but {len(names)} names "
+            f"were given ({', '.join(shorten(n, 40) for n in names[:8])})"
+        )
+    return names
 
 
 def _open(path: Path) -> Any:

@@ -84,7 +84,8 @@ def test_kill_9_mid_write_loses_nothing_acknowledged(tmp_path: Path) -> None:
                 inflight: dict[str, torch.Tensor] = {}
 
                 def writer(c: Client = c, stop: threading.Event = stop,
-                           inflight: dict[str, torch.Tensor] = inflight) -> None:
+                           inflight: dict[str, torch.Tensor] = inflight,
+                           round_: int = round_) -> None:
                     i = 0
                     while not stop.is_set():
                         i += 1

@@ -341,9 +341,9 @@ def unary_flow(op: Unary[R], deadline: Deadline) -> Flow[R]:
     return op.finish(response)
 
 
-def upload_flow(op: Upload[R], timeout: float | None) -> Flow[R]:
+def upload_flow(op: Upload[R], deadline: Deadline) -> Flow[R]:
     """One client stream, one response."""
-    response = yield CallUpload(op.path, op.messages(), op.response_cls, timeout)
+    response = yield CallUpload(op.path, op.messages(), op.response_cls, deadline.left())
     return op.finish(response)
 
 
@@ -466,12 +466,17 @@ class BaseClient:
         if self._closed:
             raise RuntimeError(f"{self!r} is closed; a closed client makes no more calls")
         deadline = Deadline(self._deadline(timeout))
+        if isinstance(op, Upload):
+            if forked_from_grpc():
+                raise RuntimeError(
+                    f"{op.method.lower()} needs gRPC, which a process forked from a gRPC "
+                    f"user cannot use: write from the parent, or start workers with spawn"
+                )
+            return upload_flow(op, deadline)
         if forked_from_grpc():
             return self._direct_flow(op, deadline)
         if isinstance(op, Unary):
             return unary_flow(op, deadline)
-        if isinstance(op, Upload):
-            return upload_flow(op, deadline)
         return self._fetch_flow(op, deadline)
 
     def _fetch_flow(self, op: Stream[R], deadline: Deadline) -> Flow[R]:

@@ -155,6 +155,27 @@ def slice_throughput(port: int, name: str, rows: int, row_elems: int, reps: int,
     return gbps(nbytes, median(times))
 
 
+def upload_throughput(port: int, rows: int, row_elems: int, reps: int) -> float:
+    """Median GB/s of ``put(name, x, replace=True)`` of a (rows, row_elems) float32 tensor,
+    end to end (acknowledged by the server), checked by reading a few rows back."""
+    c = connect(port)
+    try:
+        x = torch.arange(rows * row_elems, dtype=torch.float32).reshape(rows, row_elems)
+        c.put("upload", x, replace=True)
+        back = c.tensor("upload")[rows - 2 : rows]
+        if not torch.equal(back, x[rows - 2 : rows]):
+            raise AssertionError("the uploaded tensor does not read back as sent")
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            c.put("upload", x, replace=True)
+            times.append(time.perf_counter() - t0)
+        c.drop("upload")
+    finally:
+        disconnect(c)
+    return gbps(rows * row_elems * 4, median(times))
+
+
 def gather_throughput(
     port: int, name: str, b: torch.Tensor, c_idx: torch.Tensor, want: torch.Tensor, reps: int
 ) -> float:

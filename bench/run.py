@@ -2,8 +2,9 @@
 
     python -m bench [--quick] [--only NAME[,NAME]] [--reps N] [--json PATH]
 
-Groups: memcpy, socket, grpc, flight, gather, rss, tensorslice, tls, dataloader (aliases:
-peers = the first six, service = the last three). Servers run in spawned children on 127.0.0.1.
+Groups: memcpy, socket, grpc, flight, gather, rss, tensorslice, tls, upload, dataloader
+(aliases: peers = the first six, service = the last four). Servers run in spawned children
+on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -356,6 +357,20 @@ def group_tls(cfg: Config, figs: Figures) -> list[Row]:
                 figs.values["ts_slice_plain"], group="service")]
 
 
+def group_upload(cfg: Config, figs: Figures) -> list[Row]:
+    """A put of the contiguous-slice size beside the download of the same size, on the same
+    server in the same run (issue goal: upload >= 0.8x download)."""
+    ts = _tensorslice
+    rows = cfg.stream_bytes // (ROW_ELEMS * 4)
+    server, port = ts.start_tensorslice_server({"x": ts.TensorSpec((rows, ROW_ELEMS))})
+    with server:
+        figs.values["ts_download"] = ts.slice_throughput(port, "x", rows, ROW_ELEMS, cfg.reps)
+        figs.values["ts_upload"] = ts.upload_throughput(port, rows, ROW_ELEMS, cfg.reps)
+    return [Row(f"{size(cfg.stream_bytes)} put (upload, gRPC stream) → acknowledged",
+                figs.values["ts_upload"], "GB/s", "the same size downloaded (slice)",
+                figs.values["ts_download"], goal=Goal(">=", 0.8), group="service")]
+
+
 def group_dataloader(cfg: Config, figs: Figures) -> list[Row]:
     from bench import dataloader
 
@@ -375,9 +390,10 @@ GROUPS: dict[str, Callable[[Config, Figures], list[Row]]] = {
     "rss": group_rss,
     "tensorslice": group_tensorslice,
     "tls": group_tls,
+    "upload": group_upload,
     "dataloader": group_dataloader,
 }
-_SERVICE_GROUPS = ("tensorslice", "tls", "dataloader")
+_SERVICE_GROUPS = ("tensorslice", "tls", "upload", "dataloader")
 ALIASES = {"peers": [g for g in GROUPS if g not in _SERVICE_GROUPS],
            "service": list(_SERVICE_GROUPS)}
 

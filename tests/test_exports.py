@@ -12,6 +12,7 @@ import tensorslice.server
 pytestmark = pytest.mark.unit
 
 CLIENT = [
+    "ActivationRecorder",
     "AsyncClient",
     "AsyncRemoteTensor",
     "Client",

@@ -420,3 +420,31 @@ def test_store_rows_never_disturb_an_older_version(device: str) -> None:
     assert isinstance(v2.storage, Storage)
     assert v1.tensor.shape == (8, 2) and float(v1.tensor.sum()) == 0.0
     assert v2.tensor.shape == (11, 2) and float(v2.tensor.sum()) == 6.0
+
+
+# ------------------------------------------------------------------ recording activations
+@pytest.mark.e2e
+def test_activation_recorder_appends_each_batch(srv: tuple[str, TensorStore]) -> None:
+    from tensorslice.client import ActivationRecorder
+
+    address, _ = srv
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    data = torch.randn(40, 6)
+    with Client(address, timeout=30) as c:
+        with ActivationRecorder(c, {"h": model[1], "out": model[2]}, dtype=torch.float16,
+                                max_pending=2) as rec:
+            for batch in data.split(7):
+                model(batch)
+        assert rec.batches == 2 * 6
+        assert all(not m._forward_hooks for m in model)  # detached cleanly
+        with torch.no_grad():
+            h = model[1](model[0](data))
+            out = model[2](h)
+        assert torch.equal(c.tensor("h").fetch(), h.half())
+        assert torch.equal(c.tensor("out").fetch(), out.half())
+        c.put("bad", torch.zeros(1, 2))
+        rec = ActivationRecorder(c, {"bad": model[2]})
+        model(data[:2])  # (2, 3) rows do not fit (1, 2): the sender's error comes at close
+        with pytest.raises(InvalidSelection, match="do not match"):
+            rec.close()

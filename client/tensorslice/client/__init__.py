@@ -13,6 +13,7 @@ from tensorslice.client import _fork  # noqa: F401  # isort: skip
 from tensorslice.client._async import AsyncClient, AsyncRemoteTensor
 from tensorslice.client._client import Client, RemoteTensor
 from tensorslice.client._dataset import RemoteTensorDataset, RemoteTensorIterableDataset
+from tensorslice.client._record import ActivationRecorder
 from tensorslice.core.credentials import TlsConfig
 from tensorslice.core.errors import (
     DeadlineExceeded,
@@ -46,6 +47,7 @@ from tensorslice.core.selection import (
 )
 
 __all__ = [
+    "ActivationRecorder",
     "AsyncClient",
     "AsyncRemoteTensor",
     "Client",

@@ -378,7 +378,8 @@ def test_retries_beyond_grpcs_limit_are_refused(cls: type[Client] | type[AsyncCl
      ("ipv4:10.0.0.1:1,10.0.0.2:1", "10.0.0.1"), ("ipv6:[::1]:50051", "::1"),
      ("[::1]:50051", "::1"), ("dns:///example.org:50051", "example.org"),
      ("dns:example.org:50051", "example.org"), ("dns://8.8.8.8/example.org:1", "example.org"),
-     ("localhost:50051", "localhost"), ("unix:/tmp/ts.sock", None)],
+     ("localhost:50051", "localhost"), ("unix:/tmp/ts.sock", "127.0.0.1"),
+     ("unix-abstract:ts", "127.0.0.1"), ("vsock:2:50051", None)],
 )
 def test_bulk_host_of_every_target_form(target: str, host: str | None) -> None:
     assert bulk_host(target) == host

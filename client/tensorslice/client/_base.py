@@ -227,9 +227,13 @@ def upload_messages(name: str, tensor: torch.Tensor, dim_names: Sequence[str] = 
 
 def bulk_host(address: str) -> str | None:
     """The host of a gRPC target, where the bulk data plane listens too (see
-    `tensorslice.core.endpoint.host_of`); None for a target with no TCP host (``unix:``):
-    such a client streams large results over gRPC."""
-    return (host_of(address) or "127.0.0.1") if has_tcp_host(address) else None
+    `tensorslice.core.endpoint.host_of`). A Unix socket (``unix:``, ``unix-abstract:``)
+    is on this host: its server's bulk plane is reached on loopback (a client that cannot
+    reach it there streams instead). None for a ``vsock:`` target: such a client streams
+    large results over gRPC."""
+    if has_tcp_host(address):
+        return host_of(address) or "127.0.0.1"
+    return "127.0.0.1" if address.startswith(("unix:", "unix-abstract:")) else None
 
 
 class BulkUnreachable(Exception):

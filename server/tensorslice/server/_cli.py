@@ -232,6 +232,7 @@ def _start(
         reflection=not args.no_reflection,
         read_only=args.read_only,
         write_token=write_token,
+        unix_socket=args.unix,
     )
     try:
         server, port = create_server(store, f"{args.host}:{args.port}", config)
@@ -269,6 +270,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                      "token required" if token else "no token") if w)
     print(f"tensorslice serving {len(store)} tensor(s) on {address} ({store.device}; "
           f"{security})", flush=True)
+    if args.unix is not None:
+        print(f"  also on unix:{args.unix}", flush=True)
     if server.bulk is not None:
         print(f"  bulk data plane on port {server.bulk.port}{' (TLS)' if tls else ''}",
               flush=True)
@@ -386,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s; 0.0.0.0 for every interface)")
     s.add_argument("--port", type=int, default=50051,
                    help="gRPC port (default: %(default)s; 0: a free one)")
+    s.add_argument("--unix", default=None, metavar="PATH",
+                   help="also listen for gRPC on this Unix domain socket (clients on this "
+                        "host: unix:PATH; large results still use the bulk data plane, "
+                        "reached on loopback)")
     s.add_argument("--tensor", action="append", default=[], metavar="NAME=PATH[:KEY]",
                    help="serve one tensor of a safetensors file as NAME; KEY names it in a "
                         "file of several (repeatable)")

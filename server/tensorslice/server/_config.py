@@ -48,6 +48,7 @@ class ServerConfig:
         reflection: bool = True,
         read_only: bool = False,
         write_token: str | None = None,
+        unix_socket: str | None = None,
     ) -> None:
         memory = machine_memory()
         self.max_result_bytes = (
@@ -110,6 +111,9 @@ class ServerConfig:
         self.write_token = write_token
         """The bearer token writes must carry (reads take it or `token`); None: writes
         need only what reads need."""
+        self.unix_socket = unix_socket
+        """A Unix domain socket's path where gRPC listens too (clients on this host reach
+        it as ``unix:PATH``; the bulk data plane stays on TCP); None: none."""
 
     def __repr__(self) -> str:
         shown = {k: ("'***'" if k in ("token", "write_token") and v is not None else repr(v))

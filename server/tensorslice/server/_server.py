@@ -15,7 +15,7 @@ from grpc_health.v1 import health as _health
 from grpc_health.v1 import health_pb2 as _health_pb2
 from grpc_health.v1 import health_pb2_grpc as _health_pb2_grpc
 
-from tensorslice.core.endpoint import SERVICE_NAME, host_of
+from tensorslice.core.endpoint import SERVICE_NAME, has_tcp_host, host_of
 from tensorslice.server._auth import TokenAuth
 from tensorslice.server._bulk import BulkServer
 from tensorslice.server._config import HEALTH_THREADS, ServerConfig
@@ -102,6 +102,22 @@ class TensorSliceServer:
         return bool(self.grpc_server.wait_for_termination(timeout))
 
 
+def _add_unix_port(grpc_server: grpc.Server, path: str,
+                   credentials: grpc.ServerCredentials | None) -> None:
+    """Listen on the Unix domain socket `path` too (gRPC replaces a stale socket file
+    there). Raises AddressInUse where it cannot be bound."""
+    target = f"unix:{path}"
+    try:
+        ok = (grpc_server.add_insecure_port(target) if credentials is None
+              else grpc_server.add_secure_port(target, credentials))
+    except RuntimeError:
+        ok = 0
+    if ok == 0:
+        grpc_server.stop(None)
+        raise AddressInUse(f"cannot listen on {target} (gRPC): the path is not writable, "
+                           f"its directory missing, or the path longer than 107 bytes")
+
+
 def create_server(
     store: TensorStore,
     address: str = "127.0.0.1:0",
@@ -144,7 +160,11 @@ def create_server(
     if port == 0:
         raise AddressInUse(f"cannot listen on {address} (gRPC): the address is in use or "
                            f"not local")
-    host = host_of(address)
+    if config.unix_socket is not None:
+        _add_unix_port(grpc_server, config.unix_socket, credentials)
+    # A server reached over a Unix socket only is reached from this host only: its bulk
+    # data plane and metrics listen on loopback, never on every interface.
+    host = host_of(address) if has_tcp_host(address) else "127.0.0.1"
     bulk = None
     if config.bulk:
         try:

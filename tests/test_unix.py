@@ -38,7 +38,7 @@ def test_client_async_client_and_dataset_over_a_unix_socket(tmp_path: Path) -> N
         assert path.is_socket()
         bulk = srv.bulk
         assert bulk is not None
-        with Client(f"unix:{path}", timeout=30) as c:
+        with Client(f"unix:{path}", timeout=30, same_host=False) as c:
             assert c.tensor("x")[0, 3, 0].cpu().equal(X[0, 3, 0])  # inline
             before = bulk.sent
             big = c.tensor("x")[0:40, [5, 1]].cpu()  # over unary_max_bytes: bulk ticket
@@ -88,7 +88,7 @@ def test_an_unreachable_bulk_plane_streams_over_the_unix_socket(tmp_path: Path) 
                            ServerConfig(unary_max_bytes=1024, chunk_bytes=4096))
     srv.start()
     try:
-        with Client(f"unix:{path}", timeout=30) as c:
+        with Client(f"unix:{path}", timeout=30, same_host=False) as c:
             c._bulk_host = "127.0.0.2"  # a loopback address the bulk plane does not hold
             assert c.tensor("x")[0:40].cpu().equal(X[0:40])
             assert not c._bulk_ok

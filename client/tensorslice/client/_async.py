@@ -61,8 +61,10 @@ class AsyncClient(BaseClient):
     """
 
     def __init__(self, address: str, *, timeout: float | None = 60.0, retries: int = 3,
-                 token: str | None = None, tls: TlsConfig | bool | str | None = None) -> None:
-        super().__init__(address, timeout=timeout, retries=retries, token=token, tls=tls)
+                 token: str | None = None, tls: TlsConfig | bool | str | None = None,
+                 same_host: bool | None = None) -> None:
+        super().__init__(address, timeout=timeout, retries=retries, token=token, tls=tls,
+                         same_host=same_host)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ channel
@@ -121,9 +123,8 @@ class AsyncClient(BaseClient):
     async def _perform(self, step: Step) -> Any:
         if isinstance(step, ReceiveBulk):
             # The socket part blocks: run it off the event loop.
-            await asyncio.to_thread(receive_bulk, step, self._credentials.ssl_context(),
-                                    self._server_name())
-            return None
+            return await asyncio.to_thread(receive_bulk, step, self._credentials.ssl_context(),
+                                           self._server_name())
         if isinstance(step, CallDirect):
             return await asyncio.to_thread(call_direct, step, self._metadata,
                                            self._credentials.ssl_context(),

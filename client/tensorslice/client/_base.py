@@ -17,6 +17,7 @@ import enum
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ __all__ = [
     "DEFAULT",
     "MAX_RETRIES",
     "SERVICE",
+    "TRANSPORTS",
     "BaseClient",
     "BaseRemoteTensor",
     "BulkUnreachable",
@@ -303,6 +305,9 @@ class ReceiveBulk:
     sink: Assembler
     timeout: float | None
     connect_timeout: float
+    same_host: bool = False
+    """Try the same-host segment first (see `tensorslice.client._client.receive_shared`);
+    the outcome is then True where the result came that way."""
 
 
 @dataclass(frozen=True)
@@ -334,6 +339,12 @@ class CallUpload:
 
 
 Step = CallUnary | CallStream | ReceiveBulk | CallDirect | CallUpload
+
+TRANSPORTS = ("inline", "bulk", "shared_memory", "stream")
+"""What can carry a result: inline in the `Fetch` answer, the bulk data plane over TCP, a
+same-host shared segment, the gRPC stream."""
+_COUNT_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=lambda: globals().update(_COUNT_LOCK=threading.Lock()))
 Flow = Generator[Step, Any, R]
 
 _BULK_CONNECT_SECONDS = 5.0
@@ -393,7 +404,8 @@ class BaseClient:
     (``TENSORSLICE_TOKEN``, ``TENSORSLICE_TLS_CA``, ...: see `tensorslice.client.TlsConfig`)."""
 
     def __init__(self, address: str, *, timeout: float | None = 60.0, retries: int = 3,
-                 token: str | None = None, tls: TlsConfig | bool | str | None = None) -> None:
+                 token: str | None = None, tls: TlsConfig | bool | str | None = None,
+                 same_host: bool | None = None) -> None:
         if not 0 <= retries <= MAX_RETRIES:
             raise ValueError(
                 f"retries must be between 0 and {MAX_RETRIES} (gRPC makes at most "
@@ -406,6 +418,13 @@ class BaseClient:
         self._bulk_host = bulk_host(address)
         # false once the bulk port proved unreachable, or where the target has no TCP host
         self._bulk_ok = self._bulk_host is not None
+        if same_host is None:
+            same_host = os.environ.get("TENSORSLICE_SAME_HOST", "1").strip().lower() not in (
+                "0", "false", "no", "off")
+        # true until a same-host transfer proved impossible (another host, no such socket)
+        self._same_host = same_host and self._credentials.tls is None
+        self.transports: dict[str, int] = dict.fromkeys(TRANSPORTS, 0)
+        """How many results each transport carried (`TRANSPORTS`), for this client."""
         self._closed = False  # true once closed: a closed client makes no more calls
         self._data_port: int | None = None  # the server's data plane, once announced
         self._data_addr: tuple[int, Any] | None = None  # its (family, sockaddr), resolved
@@ -483,6 +502,10 @@ class BaseClient:
             return unary_flow(op, deadline)
         return self._fetch_flow(op, deadline)
 
+    def _carried(self, transport: str) -> None:
+        with _COUNT_LOCK:
+            self.transports[transport] += 1
+
     def _fetch_flow(self, op: Stream[R], deadline: Deadline) -> Flow[R]:
         """A result that is one safetensors file: `Fetch` first (small results come inline,
         large ones as a ticket for the bulk data plane on the server's host); the gRPC
@@ -499,13 +522,18 @@ class BaseClient:
             data, raw_ticket = split_chunk(frame)
             if raw_ticket is None:
                 asm.feed(data)
+                self._carried("inline")
             else:
                 ticket = _pb.BulkTicket.FromString(bytes(raw_ticket))
                 left = deadline.left()
                 connect = (_BULK_CONNECT_SECONDS if left is None
                            else min(left, _BULK_CONNECT_SECONDS))
-                yield ReceiveBulk(self._bulk_host or "", ticket.port, ticket.token,
-                                  ticket.nbytes, asm, left, connect)
+                tried = self._same_host
+                shared = yield ReceiveBulk(self._bulk_host or "", ticket.port, ticket.token,
+                                           ticket.nbytes, asm, left, connect, tried)
+                if tried and not shared:
+                    self._same_host = False  # not on the server's host: TCP from now on
+                self._carried("shared_memory" if shared else "bulk")
         except (FailedPrecondition, BulkUnreachable) as exc:
             if isinstance(exc, VersionGone):
                 raise
@@ -513,6 +541,7 @@ class BaseClient:
                 self._bulk_ok = False
             asm = op.assembler()
             yield CallStream(op.path, request, asm, deadline.left())  # the same deadline
+            self._carried("stream")
         return op.finish(asm)
 
     def _note_port(self, metadata: Any) -> None:

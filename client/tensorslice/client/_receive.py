@@ -270,6 +270,29 @@ class Assembler:
                 )
             self._pos += n
 
+    def adopt(self, file: memoryview) -> None:
+        """The whole file, already in memory (a same-host segment): tensors are built on
+        `file` itself, no copy (a copy where bytes or shared memory are asked for)."""
+        if self._as_bytes or self._share_memory or self._view is not None or self._head:
+            self.feed(file)
+            return
+        if len(file) < 8:
+            raise TensorSliceError(f"a {len(file)}-byte segment holds no safetensors header")
+        (hlen,) = struct.unpack_from("<Q", file)
+        if 8 + hlen > len(file):
+            raise TensorSliceError(
+                f"segment header of {hlen} bytes exceeds the {len(file)}-byte segment")
+        entries, metadata = parse_header(bytes(file[8 : 8 + hlen]))
+        total = 8 + hlen + max((e.end for e in entries), default=0)
+        if total != len(file):
+            raise TensorSliceError(
+                f"segment of {len(file)} bytes, its header announces {total}")
+        self.entries = list(entries)
+        self.metadata = dict(metadata)
+        self._data_start = 8 + hlen
+        self._buf = self._view = file
+        self._pos = total
+
     @property
     def complete(self) -> bool:
         return self._view is not None and self._pos == len(self._view)

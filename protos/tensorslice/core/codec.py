@@ -23,6 +23,7 @@ __all__ = [
     "DATA_PORT_KEY",
     "DIRECT_MAGIC",
     "DTYPE_NAMES",
+    "SAME_HOST_SEALS",
     "TensorEntry",
     "decode_chunk",
     "dtype_from_name",
@@ -30,8 +31,19 @@ __all__ = [
     "encode_upload_data",
     "parse_header",
     "safetensors_header",
+    "same_host_socket",
     "split_chunk",
 ]
+
+def same_host_socket(port: int) -> bytes:
+    """The abstract Unix socket where the bulk data plane on TCP `port` also answers tickets
+    with a sealed memory segment (Linux; abstract names live in the network namespace, as
+    loopback does)."""
+    return b"\0tensorslice/bulk/%d" % port
+
+
+SAME_HOST_SEALS = 0xF  # F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE
+"""The seals a same-host segment carries: nobody can resize or write it any more."""
 
 DIRECT_MAGIC = b"tensorslice/req\x01"
 """The first 16 bytes of a direct request on the data plane (in place of a ticket's token):

@@ -41,8 +41,11 @@ TLS); a stopping server answers UNAVAILABLE.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
+import mmap
+import os
 import secrets
 import selectors
 import socket
@@ -52,7 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from tensorslice.core.codec import DIRECT_MAGIC
+from tensorslice.core.codec import DIRECT_MAGIC, SAME_HOST_SEALS, same_host_socket
 from tensorslice.core.errors import InvalidSelection, ServerUnavailable, Status, TensorSliceError
 from tensorslice.server._limits import Hold
 
@@ -105,7 +108,7 @@ class BulkServer:
                  ticket_timeout: float = 15.0, max_tickets: int = 256,
                  max_ticket_bytes: int = 0, max_connections: int = 64,
                  handshake_timeout: float = 5.0, send_timeout: float = 10.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, same_host: bool = True) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.create_server((host.strip("[]"), port), family=family,
                                               backlog=128)
@@ -128,6 +131,13 @@ class BulkServer:
         self._senders: set[threading.Thread] = set()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
+        self._local: socket.socket | None = None
+        """The same-host listener (see `same_host_socket`), or None: off, TLS, not Linux,
+        or its name taken."""
+        if same_host and ssl_context is None and hasattr(os, "memfd_create"):
+            self._local = _local_listener(self.port)
+            if self._local is not None:
+                self._selector.register(self._local, selectors.EVENT_READ)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
@@ -138,6 +148,7 @@ class BulkServer:
         self.refused = 0  # connections closed: over the limit, bad token or too slow
         self.expired = 0  # tickets that expired unredeemed
         self.bytes_sent = 0  # bytes of completed and partial transfers
+        self.shared = 0  # transfers completed as same-host segments (part of `sent`)
         self._reported = (0.0, 0)
 
     # ---------------------------------------------------------------- tickets
@@ -236,6 +247,11 @@ class BulkServer:
 
     # ---------------------------------------------------------------- stopping
 
+    @property
+    def same_host(self) -> bool:
+        """Whether clients on this host may receive results as shared segments."""
+        return self._local is not None
+
     def stop(self, grace: float | None = None) -> None:
         """Issue no more tickets; pending ones may still be redeemed and transfers finish
         for `grace` seconds (None or 0: none); then close everything."""
@@ -277,6 +293,8 @@ class BulkServer:
         except (OSError, ValueError):
             pass
         self._listener.close()
+        if self._local is not None:
+            self._local.close()
         self._wake_r.close()
         self._wake_w.close()
         with self._lock:
@@ -298,8 +316,9 @@ class BulkServer:
                     return
                 for key, _ in self._selector.select(_TICK):
                     sock = key.fileobj
-                    if sock is self._listener:
-                        self._accept()
+                    if sock is self._listener or sock is self._local:
+                        assert isinstance(sock, socket.socket)
+                        self._accept(sock)
                     elif sock is self._wake_r:
                         try:
                             self._wake_r.recv(4096)
@@ -319,10 +338,10 @@ class BulkServer:
         finally:
             self._close_all()
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. out of file descriptors: try again later
@@ -337,7 +356,7 @@ class BulkServer:
                 sock.close()
                 continue
             sock.setblocking(False)
-            if self.ssl_context is not None:
+            if self.ssl_context is not None and listener is self._listener:
                 try:
                     sock = self.ssl_context.wrap_socket(sock, server_side=True,
                                                         do_handshake_on_connect=False)
@@ -431,7 +450,10 @@ class BulkServer:
         try:
             with sock:
                 sock.setblocking(True)
-                self._send_pieces(sock, transfer.pieces, transfer.nbytes)
+                if sock.family == socket.AF_UNIX:
+                    self._send_segment(sock, transfer.pieces, transfer.nbytes)
+                else:
+                    self._send_pieces(sock, transfer.pieces, transfer.nbytes)
         except OSError as exc:
             log.info("bulk transfer dropped: %s", exc)
         except Exception:
@@ -447,7 +469,8 @@ class BulkServer:
         # The timeout bounds each `sendall` of at most _SEND_STEP bytes: a reader that
         # stops is dropped, a slow one that keeps reading is not.
         sock.settimeout(self.send_timeout or None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sent = 0
         for piece in pieces:
             view = memoryview(piece)
@@ -460,6 +483,36 @@ class BulkServer:
             raise RuntimeError(f"sent {sent} of {nbytes} bytes")
         with self._lock:
             self.sent += 1
+
+    def _send_segment(self, sock: socket.socket, pieces: Pieces, nbytes: int) -> None:
+        """A same-host transfer: the file written into a fresh anonymous segment (memfd),
+        sealed against writes and resizing, and its descriptor passed to the client with
+        the size (`<Q`). The server keeps nothing: its descriptor is closed here, and the
+        memory goes back to the system once the client unmaps it (or dies)."""
+        fd = os.memfd_create("tensorslice-result", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, nbytes)
+            written = 0
+            if nbytes:
+                with mmap.mmap(fd, nbytes) as segment:
+                    for piece in pieces:
+                        view = memoryview(piece).cast("B")
+                        end = written + len(view)
+                        if end > nbytes:
+                            raise RuntimeError(f"pieces exceed the {nbytes}-byte file")
+                        segment[written:end] = view
+                        written = end
+            if written != nbytes:
+                raise RuntimeError(f"wrote {written} of {nbytes} bytes")
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SAME_HOST_SEALS)
+            sock.settimeout(self.send_timeout or None)
+            socket.send_fds(sock, [struct.pack("<Q", nbytes)], [fd])
+        finally:
+            os.close(fd)
+        with self._lock:
+            self.bytes_sent += nbytes
+            self.sent += 1
+            self.shared += 1
 
     # ---------------------------------------------------------------- direct requests
 
@@ -514,6 +567,22 @@ class BulkServer:
 
 def _nothing() -> None:
     pass
+
+
+def _local_listener(port: int) -> socket.socket | None:
+    """The same-host listener of the plane on TCP `port`, or None where its name is taken
+    (another server's, in this network namespace)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(same_host_socket(port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        log.warning("no same-host transfers: cannot listen on %r: %s",
+                    same_host_socket(port), exc)
+        return None
+    sock.setblocking(False)
+    return sock
 
 
 def _answer_error(sock: socket.socket, status: Status, message: str) -> None:

@@ -49,6 +49,7 @@ class ServerConfig:
         read_only: bool = False,
         write_token: str | None = None,
         unix_socket: str | None = None,
+        same_host: bool = True,
     ) -> None:
         memory = machine_memory()
         self.max_result_bytes = (
@@ -111,6 +112,9 @@ class ServerConfig:
         self.write_token = write_token
         """The bearer token writes must carry (reads take it or `token`); None: writes
         need only what reads need."""
+        self.same_host = same_host
+        """Hand large results to clients on this host as sealed shared-memory segments
+        (Linux, no TLS): the bulk plane also listens on an abstract Unix socket."""
         self.unix_socket = unix_socket
         """A Unix domain socket's path where gRPC listens too (clients on this host reach
         it as ``unix:PATH``; the bulk data plane stays on TCP); None: none."""

@@ -174,7 +174,7 @@ def create_server(
                               max_connections=config.max_bulk_connections,
                               handshake_timeout=config.handshake_timeout,
                               send_timeout=config.send_timeout,
-                              ssl_context=ssl_context)
+                              ssl_context=ssl_context, same_host=config.same_host)
         except OSError as exc:
             grpc_server.stop(None)
             raise AddressInUse(

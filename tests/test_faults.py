@@ -165,6 +165,7 @@ def _slice_in_thread(address: str, index: object) -> tuple[threading.Thread, lis
 def test_sigkill_mid_transfer_raises_server_unavailable(
     serve: Callable[..., Served], monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
+    monkeypatch.setenv("TENSORSLICE_SAME_HOST", "0")  # the TCP bulk plane's faults
     server = serve("--no-bulk") if path == "stream" else serve()
     cp = Checkpoint(after=4)
     (_hold_stream_reads if path == "stream" else _hold_socket_reads)(monkeypatch, cp)
@@ -182,6 +183,7 @@ def test_sigkill_mid_transfer_raises_server_unavailable(
 def test_sigterm_lets_transfers_in_flight_finish_then_restarts_on_the_same_ports(
     serve: Callable[..., Served], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("TENSORSLICE_SAME_HOST", "0")  # the TCP bulk plane's faults
     server = serve()
     rows = _rows()
     # Two bulk transfers and a gRPC stream, each held mid-way until SIGTERM is sent.

@@ -118,10 +118,11 @@ def server_gather(
 # --- the client side ----------------------------------------------------------------------
 
 
-def connect(port: int, ca: str | None = None) -> Any:
+def connect(port: int, ca: str | None = None, same_host: bool = True) -> Any:
     """An open client (``Client`` is a context manager; call ``close`` via ``__exit__``);
-    TLS trusting the CA file `ca` where given."""
-    c = Client(f"{HOST}:{port}", tls=ca if ca is not None else False)
+    TLS trusting the CA file `ca` where given; `same_host` False keeps large results on
+    the TCP bulk plane."""
+    c = Client(f"{HOST}:{port}", tls=ca if ca is not None else False, same_host=same_host)
     c.__enter__()
     return c
 
@@ -131,10 +132,11 @@ def disconnect(c: Any) -> None:
 
 
 def slice_throughput(port: int, name: str, rows: int, row_elems: int, reps: int,
-                     ca: str | None = None) -> float:
+                     ca: str | None = None, same_host: bool = False) -> float:
     """Median GB/s of ``t[0:rows]`` end to end (a torch.Tensor in this process); over TLS
-    trusting `ca` where given."""
-    c = connect(port, ca)
+    trusting `ca` where given; as a same-host shared segment with `same_host` (checked:
+    the client counts the results so carried)."""
+    c = connect(port, ca, same_host)
     try:
         t = c.tensor(name)
         y = t[0:rows]
@@ -150,6 +152,8 @@ def slice_throughput(port: int, name: str, rows: int, row_elems: int, reps: int,
             y = t[0:rows]
             times.append(time.perf_counter() - t0)
             del y
+        if same_host and c.transports["shared_memory"] != reps + 1:
+            raise AssertionError(f"same-host results: {c.transports}")
     finally:
         disconnect(c)
     return gbps(nbytes, median(times))

@@ -233,6 +233,10 @@ def _service_rows(cfg: Config, figs: Figures) -> list[Row]:
             v("flight_best"), goal=Goal(">=", 1.3)),
         Row(f"{size(n)} slice → tensor", v("ts_slice"), "GB/s", "raw socket", v("socket"),
             goal=Goal(">=", 0.65)),
+        Row(f"{size(n)} slice → tensor, same host", v("ts_slice_same_host"), "GB/s",
+            f"Flight ({fb})", v("flight_best"), goal=Goal(">=", 5.0)),
+        Row(f"{size(n)} slice → tensor, same host", v("ts_slice_same_host"), "GB/s",
+            f"memcpy {size(n)}", v("memcpy"), goal=Goal(">=", 0.5)),
         Row(f"gather 64×128 {size(g)} → tensor", v("ts_gather"), "GB/s",
             f"Flight {size(g)} ({fg})", v("flight_best_gather"), goal=Goal(">=", 1.0)),
         Row("4 KiB slice p50 latency", v("ts_p50"), "s", "raw gRPC unary 4 KiB",
@@ -284,6 +288,9 @@ def group_tensorslice(cfg: Config, figs: Figures) -> list[Row]:
         with server:
             figs.values["ts_slice"] = ts.slice_throughput(
                 port, "x", rows_stream, ROW_ELEMS, cfg.reps
+            )
+            figs.values["ts_slice_same_host"] = ts.slice_throughput(
+                port, "x", rows_stream, ROW_ELEMS, cfg.reps, same_host=True
             )
             b, c = _gather.pick(*_gather.MAIN)
             want = _expected_gather(b, c)

@@ -66,7 +66,7 @@ def test_results_come_as_segments_and_live_on_the_mapping(
     assert bulk.same_host
     gc.collect()
     before = _mapped()
-    with Client(address, timeout=30) as c:
+    with Client(address, timeout=30, same_host=True) as c:
         view = c.tensor("x")[0:40]
         gather = c.tensor("x")[[5, 1, 9, 9], :, 3]
         assert view.equal(X[0:40]) and gather.equal(X[[5, 1, 9, 9], :, 3])
@@ -95,16 +95,19 @@ def test_same_host_off_by_option_or_environment(
     with Client(address, timeout=30, same_host=False) as c:
         assert c.tensor("x")[0:40].equal(X[0:40])
         assert c.transports["bulk"] == 1 and c.transports["shared_memory"] == 0
-    monkeypatch.setenv("TENSORSLICE_SAME_HOST", "0")
-    with Client(address, timeout=30) as c:
+    with Client(address, timeout=30) as c:  # off by default
         assert c.tensor("x")[0:40].equal(X[0:40])
         assert c.transports["bulk"] == 1
+    monkeypatch.setenv("TENSORSLICE_SAME_HOST", "1")
+    with Client(address, timeout=30) as c:
+        assert c.tensor("x")[0:40].equal(X[0:40])
+        assert c.transports["shared_memory"] == 1
 
 
 @pytest.mark.e2e
 def test_results_outlive_the_server(served: tuple[object, str]) -> None:
     srv, address = served
-    with Client(address, timeout=30) as c:
+    with Client(address, timeout=30, same_host=True) as c:
         got = c.tensor("x")[[3, 2, 1]]
     srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]
     assert got.equal(X[[3, 2, 1]])  # the segment is the client's, not the server's
@@ -114,7 +117,7 @@ def test_results_outlive_the_server(served: tuple[object, str]) -> None:
 def test_server_without_same_host_falls_back_to_tcp_once() -> None:
     srv, address = _server(same_host=False)
     try:
-        with Client(address, timeout=30) as c:
+        with Client(address, timeout=30, same_host=True) as c:
             assert c.tensor("x")[0:40].equal(X[0:40])
             assert c.tensor("x")[1:41].equal(X[1:41])
             assert c.transports["bulk"] == 2 and not c._same_host  # tried once only
@@ -161,7 +164,7 @@ def test_a_foreign_socket_at_the_name_never_gives_wrong_data(answer: str) -> Non
     bulk = srv.bulk  # type: ignore[attr-defined]
     listener, thread = _impostor(same_host_socket(bulk.port), answer)
     try:
-        with Client(address, timeout=30) as c:
+        with Client(address, timeout=30, same_host=True) as c:
             if answer == "close":  # the ticket is untouched: redeemed over TCP
                 assert c.tensor("x")[0:40].equal(X[0:40])
                 assert c.transports["bulk"] == 1
@@ -178,7 +181,7 @@ def test_a_foreign_socket_at_the_name_never_gives_wrong_data(answer: str) -> Non
 _CHILD = """
 import sys, time
 from tensorslice.client import Client
-with Client(sys.argv[1], timeout=30) as c:
+with Client(sys.argv[1], timeout=30, same_host=True) as c:
     t = c.tensor("x")[0:40]
     print("fetched", c.transports["shared_memory"], float(t.sum()), flush=True)
     time.sleep(120)

@@ -419,8 +419,10 @@ class BaseClient:
         # false once the bulk port proved unreachable, or where the target has no TCP host
         self._bulk_ok = self._bulk_host is not None
         if same_host is None:
-            same_host = os.environ.get("TENSORSLICE_SAME_HOST", "1").strip().lower() not in (
-                "0", "false", "no", "off")
+            # Off unless asked for, until segments are pooled: a fresh segment per result
+            # costs page faults that make it slower than the TCP bulk plane's reused buffers.
+            same_host = os.environ.get("TENSORSLICE_SAME_HOST", "0").strip().lower() in (
+                "1", "true", "yes", "on")
         # true until a same-host transfer proved impossible (another host, no such socket)
         self._same_host = same_host and self._credentials.tls is None
         self.transports: dict[str, int] = dict.fromkeys(TRANSPORTS, 0)

@@ -118,10 +118,10 @@ def server_gather(
 # --- the client side ----------------------------------------------------------------------
 
 
-def connect(port: int, ca: str | None = None, same_host: bool = True) -> Any:
+def connect(port: int, ca: str | None = None, same_host: bool = False) -> Any:
     """An open client (``Client`` is a context manager; call ``close`` via ``__exit__``);
-    TLS trusting the CA file `ca` where given; `same_host` False keeps large results on
-    the TCP bulk plane."""
+    TLS trusting the CA file `ca` where given; large results take the TCP bulk plane unless
+    `same_host` asks for the shared-memory path."""
     c = Client(f"{HOST}:{port}", tls=ca if ca is not None else False, same_host=same_host)
     c.__enter__()
     return c

@@ -410,6 +410,43 @@ def test_upload_cut_off_mid_stream_stores_nothing(srv: tuple[str, TensorStore]) 
     assert [e.meta.name for e in store.entries()] == ["x"]
 
 
+@pytest.mark.e2e
+def test_a_stalled_upload_is_cancelled_and_stores_nothing(device: str) -> None:
+    """A client that stops sending mid-upload loses its call after send_timeout: its slot
+    and its memory reservation come back, nothing is stored, others are served."""
+    import threading
+
+    store = TensorStore(device)
+    server, port = create_server(store, "127.0.0.1:0",
+                                 ServerConfig(send_timeout=0.5, max_calls=1, call_wait=0))
+    server.start()
+    address = f"127.0.0.1:{port}"
+    data = _file(torch.randn(1 << 18))
+    release = threading.Event()
+
+    def messages() -> Iterator[pb.UploadChunk]:
+        yield pb.UploadChunk(name="x")
+        yield pb.UploadChunk(data=data[: len(data) // 2])
+        release.wait(30)  # the client stalls, holding the stream open
+
+    try:
+        with grpc.insecure_channel(address) as ch:
+            call = ch.stream_unary(SERVICE + "Put",
+                                   request_serializer=pb.UploadChunk.SerializeToString,
+                                   response_deserializer=pb.TensorInfo.FromString)
+            with pytest.raises(grpc.RpcError) as exc:
+                call(messages(), timeout=20)
+            release.set()
+            assert exc.value.code() == grpc.StatusCode.CANCELLED  # type: ignore[attr-defined]
+        assert len(store) == 0 and store.device_memory_used == 0
+        with Client(address, timeout=30) as c:  # the one call slot is free again
+            c.put("y", torch.ones(2))
+            assert torch.equal(c.tensor("y")[:], torch.ones(2))
+    finally:
+        release.set()
+        server.stop(grace=None)
+
+
 @pytest.mark.unit
 def test_store_rows_never_disturb_an_older_version(device: str) -> None:
     store = TensorStore(device)

@@ -291,24 +291,32 @@ def _nothing() -> None:
     pass
 
 
-def _requests(it: Iterator[Any]) -> Iterator[Any]:
+def _requests(it: Iterator[Any], context: grpc.ServicerContext,
+              watchdog: StreamWatchdog) -> Iterator[Any]:
     """A client stream's messages; one that did not parse is refused, and a stream the
-    client cut off ends the call (nothing is stored)."""
+    client cut off ends the call (nothing is stored). While the next message is awaited the
+    stream is in `watchdog`'s care: a client that stops sending mid-upload is cancelled after
+    `send_timeout`, so it cannot keep its slot and its memory reservation."""
+    key = object()
     while True:
+        watchdog.sending(key, context.cancel)
         try:
             message = next(it)
         except StopIteration:
             return
-        except grpc.RpcError:  # the client cancelled, or went away, mid-upload
-            raise ServerUnavailable("the upload was cut off by the client; nothing was "
+        except grpc.RpcError:  # the client cancelled, went away or stalled mid-upload
+            raise ServerUnavailable("the upload was cut off (the client cancelled, went "
+                                    "away, or sent nothing for send_timeout); nothing was "
                                     "stored") from None
+        finally:
+            watchdog.done(key)
         if isinstance(message, _Malformed):
             raise InvalidSelection(message.message)
         yield message
 
 
 def _upload(
-    fn: Callable[[Any, grpc.ServicerContext], T], gate: CallGate,
+    fn: Callable[[Any, grpc.ServicerContext], T], gate: CallGate, watchdog: StreamWatchdog,
 ) -> Callable[[Any, grpc.ServicerContext], T]:
     """A client-streaming handler (an upload), counted against `max_calls`."""
 
@@ -316,7 +324,7 @@ def _upload(
         try:
             gate.enter()
             try:
-                return fn(_requests(request_iterator), context)
+                return fn(_requests(request_iterator, context, watchdog), context)
             finally:
                 gate.leave()
         except Exception as exc:
@@ -383,7 +391,7 @@ def generic_handler(service: TensorSliceService) -> grpc.GenericRpcHandler:  # t
             )
     for name, (request_cls, response_cls) in _UPLOADS.items():
         handlers[name] = grpc.stream_unary_rpc_method_handler(
-            _upload(getattr(service, name), service.gate),
+            _upload(getattr(service, name), service.gate, service.watchdog),
             request_deserializer=_parser(request_cls),
             response_serializer=response_cls.SerializeToString,
         )

@@ -230,6 +230,9 @@ def test_pinned_version(srv: tuple[str, TensorStore]) -> None:
         held = store.get("x")  # a reader on the server holds this version
         c.append("x", torch.tensor([[9.0]]))
         assert torch.equal(pinned.fetch(), torch.arange(4.0)[:, None])  # not newer data
+        half = pinned.astype("float16")  # a cast keeps the pin
+        assert half.version == pinned.version
+        assert torch.equal(half.fetch(), torch.arange(4.0, dtype=torch.float16)[:, None])
         assert c.tensor("x").fetch().shape == (5, 1)
         del held  # its last reader ends: the version is gone
         with pytest.raises(VersionGone, match=rf"version {pinned.version} of tensor 'x' is "

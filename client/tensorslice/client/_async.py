@@ -256,7 +256,8 @@ class AsyncRemoteTensor(BaseRemoteTensor[AsyncClient]):
         self, dtype: str | torch.dtype, *, max_bytes: int | None = None
     ) -> AsyncRemoteTensor:
         """The same remote tensor whose results the server casts to `dtype`."""
-        return AsyncRemoteTensor(self.client, self.info, **self._cast_args(dtype, max_bytes))
+        cast: AsyncRemoteTensor = self._cast(dtype, max_bytes)
+        return cast
 
     async def _values(self, selection: object) -> torch.Tensor:
         return (await self.client.slice(self.name, selection, version=self._pinned))["values"]

@@ -738,9 +738,15 @@ class BaseRemoteTensor(Generic[C]):
         return (f"{type(self).__name__}(name={self.name!r}, shape={list(self.shape)}, "
                 f"dtype={self.dtype}, device={self.info.device!r})")
 
-    def _cast_args(self, dtype: str | torch.dtype, max_bytes: int | None) -> dict[str, Any]:
-        name = dtype_name(dtype)
-        return {"dtype": name, "max_bytes": self._max_bytes if max_bytes is None else max_bytes}
+    def _cast(self, dtype: str | torch.dtype, max_bytes: int | None) -> Any:
+        """A copy of this handle whose results the server casts to `dtype` (a pinned
+        version stays pinned)."""
+        out = type(self).__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        out._dtype = dtype_name(dtype)
+        if max_bytes is not None:
+            out._max_bytes = max_bytes
+        return out
 
     # ------------------------------------------------------------------ selections
     def _sel(self, index: object, combine: Combine) -> Selection:

@@ -259,7 +259,8 @@ class RemoteTensor(BaseRemoteTensor[Client]):
 
     def astype(self, dtype: str | torch.dtype, *, max_bytes: int | None = None) -> RemoteTensor:
         """The same remote tensor whose results the server casts to `dtype`."""
-        return RemoteTensor(self.client, self.info, **self._cast_args(dtype, max_bytes))
+        cast: RemoteTensor = self._cast(dtype, max_bytes)
+        return cast
 
     def _values(self, selection: object) -> torch.Tensor:
         return self.client.slice(self.name, selection, version=self._pinned)["values"]

@@ -421,7 +421,7 @@ def test_a_stalled_upload_is_cancelled_and_stores_nothing(device: str) -> None:
 
     store = TensorStore(device)
     server, port = create_server(store, "127.0.0.1:0",
-                                 ServerConfig(send_timeout=0.5, max_calls=1, call_wait=0))
+                                 ServerConfig(send_timeout=0.5, max_calls=1, call_wait=5))
     server.start()
     address = f"127.0.0.1:{port}"
     data = _file(torch.randn(1 << 18))
@@ -441,6 +441,14 @@ def test_a_stalled_upload_is_cancelled_and_stores_nothing(device: str) -> None:
                 call(messages(), timeout=20)
             release.set()
             assert exc.value.code() == grpc.StatusCode.CANCELLED  # type: ignore[attr-defined]
+        # The server's handler unwinds after the client has seen the cancellation: wait
+        # (bounded) for it to give its reservation back.
+        import time
+
+        for _ in range(200):
+            if store.device_memory_used == 0:
+                break
+            time.sleep(0.05)
         assert len(store) == 0 and store.device_memory_used == 0
         with Client(address, timeout=30) as c:  # the one call slot is free again
             c.put("y", torch.ones(2))

@@ -237,6 +237,8 @@ def _service_rows(cfg: Config, figs: Figures) -> list[Row]:
             f"Flight ({fb})", v("flight_best"), goal=Goal(">=", 5.0)),
         Row(f"{size(n)} slice → tensor, same host", v("ts_slice_same_host"), "GB/s",
             f"memcpy {size(n)}", v("memcpy"), goal=Goal(">=", 0.5)),
+        Row(f"{size(n)} slice → tensor, same host", v("ts_slice_same_host"), "GB/s",
+            "the TCP bulk plane", v("ts_slice"), goal=Goal(">=", 1.0)),
         Row(f"gather 64×128 {size(g)} → tensor", v("ts_gather"), "GB/s",
             f"Flight {size(g)} ({fg})", v("flight_best_gather"), goal=Goal(">=", 1.0)),
         Row("4 KiB slice p50 latency", v("ts_p50"), "s", "raw gRPC unary 4 KiB",

@@ -1,35 +1,45 @@
-"""Same-host results: sealed shared-memory segments (memfd) passed over the bulk plane's
-abstract Unix socket, the client's tensors built on the mapping; every fallback to TCP."""
+"""Same-host results: pooled shared-memory segments (memfd) lent over a session on the bulk
+plane's abstract Unix socket, reused once the client released them; every fallback."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import mmap
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 from _output import OutputLines
 
-from tensorslice.client import Client, TensorSliceError
-from tensorslice.core.codec import same_host_socket
+from tensorslice.client import AsyncClient, Client, TensorSliceError
+from tensorslice.core.codec import (
+    SESSION_MAGIC,
+    SHM_HELLO,
+    SHM_RELEASE,
+    SHM_REPLY,
+    SHM_REQUEST,
+    SHM_SEGMENT,
+    same_host_socket,
+)
 from tensorslice.server import ServerConfig, TensorStore, create_server
 
 X = torch.randn(64, 32, 16, 16, generator=torch.Generator().manual_seed(13))  # 2 MiB
-SEGMENT = "memfd:tensorslice-result"
+SEGMENT = "memfd:tensorslice-segment"
 
 
-def _server(**config: object) -> tuple[object, str]:
+def _server(port: int = 0, **config: object) -> tuple[object, str]:
     store = TensorStore(device="cuda" if torch.cuda.is_available() else "cpu")
     store.add("x", X)
-    srv, port = create_server(store, "127.0.0.1:0",
+    srv, port = create_server(store, f"127.0.0.1:{port}",
                               ServerConfig(unary_max_bytes=1024, **config))  # type: ignore[arg-type]
     srv.start()
     return srv, f"127.0.0.1:{port}"
@@ -57,76 +67,177 @@ def _open_segments() -> int:
     return count
 
 
+def _until(check: Callable[[], bool], seconds: float = 10) -> bool:
+    """Poll `check` (the server's threads notice a closed connection asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return check()
+
+
 @pytest.mark.e2e
-def test_results_come_as_segments_and_live_on_the_mapping(
+def test_segments_are_pooled_and_reused_only_once_released(
     served: tuple[object, str],
 ) -> None:
     srv, address = served
-    bulk = srv.bulk  # type: ignore[attr-defined]
-    assert bulk.same_host
-    gc.collect()
-    before = _mapped()
-    with Client(address, timeout=30, same_host=True) as c:
-        view = c.tensor("x")[0:40]
-        gather = c.tensor("x")[[5, 1, 9, 9], :, 3]
-        assert view.equal(X[0:40]) and gather.equal(X[[5, 1, 9, 9], :, 3])
+    shm = srv.bulk.shm  # type: ignore[attr-defined]
+    assert shm is not None
+    with Client(address, timeout=30) as c:  # on by default
+        a = c.tensor("x")[0:40]
+        b = c.tensor("x")[[5, 1, 9, 9], :, 3]
+        assert a.equal(X[0:40]) and b.equal(X[[5, 1, 9, 9], :, 3])
         assert c.transports["shared_memory"] == 2 and c.transports["bulk"] == 0
-        assert _mapped() == before + 2  # the tensors are built on the mappings
-        assert _open_segments() == 0  # no descriptor kept, on either side
-        view.add_(1)  # private to this result: the next one is untouched
-        assert c.tensor("x")[0:40].equal(X[0:40])
-        assert view.equal(X[0:40] + 1)
+        assert shm.segments == 2 and srv.bulk.sessions == 1  # type: ignore[attr-defined]
+        a.add_(1)  # a result is writable, and its segment is still lent: never rewritten
+        for i in range(6):  # each lands in a segment other than a's
+            assert c.tensor("x")[i : i + 40].equal(X[i : i + 40])
+        assert a.equal(X[0:40] + 1)
+        del a, b
+        gc.collect()
+        for i in range(6):  # a's and b's segments are free again: nothing new is made
+            assert c.tensor("x")[i : i + 30].equal(X[i : i + 30])
+        assert shm.segments <= 3 and shm.lent == 14 and shm.fallbacks == 0
         data = c.slice_bytes("x", (slice(2, 50),))  # bytes: copied out of the segment
-        assert isinstance(data, bytes) and c.transports["shared_memory"] == 4
-    deadline = time.monotonic() + 5  # the server counts after its send returns
-    while bulk.shared < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert bulk.shared == 4 and bulk.pending == 0
-    del view, gather
+        assert isinstance(data, bytes) and c.transports["shared_memory"] == 15
+    # closing the client closes its session: the server drops its segments
+    assert _until(lambda: shm.segments == 0 and shm.bytes == 0 and shm.sessions == 0)
     gc.collect()
-    assert _mapped() == before  # dropping the tensors unmaps their segments
+    assert _open_segments() == 0 and _mapped() == 0
+
+
+@pytest.mark.e2e
+def test_async_client_uses_the_same_sessions(served: tuple[object, str]) -> None:
+    _, address = served
+
+    async def main() -> None:
+        async with AsyncClient(address, timeout=30) as c:
+            for i in range(3):
+                got = await (await c.tensor("x"))[i : i + 40]
+                assert got.equal(X[i : i + 40])
+            assert c.transports["shared_memory"] == 3
+
+    asyncio.run(main())
 
 
 @pytest.mark.e2e
 def test_same_host_off_by_option_or_environment(
     served: tuple[object, str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _, address = served
+    srv, address = served
     with Client(address, timeout=30, same_host=False) as c:
         assert c.tensor("x")[0:40].equal(X[0:40])
         assert c.transports["bulk"] == 1 and c.transports["shared_memory"] == 0
-    with Client(address, timeout=30) as c:  # off by default
-        assert c.tensor("x")[0:40].equal(X[0:40])
-        assert c.transports["bulk"] == 1
-    monkeypatch.setenv("TENSORSLICE_SAME_HOST", "1")
+    monkeypatch.setenv("TENSORSLICE_SAME_HOST", "0")
     with Client(address, timeout=30) as c:
         assert c.tensor("x")[0:40].equal(X[0:40])
-        assert c.transports["shared_memory"] == 1
+        assert c.transports["bulk"] == 1 and c.transports["shared_memory"] == 0
+    assert srv.bulk.shm.lent == 0  # type: ignore[attr-defined]
 
 
 @pytest.mark.e2e
-def test_results_outlive_the_server(served: tuple[object, str]) -> None:
-    srv, address = served
-    with Client(address, timeout=30, same_host=True) as c:
-        got = c.tensor("x")[[3, 2, 1]]
-    srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]
-    assert got.equal(X[[3, 2, 1]])  # the segment is the client's, not the server's
-
-
-@pytest.mark.e2e
-def test_server_without_same_host_falls_back_to_tcp_once() -> None:
-    srv, address = _server(same_host=False)
+def test_a_full_budget_sends_on_the_socket_instead() -> None:
+    srv, address = _server(shm_max_bytes=1 << 20)  # below one 2 MiB result
     try:
-        with Client(address, timeout=30, same_host=True) as c:
-            assert c.tensor("x")[0:40].equal(X[0:40])
-            assert c.tensor("x")[1:41].equal(X[1:41])
-            assert c.transports["bulk"] == 2 and not c._same_host  # tried once only
+        with Client(address, timeout=30) as c:
+            assert c.tensor("x")[:].equal(X)
+            assert c.transports["bulk"] == 1 and c.transports["shared_memory"] == 0
+        shm = srv.bulk.shm  # type: ignore[attr-defined]
+        assert shm.fallbacks == 1 and shm.lent == 0 and shm.segments == 0
     finally:
         srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]
 
 
+@pytest.mark.e2e
+def test_results_outlive_a_server_restart_and_the_next_call_works() -> None:
+    srv, address = _server()
+    port = int(address.rsplit(":", 1)[1])
+    bulk_port = srv.bulk.port  # type: ignore[attr-defined]
+    with Client(address, timeout=30) as c:
+        held = c.tensor("x")[[3, 2, 1]]
+        srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]
+        assert held.equal(X[[3, 2, 1]])  # the mapping keeps the segment's memory
+        srv, _ = _server(port, bulk_port=bulk_port)
+        try:
+            assert c.tensor("x")[0:40].equal(X[0:40])  # a new session, with the new server
+            assert c.transports["shared_memory"] == 2
+            assert held.equal(X[[3, 2, 1]])
+        finally:
+            srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]
+
+
+@pytest.mark.e2e
+def test_server_without_same_host_falls_back_to_tcp_once() -> None:
+    srv, address = _server(same_host=False)  # as if in another network namespace
+    try:
+        with Client(address, timeout=30) as c:
+            assert c.tensor("x")[0:40].equal(X[0:40])
+            assert c.tensor("x")[1:41].equal(X[1:41])
+            assert c.transports["bulk"] == 2 and c._shm is not None
+            assert not c._shm.available  # tried once only
+    finally:
+        srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]
+
+
+def _session(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(same_host_socket(port))
+    sock.sendall(SESSION_MAGIC)
+    assert sock.recv(len(SHM_HELLO), socket.MSG_WAITALL) == SHM_HELLO
+    return sock
+
+
+def _redeem(sock: socket.socket, token: bytes, releases: list[tuple[int, int]]
+            ) -> tuple[tuple[int, ...], int | None]:
+    rel = b"".join(SHM_RELEASE.pack(i, g) for i, g in releases)
+    sock.sendall(SHM_REQUEST.pack(1, len(releases)) + rel + token)
+    msg, fds, _, _ = socket.recv_fds(sock, SHM_REPLY.size, 1)
+    if len(msg) < SHM_REPLY.size:
+        msg += sock.recv(SHM_REPLY.size - len(msg), socket.MSG_WAITALL)
+    reply = SHM_REPLY.unpack(msg)
+    sock.recv(4 * reply[5], socket.MSG_WAITALL)  # forgotten ids
+    return reply, (fds[0] if fds else None)
+
+
+@pytest.mark.e2e
+def test_a_segment_is_written_only_after_its_exact_release(
+    served: tuple[object, str],
+) -> None:
+    srv, _ = served
+    bulk = srv.bulk  # type: ignore[attr-defined]
+    payload = bytes(range(256)) * 4096  # 1 MiB
+
+    def ticket(fill: int) -> bytes:
+        token: bytes = bulk.offer([bytes([fill]) * len(payload)], len(payload))
+        return token
+
+    with _session(bulk.port) as sock:
+        (kind, seg, gen, size, nbytes, _), fd = _redeem(sock, ticket(1), [(999, 1)])
+        assert kind == SHM_SEGMENT and fd is not None and nbytes == len(payload)
+        with pytest.raises(PermissionError):  # sealed: nobody can shrink it
+            os.ftruncate(fd, 0)
+        m = mmap.mmap(fd, size)
+        os.close(fd)
+        assert m[:nbytes] == b"\x01" * nbytes
+        # a release of the wrong generation changes nothing: a new segment is made
+        (kind2, seg2, _, _, _, _), fd2 = _redeem(sock, ticket(2), [(seg, gen + 1)])
+        assert kind2 == SHM_SEGMENT and seg2 != seg and fd2 is not None
+        os.close(fd2)
+        assert m[:nbytes] == b"\x01" * nbytes  # untouched
+        # the exact release frees it: reused, no descriptor, a newer generation
+        (kind3, seg3, gen3, _, _, _), fd3 = _redeem(sock, ticket(3), [(seg, gen)])
+        assert (kind3, seg3, fd3) == (SHM_SEGMENT, seg, None) and gen3 > gen
+        assert m[:nbytes] == b"\x03" * nbytes
+        m.close()
+        assert bulk.shm.stale == 2  # the foreign id and the wrong generation
+        # an unknown token: an error, the session goes on
+        (kind4, _, _, _, nbytes4, _), _ = _redeem(sock, b"\0" * 16, [])
+        assert kind4 == 2
+        assert b"unknown or expired" in sock.recv(nbytes4, socket.MSG_WAITALL)
+
+
 def _impostor(name: bytes, answer: str) -> tuple[socket.socket, threading.Thread]:
-    """A listener at the same-host name that closes, or passes a bad segment."""
+    """A listener at the same-host name that refuses, or answers with a bad segment."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(name)
     listener.listen(1)
@@ -139,18 +250,28 @@ def _impostor(name: bytes, answer: str) -> tuple[socket.socket, threading.Thread
             return
         with conn:
             conn.settimeout(30)
-            conn.recv(16)
+            conn.recv(16, socket.MSG_WAITALL)
             if answer == "close":
+                return
+            conn.sendall(SHM_HELLO)
+            head = conn.recv(SHM_REQUEST.size, socket.MSG_WAITALL)
+            _, count = SHM_REQUEST.unpack(head)
+            conn.recv(count * SHM_RELEASE.size + 16, socket.MSG_WAITALL)
+            nbytes = 64 + X[0:40].numel() * 4  # what the ticket announces, roughly
+            if answer == "unknown id":
+                conn.sendall(SHM_REPLY.pack(SHM_SEGMENT, 7, 1, 1 << 22, nbytes, 0))
                 return
             fd = os.memfd_create("impostor", os.MFD_ALLOW_SEALING)
             try:
-                os.ftruncate(fd, 64)
+                os.ftruncate(fd, 1 << 22)
                 with mmap.mmap(fd, 64) as m:
                     m[:8] = b"\xff" * 8
-                size = 64 if answer == "unsealed" else 1 << 30
-                socket.send_fds(conn, [size.to_bytes(8, "little")], [fd])
+                size = 1 << 22 if answer == "unsealed" else 1 << 30
+                socket.send_fds(conn, [SHM_REPLY.pack(SHM_SEGMENT, 1, 1, size, nbytes, 0)],
+                                [fd])
             finally:
                 os.close(fd)
+            conn.recv(1)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -158,20 +279,21 @@ def _impostor(name: bytes, answer: str) -> tuple[socket.socket, threading.Thread
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("answer", ["close", "unsealed", "wrong size"])
+@pytest.mark.parametrize("answer", ["close", "unknown id", "unsealed", "wrong size"])
 def test_a_foreign_socket_at_the_name_never_gives_wrong_data(answer: str) -> None:
     srv, address = _server(same_host=False)
     bulk = srv.bulk  # type: ignore[attr-defined]
     listener, thread = _impostor(same_host_socket(bulk.port), answer)
     try:
-        with Client(address, timeout=30, same_host=True) as c:
-            if answer == "close":  # the ticket is untouched: redeemed over TCP
+        with Client(address, timeout=30) as c:
+            if answer == "close":  # no session: the ticket is redeemed over TCP
                 assert c.tensor("x")[0:40].equal(X[0:40])
                 assert c.transports["bulk"] == 1
             else:
-                with pytest.raises(TensorSliceError, match=r"same-host segment .*refused"):
+                with pytest.raises(TensorSliceError, match=r"same-host .*refused"):
                     c.tensor("x")[0:40]
         thread.join(timeout=30)
+        gc.collect()
         assert _open_segments() == 0
     finally:
         listener.close()
@@ -181,11 +303,19 @@ def test_a_foreign_socket_at_the_name_never_gives_wrong_data(answer: str) -> Non
 _CHILD = """
 import sys, time
 from tensorslice.client import Client
-with Client(sys.argv[1], timeout=30, same_host=True) as c:
-    t = c.tensor("x")[0:40]
-    print("fetched", c.transports["shared_memory"], float(t.sum()), flush=True)
-    time.sleep(120)
+c = Client(sys.argv[1], timeout=30)
+held = [c.tensor("x")[i : i + 40] for i in range(3)]
+print("fetched", c.transports["shared_memory"], flush=True)
+time.sleep(120)
 """
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1])
+    return 0
 
 
 @pytest.mark.e2e
@@ -194,19 +324,43 @@ def test_a_client_killed_holding_segments_leaves_nothing_on_the_server(
 ) -> None:
     srv, address = served
     bulk = srv.bulk  # type: ignore[attr-defined]
-    mapped = _mapped()
+    shared_before = _rss_kib()
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, address], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        assert OutputLines(proc).wait_for(r"fetched (\d+)") == "1"
+        assert OutputLines(proc).wait_for(r"fetched (\d+)") == "3"
+        assert bulk.shm.segments == 3 and bulk.sessions == 1
+        assert _open_segments() == 3
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert bulk.pending == 0 and bulk.connections == 0 and bulk.held_bytes == 0
-    assert _open_segments() == 0 and _mapped() == mapped
+    assert _until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0)
+    assert bulk.shm.bytes == 0 and bulk.pending == 0 and bulk.held_bytes == 0
+    assert _open_segments() == 0 and _mapped() == 0
+    assert _rss_kib() <= shared_before + 1024  # the segments' pages are gone from the server
     srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]
     if os.path.isdir("/dev/shm"):  # segments are anonymous: nothing is ever named there
         assert not [n for n in os.listdir("/dev/shm") if "tensorslice" in n]
+
+
+@pytest.mark.unit
+def test_a_forked_child_never_releases_its_parents_loans() -> None:
+    from tensorslice.client import _shm
+
+    epoch = _shm._fork_epoch[0]
+    pid = os.fork()
+    if pid == 0:  # the child exits at once
+        os._exit(0 if _shm._fork_epoch[0] == epoch + 1 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _shm._fork_epoch[0] == epoch + 1
+    import queue
+
+    q: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+    _shm._released(q, 1, 1, epoch)  # lent before the fork: dropped
+    _shm._released(q, 2, 1, epoch + 1)
+    assert q.get_nowait() == (2, 1) and q.empty()
+    assert struct.calcsize("<IQ") == SHM_RELEASE.size

@@ -88,6 +88,8 @@ class AsyncClient(BaseClient):
         channel: grpc.aio.Channel | None = self._owned_channel()
         if channel is not None and self._loop is asyncio.get_running_loop():
             await channel.close(None)
+        if self._shm is not None:
+            self._shm.close()
         self._channel = None
         self._loop = None
         self._closed = True

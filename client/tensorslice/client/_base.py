@@ -27,6 +27,7 @@ import torch
 
 from tensorslice.client._fork import forked_from_grpc
 from tensorslice.client._receive import Assembler
+from tensorslice.client._shm import Sessions
 from tensorslice.core.codec import (
     DATA_PORT_KEY,
     DTYPE_NAMES,
@@ -305,9 +306,9 @@ class ReceiveBulk:
     sink: Assembler
     timeout: float | None
     connect_timeout: float
-    same_host: bool = False
-    """Try the same-host segment first (see `tensorslice.client._client.receive_shared`);
-    the outcome is then True where the result came that way."""
+    shm: Sessions | None = None
+    """Try a same-host session first (see `tensorslice.client._shm`). The outcome is the
+    transport that carried the file: "shared_memory" or "bulk"."""
 
 
 @dataclass(frozen=True)
@@ -419,12 +420,11 @@ class BaseClient:
         # false once the bulk port proved unreachable, or where the target has no TCP host
         self._bulk_ok = self._bulk_host is not None
         if same_host is None:
-            # Off unless asked for, until segments are pooled: a fresh segment per result
-            # costs page faults that make it slower than the TCP bulk plane's reused buffers.
-            same_host = os.environ.get("TENSORSLICE_SAME_HOST", "0").strip().lower() in (
-                "1", "true", "yes", "on")
-        # true until a same-host transfer proved impossible (another host, no such socket)
-        self._same_host = same_host and self._credentials.tls is None
+            same_host = os.environ.get("TENSORSLICE_SAME_HOST", "1").strip().lower() not in (
+                "0", "false", "no", "off")
+        # Same-host sessions (never with TLS); `available` turns false once none could be
+        # opened (another host, no such socket): TCP from then on.
+        self._shm = Sessions() if same_host and self._credentials.tls is None else None
         self.transports: dict[str, int] = dict.fromkeys(TRANSPORTS, 0)
         """How many results each transport carried (`TRANSPORTS`), for this client."""
         self._closed = False  # true once closed: a closed client makes no more calls
@@ -530,12 +530,10 @@ class BaseClient:
                 left = deadline.left()
                 connect = (_BULK_CONNECT_SECONDS if left is None
                            else min(left, _BULK_CONNECT_SECONDS))
-                tried = self._same_host
-                shared = yield ReceiveBulk(self._bulk_host or "", ticket.port, ticket.token,
-                                           ticket.nbytes, asm, left, connect, tried)
-                if tried and not shared:
-                    self._same_host = False  # not on the server's host: TCP from now on
-                self._carried("shared_memory" if shared else "bulk")
+                shm = self._shm if self._shm is not None and self._shm.available else None
+                carried = yield ReceiveBulk(self._bulk_host or "", ticket.port, ticket.token,
+                                            ticket.nbytes, asm, left, connect, shm)
+                self._carried(carried)
         except (FailedPrecondition, BulkUnreachable) as exc:
             if isinstance(exc, VersionGone):
                 raise

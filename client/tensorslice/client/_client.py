@@ -6,15 +6,10 @@ module only runs the calls, with blocking gRPC.
 
 from __future__ import annotations
 
-import ctypes
-import fcntl
-import mmap
-import os
 import socket
 import ssl
 import struct
 import time
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -43,12 +38,11 @@ from tensorslice.client._base import (
 )
 from tensorslice.client._errors import map_rpc_errors
 from tensorslice.client._receive import recv_exact
-from tensorslice.core.codec import DIRECT_MAGIC, SAME_HOST_SEALS, decode_chunk, same_host_socket
+from tensorslice.core.codec import DIRECT_MAGIC, decode_chunk
 from tensorslice.core.errors import (
     DeadlineExceeded,
     ServerUnavailable,
     Status,
-    TensorSliceError,
     error_from_status,
 )
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
@@ -92,6 +86,8 @@ class Client(BaseClient):
         channel = self._owned_channel()
         if channel is not None:
             channel.close()
+        if self._shm is not None:
+            self._shm.close()
         self._channel = None
         self._closed = True
 
@@ -303,90 +299,18 @@ class RemoteTensor(BaseRemoteTensor[Client]):
         return where_result(self.client.slice(self.name, sel, version=self._pinned))
 
 
-def receive_shared(step: ReceiveBulk) -> bool:
-    """The file of a bulk ticket as a same-host segment: connect to the plane's abstract
-    Unix socket (`same_host_socket`), send the token, receive the segment's descriptor and
-    size, check that it is sealed and of that size, map it privately (copy-on-write: the
-    result is writable, the segment never changes) and build the result on the mapping.
-
-    False, the ticket untouched, where no such socket answers on this host or it closes
-    without a segment (another host's server, another server's socket): the caller then
-    redeems the ticket over TCP. A segment that is not what the ticket says raises."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with sock:
-        sock.settimeout(step.connect_timeout)
-        try:
-            sock.connect(same_host_socket(step.port))
-        except OSError:
-            return False
-        deadline = None if step.timeout is None else time.monotonic() + step.timeout
-        try:
-            sock.settimeout(step.timeout)
-            sock.sendall(step.token)
-            msg, fds, _, _ = socket.recv_fds(sock, 8, 1)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"same-host transfer of {step.nbytes} bytes did not finish within "
-                f"{step.timeout} s") from None
-        except OSError:
-            return False
-        if not fds:
-            return False  # closed: the ticket is not this socket's server's
-        fd = fds[0]
-        try:
-            if len(msg) < 8:
-                msg += recv_exact(sock, 8 - len(msg), deadline)
-            (nbytes,) = struct.unpack("<Q", msg)
-            size = os.fstat(fd).st_size
-            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-            if nbytes != step.nbytes or size != nbytes:
-                raise TensorSliceError(
-                    f"same-host segment of {size} bytes announced as {nbytes}, the ticket "
-                    f"{step.nbytes}: refused")
-            if seals & SAME_HOST_SEALS != SAME_HOST_SEALS:
-                raise TensorSliceError(
-                    f"same-host segment not sealed against writes and resizing (seals "
-                    f"{seals:#x}): refused")
-            segment = _map_private(fd, nbytes)
-        except OSError as exc:
-            raise TensorSliceError(f"same-host segment unusable: {exc}") from None
-        finally:
-            os.close(fd)
-    step.sink.adopt(segment)
-    return True
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long)
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def _map_private(fd: int, nbytes: int) -> memoryview:
-    """A private, writable (copy-on-write) mapping of `fd`'s first `nbytes`, as a byte view
-    that unmaps itself once the view and everything built on it are gone. (Python's `mmap`
-    keeps a duplicate descriptor per mapping: one per live result.)"""
-    addr = _libc.mmap(None, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE,
-                      fd, 0)
-    if addr is None or addr == _MAP_FAILED:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    storage = (ctypes.c_char * nbytes).from_address(addr)
-    weakref.finalize(storage, _libc.munmap, addr, nbytes).atexit = False
-    return memoryview(storage).cast("B")
-
-
 def receive_bulk(step: ReceiveBulk, tls: ssl.SSLContext | None = None,
-                 server_name: str | None = None) -> bool:
-    """Perform a `ReceiveBulk` step: the same-host segment where the step asks for it and
-    the server is on this host (True), else a TCP connection to the bulk data plane (TLS
-    with `tls`, verifying the certificate for `server_name` or the host), the token sent,
-    the file read straight into the step's buffer (False). (Blocking; `AsyncClient` runs it
-    in a thread.)"""
-    if step.same_host and receive_shared(step):
-        return True
+                 server_name: str | None = None) -> str:
+    """Perform a `ReceiveBulk` step: over a same-host session where the step has one and
+    the server is on this host (see `_shm`), else a TCP connection to the bulk data plane
+    (TLS with `tls`, verifying the certificate for `server_name` or the host), the token
+    sent, the file read straight into the step's buffer. The transport that carried it.
+    (Blocking; `AsyncClient` runs it in a thread.)"""
+    if step.shm is not None:
+        got = step.shm.receive(step.port, step.token, step.nbytes, step.sink, step.timeout,
+                               step.connect_timeout)
+        if got is not None:
+            return "shared_memory" if got else "bulk"
     try:
         sock = socket.create_connection((step.host, step.port), timeout=step.connect_timeout)
     except OSError as exc:
@@ -414,7 +338,7 @@ def receive_bulk(step: ReceiveBulk, tls: ssl.SSLContext | None = None,
         raise ServerUnavailable(
             f"bulk transfer from {step.host}:{step.port} failed: {exc}"
         ) from None
-    return False
+    return "bulk"
 
 
 def resolve_data_plane(client: BaseClient) -> None:

@@ -23,7 +23,15 @@ __all__ = [
     "DATA_PORT_KEY",
     "DIRECT_MAGIC",
     "DTYPE_NAMES",
-    "SAME_HOST_SEALS",
+    "SEGMENT_SEALS",
+    "SESSION_MAGIC",
+    "SHM_BYTES",
+    "SHM_ERROR",
+    "SHM_HELLO",
+    "SHM_RELEASE",
+    "SHM_REPLY",
+    "SHM_REQUEST",
+    "SHM_SEGMENT",
     "TensorEntry",
     "decode_chunk",
     "dtype_from_name",
@@ -36,14 +44,31 @@ __all__ = [
 ]
 
 def same_host_socket(port: int) -> bytes:
-    """The abstract Unix socket where the bulk data plane on TCP `port` also answers tickets
-    with a sealed memory segment (Linux; abstract names live in the network namespace, as
-    loopback does)."""
+    """The abstract Unix socket where the bulk data plane on TCP `port` also answers
+    same-host sessions with shared memory segments (Linux; abstract names live in the
+    network namespace, as loopback does)."""
     return b"\0tensorslice/bulk/%d" % port
 
 
-SAME_HOST_SEALS = 0xF  # F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE
-"""The seals a same-host segment carries: nobody can resize or write it any more."""
+SEGMENT_SEALS = 0x7  # F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW
+"""The seals a same-host segment carries: nobody can resize it (a mapping never faults
+past its end) or change its seals; it stays writable, for reuse."""
+
+SESSION_MAGIC = b"tensorslice/shm\x01"
+"""The first 16 bytes of a same-host session on the data plane's Unix socket (in place of
+a ticket's token); the server answers `SHM_HELLO` where it accepts the session."""
+SHM_HELLO = b"tensorslice/ok\x00\x01"
+SHM_REQUEST = struct.Struct("<BI")
+"""A session's request: op (1: redeem), the count of releases that follow (`SHM_RELEASE`
+each), then the ticket's 16-byte token."""
+SHM_RELEASE = struct.Struct("<IQ")
+"""A segment the client no longer uses: its id and the generation it was lent at."""
+SHM_REPLY = struct.Struct("<BIQQQI")
+"""A session's answer: kind, segment id (or status), generation, segment size, file size,
+then that many `<I` ids of segments the server dropped (the client forgets them)."""
+SHM_SEGMENT, SHM_BYTES, SHM_ERROR = 0, 1, 2
+"""Reply kinds: the file is in the segment (its descriptor attached the first time); the
+file follows on the socket (no segment free); an error, its UTF-8 message follows."""
 
 DIRECT_MAGIC = b"tensorslice/req\x01"
 """The first 16 bytes of a direct request on the data plane (in place of a ticket's token):

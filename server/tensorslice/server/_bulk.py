@@ -41,10 +41,8 @@ TLS); a stopping server answers UNAVAILABLE.
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import logging
-import mmap
 import os
 import secrets
 import selectors
@@ -55,9 +53,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from tensorslice.core.codec import DIRECT_MAGIC, SAME_HOST_SEALS, same_host_socket
+from tensorslice.core.codec import DIRECT_MAGIC, SESSION_MAGIC, SHM_HELLO, same_host_socket
 from tensorslice.core.errors import InvalidSelection, ServerUnavailable, Status, TensorSliceError
-from tensorslice.server._limits import Hold
+from tensorslice.server._limits import Hold, machine_memory
+from tensorslice.server._shm import Redeemed, ShmBudget, ShmSession, default_shm_bytes, peer_uid
 
 __all__ = ["MAX_DIRECT_REQUEST_BYTES", "TOKEN_BYTES", "BulkServer", "DirectAnswer",
            "DirectHandler"]
@@ -108,7 +107,8 @@ class BulkServer:
                  ticket_timeout: float = 15.0, max_tickets: int = 256,
                  max_ticket_bytes: int = 0, max_connections: int = 64,
                  handshake_timeout: float = 5.0, send_timeout: float = 10.0,
-                 ssl_context: ssl.SSLContext | None = None, same_host: bool = True) -> None:
+                 ssl_context: ssl.SSLContext | None = None, same_host: bool = True,
+                 shm_max_bytes: int | None = None, shm_peer_uid: int | None = None) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.create_server((host.strip("[]"), port), family=family,
                                               backlog=128)
@@ -134,10 +134,17 @@ class BulkServer:
         self._local: socket.socket | None = None
         """The same-host listener (see `same_host_socket`), or None: off, TLS, not Linux,
         or its name taken."""
+        self.shm: ShmBudget | None = None
+        """The bound and counters of same-host sessions (see `_shm`), or None: none."""
+        self._sessions: set[socket.socket] = set()
+        self._shm_peer_uid = shm_peer_uid
         if same_host and ssl_context is None and hasattr(os, "memfd_create"):
             self._local = _local_listener(self.port)
             if self._local is not None:
                 self._selector.register(self._local, selectors.EVENT_READ)
+                self.shm = ShmBudget(
+                    default_shm_bytes(machine_memory()) if shm_max_bytes is None
+                    else shm_max_bytes, max_sessions=max_connections)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
@@ -148,7 +155,7 @@ class BulkServer:
         self.refused = 0  # connections closed: over the limit, bad token or too slow
         self.expired = 0  # tickets that expired unredeemed
         self.bytes_sent = 0  # bytes of completed and partial transfers
-        self.shared = 0  # transfers completed as same-host segments (part of `sent`)
+        self.shared = 0  # transfers completed in same-host segments (part of `sent`)
         self._reported = (0.0, 0)
 
     # ---------------------------------------------------------------- tickets
@@ -218,6 +225,12 @@ class BulkServer:
         """Transfers sending now."""
         with self._lock:
             return len(self._sending)
+
+    @property
+    def sessions(self) -> int:
+        """Same-host sessions open now (see `_shm`)."""
+        with self._lock:
+            return len(self._sessions)
 
     @property
     def connections(self) -> int:
@@ -295,6 +308,13 @@ class BulkServer:
         self._listener.close()
         if self._local is not None:
             self._local.close()
+        with self._lock:
+            sessions = list(self._sessions)
+        for sock in sessions:  # wakes each session's thread, which frees its segments
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self._wake_r.close()
         self._wake_w.close()
         with self._lock:
@@ -402,6 +422,12 @@ class BulkServer:
                 self._refuse(sock, "closed before sending a whole token")
                 return
             h.token += part
+        if sock.family == socket.AF_UNIX:
+            if h.token == SESSION_MAGIC and self.shm is not None:
+                self._start_session(sock, self.shm)
+            else:
+                self._refuse(sock, "not a same-host session")
+            return
         if h.token == DIRECT_MAGIC and self.direct is not None:
             self._hand_over(sock, self._serve_direct, (sock, self.direct, h.deadline))
             return
@@ -450,10 +476,7 @@ class BulkServer:
         try:
             with sock:
                 sock.setblocking(True)
-                if sock.family == socket.AF_UNIX:
-                    self._send_segment(sock, transfer.pieces, transfer.nbytes)
-                else:
-                    self._send_pieces(sock, transfer.pieces, transfer.nbytes)
+                self._send_pieces(sock, transfer.pieces, transfer.nbytes)
         except OSError as exc:
             log.info("bulk transfer dropped: %s", exc)
         except Exception:
@@ -484,35 +507,70 @@ class BulkServer:
         with self._lock:
             self.sent += 1
 
-    def _send_segment(self, sock: socket.socket, pieces: Pieces, nbytes: int) -> None:
-        """A same-host transfer: the file written into a fresh anonymous segment (memfd),
-        sealed against writes and resizing, and its descriptor passed to the client with
-        the size (`<Q`). The server keeps nothing: its descriptor is closed here, and the
-        memory goes back to the system once the client unmaps it (or dies)."""
-        fd = os.memfd_create("tensorslice-result", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    # ---------------------------------------------------------------- same-host sessions
+
+    def _start_session(self, sock: socket.socket, budget: ShmBudget) -> None:
+        """From the handshake loop to a session thread of its own (see `_shm`); refused
+        (the client then uses TCP) beyond `max_sessions` or from a peer of another user
+        where the server checks (`shm_peer_uid`)."""
         try:
-            os.ftruncate(fd, nbytes)
-            written = 0
-            if nbytes:
-                with mmap.mmap(fd, nbytes) as segment:
-                    for piece in pieces:
-                        view = memoryview(piece).cast("B")
-                        end = written + len(view)
-                        if end > nbytes:
-                            raise RuntimeError(f"pieces exceed the {nbytes}-byte file")
-                        segment[written:end] = view
-                        written = end
-            if written != nbytes:
-                raise RuntimeError(f"wrote {written} of {nbytes} bytes")
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SAME_HOST_SEALS)
-            sock.settimeout(self.send_timeout or None)
-            socket.send_fds(sock, [struct.pack("<Q", nbytes)], [fd])
+            foreign = (self._shm_peer_uid is not None
+                       and peer_uid(sock) != self._shm_peer_uid)
+        except OSError:
+            foreign = True
+        if foreign:
+            self._refuse(sock, "same-host session from a peer of another user")
+            return
+        if not budget.open_session():
+            self._refuse(sock, f"same-host sessions at their limit of {budget.max_sessions}")
+            return
+        self._selector.unregister(sock)
+        thread = threading.Thread(target=self._session, args=(sock, budget),
+                                  name="bulk-session", daemon=True)
+        with self._lock:
+            del self._handshakes[sock]
+            self._sessions.add(sock)
+            self._senders.add(thread)
+        thread.start()
+
+    def _session(self, sock: socket.socket, budget: ShmBudget) -> None:
+        def busy(on: bool) -> None:
+            with self._lock:
+                if on:
+                    self._sending.add(sock)
+                else:
+                    self._sending.discard(sock)
+
+        try:
+            with sock:
+                sock.setblocking(True)
+                sock.settimeout(self.handshake_timeout)
+                sock.sendall(SHM_HELLO)
+                ShmSession(sock, budget, self._redeem, busy, self._count_sent,
+                           self.handshake_timeout, self.send_timeout).run()
+        except (OSError, ConnectionError) as exc:
+            log.info("same-host session closed: %s", exc)
+        except Exception:
+            log.exception("same-host session failed")
         finally:
-            os.close(fd)
+            budget.close_session()
+            with self._lock:
+                self._sessions.discard(sock)
+                self._sending.discard(sock)
+                self._senders.discard(threading.current_thread())
+            self._wake()
+
+    def _redeem(self, token: bytes) -> Redeemed | None:
+        transfer = self._take(token)
+        if transfer is None:
+            return None
+        return transfer.pieces, transfer.nbytes, transfer.release
+
+    def _count_sent(self, nbytes: int, shared: bool) -> None:
         with self._lock:
             self.bytes_sent += nbytes
             self.sent += 1
-            self.shared += 1
+            self.shared += shared
 
     # ---------------------------------------------------------------- direct requests
 

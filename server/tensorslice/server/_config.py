@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tensorslice.server._limits import machine_cpus, machine_memory
+from tensorslice.server._shm import default_shm_bytes
 from tensorslice.server._stream import CHUNK_BYTES, SLAB_BYTES
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class ServerConfig:
         write_token: str | None = None,
         unix_socket: str | None = None,
         same_host: bool = True,
+        shm_max_bytes: int | None = None,
     ) -> None:
         memory = machine_memory()
         self.max_result_bytes = (
@@ -113,8 +115,13 @@ class ServerConfig:
         """The bearer token writes must carry (reads take it or `token`); None: writes
         need only what reads need."""
         self.same_host = same_host
-        """Hand large results to clients on this host as sealed shared-memory segments
+        """Hand large results to clients on this host in pooled shared-memory segments
         (Linux, no TLS): the bulk plane also listens on an abstract Unix socket."""
+        self.shm_max_bytes = (
+            shm_max_bytes if shm_max_bytes is not None else default_shm_bytes(memory)
+        )
+        """Bytes of same-host segments all clients' sessions may hold together; beyond,
+        results go on the session's socket instead. Default a quarter of the memory."""
         self.unix_socket = unix_socket
         """A Unix domain socket's path where gRPC listens too (clients on this host reach
         it as ``unix:PATH``; the bulk data plane stays on TCP); None: none."""

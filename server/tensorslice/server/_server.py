@@ -4,6 +4,7 @@ together; authentication and TLS (`_auth`) wrap them all."""
 
 from __future__ import annotations
 
+import os
 import ssl
 import threading
 import time
@@ -174,7 +175,10 @@ def create_server(
                               max_connections=config.max_bulk_connections,
                               handshake_timeout=config.handshake_timeout,
                               send_timeout=config.send_timeout,
-                              ssl_context=ssl_context, same_host=config.same_host)
+                              ssl_context=ssl_context, same_host=config.same_host,
+                              shm_max_bytes=config.shm_max_bytes,
+                              shm_peer_uid=(os.getuid() if config.token is not None
+                                            or config.write_token is not None else None))
         except OSError as exc:
             grpc_server.stop(None)
             raise AddressInUse(

@@ -1,0 +1,382 @@
+"""Same-host results: a client's sessions with the server's pooled segments.
+
+See `tensorslice.server._shm` for the protocol. The client keeps its sessions per data
+plane port (a few idle ones, reused last-in first-out, so a sequential caller always uses
+the same one and its segments stay mapped and warm), maps each segment once, shared, and
+builds every result on a view of the mapping.
+
+Guarantees:
+
+- A segment holds at most one live result: a result's view releases its segment, by id
+  and the generation it was lent at, when the view and every tensor built on it are gone
+  (`weakref.finalize`). The finalizer only puts the release in the session's queue
+  (reentrant, never blocks, takes no lock); the next request on that session carries it.
+  The server writes a segment only after that release, so a live tensor never changes.
+- A reply is checked before any tensor is built on it: a descriptor must be a segment of
+  the announced size sealed against resizing (no mapping can fault past its end); a
+  segment named without one must be mapped already, free on this side, and lent at a newer
+  generation; the file's size must be the ticket's. Anything else raises
+  `TensorSliceError` and the session is closed (the server then frees its pool): never
+  wrong data.
+- Segments lent when the process forks are never released (neither parent nor child
+  could know when the other is done with them): they stay the session's until it closes.
+  A forked child starts with no sessions.
+- A session that breaks (the server restarted or closed it as idle) is dropped, and the
+  request made again once on a new session where the ticket was not sent yet; a session
+  that cannot be opened (no socket at the name: another host, another network namespace;
+  or refused) answers None, and the caller redeems the ticket over TCP.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+import queue
+import socket
+import struct
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING
+
+from tensorslice.core.codec import (
+    SEGMENT_SEALS,
+    SESSION_MAGIC,
+    SHM_BYTES,
+    SHM_ERROR,
+    SHM_HELLO,
+    SHM_RELEASE,
+    SHM_REPLY,
+    SHM_REQUEST,
+    SHM_SEGMENT,
+    same_host_socket,
+)
+from tensorslice.core.errors import (
+    DeadlineExceeded,
+    ServerUnavailable,
+    Status,
+    TensorSliceError,
+    error_from_status,
+)
+
+if TYPE_CHECKING:
+    from tensorslice.client._receive import Assembler
+
+__all__ = ["Session", "Sessions"]
+
+_MAX_IDLE = 4  # idle sessions kept per port
+_MAX_FORGOTTEN = 1 << 16
+_OP_REDEEM = 1
+_fork_epoch = [0]  # bumped before every fork: releases of older loans are dropped
+
+
+def _bump_epoch() -> None:
+    _fork_epoch[0] += 1
+
+
+os.register_at_fork(before=_bump_epoch)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class _Mapping:
+    """One segment mapped shared, read-write; unmapped once neither the session's cache
+    nor a result holds it."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+                          fd, 0)
+        if addr is None or addr == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.addr: int = addr
+        self.size = size
+        self.gen = 0  # the generation of its latest loan
+        weakref.finalize(self, _libc.munmap, addr, size).atexit = False
+
+
+def _released(returned: queue.SimpleQueue[tuple[int, int]], seg_id: int, gen: int,
+              epoch: int) -> None:
+    if epoch == _fork_epoch[0]:
+        returned.put((seg_id, gen))
+
+
+class Session:
+    """One session with the data plane on `port` (see the module's guarantees). Used by
+    one thread at a time (`Sessions` hands it out)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.maps: dict[int, _Mapping] = {}
+        self.lent: set[int] = set()  # segment ids with a live result on them
+        self.returned: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+        self.broken = False
+
+    @classmethod
+    def open(cls, port: int, timeout: float | None) -> Session | None:
+        """A new session, or None where no server on this host accepts one at `port`."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(same_host_socket(port))
+            sock.sendall(SESSION_MAGIC)
+            hello = b""
+            while len(hello) < len(SHM_HELLO):
+                part = sock.recv(len(SHM_HELLO) - len(hello))
+                if not part:
+                    break
+                hello += part
+        except OSError:
+            sock.close()
+            return None
+        if hello != SHM_HELLO:
+            sock.close()
+            return None
+        return cls(sock)
+
+    def _alive(self) -> bool:
+        """Whether the session is open: between requests nothing may be readable on it
+        (end of file, an error or stray bytes: closed or broken)."""
+        try:
+            self.sock.setblocking(False)
+            try:
+                self.sock.recv(1, socket.MSG_PEEK)
+            finally:
+                self.sock.setblocking(True)
+        except BlockingIOError:
+            return True
+        except OSError:
+            pass
+        return False
+
+    def close(self) -> None:
+        self.broken = True
+        self.maps.clear()
+        self.sock.close()
+
+    def _releases(self) -> bytes:
+        out = bytearray()
+        while True:
+            try:
+                seg_id, gen = self.returned.get_nowait()
+            except queue.Empty:
+                return bytes(out)
+            m = self.maps.get(seg_id)
+            if m is None or m.gen == gen:
+                self.lent.discard(seg_id)
+            out += SHM_RELEASE.pack(seg_id, gen)
+
+    def redeem(self, token: bytes, nbytes: int, sink: Assembler, deadline: float | None
+               ) -> bool | None:
+        """Redeem a ticket: True where its file came in a segment, False where it came on
+        the socket; None where the session was found closed before the request was sent
+        (the ticket is untouched). Raises on a bad reply, or a session that closes once
+        the request is sent (the ticket may be spent): the session is then closed."""
+        sock = self.sock
+        if not self._alive():
+            self.close()
+            return None
+        releases = self._releases()
+        request = (SHM_REQUEST.pack(_OP_REDEEM, len(releases) // SHM_RELEASE.size)
+                   + releases + token)
+        try:
+            _settle(sock, deadline)
+            sock.sendall(request)
+            _settle(sock, deadline)
+            msg, fds, _, _ = socket.recv_fds(sock, SHM_REPLY.size, 1)
+        except TimeoutError:
+            self.close()
+            raise DeadlineExceeded(
+                f"same-host transfer of {nbytes} bytes did not finish in time") from None
+        except OSError as exc:
+            self.close()
+            raise ServerUnavailable(f"same-host session failed: {exc}") from None
+        if not msg and not fds:
+            self.close()
+            raise ServerUnavailable("same-host session closed by the server during the "
+                                    "transfer")
+        fd = fds[0] if fds else None
+        try:
+            return self._answer(msg, fd, nbytes, sink, deadline)
+        except TimeoutError:
+            self.close()
+            raise DeadlineExceeded(
+                f"same-host transfer of {nbytes} bytes did not finish in time") from None
+        except OSError as exc:
+            self.close()
+            raise ServerUnavailable(f"same-host transfer failed: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _answer(self, msg: bytes, fd: int | None, nbytes: int, sink: Assembler,
+                deadline: float | None) -> bool:
+        sock = self.sock
+        if len(msg) < SHM_REPLY.size:
+            msg += _recv_exact(sock, SHM_REPLY.size - len(msg), deadline)
+        kind, a, gen, size, length, nforget = SHM_REPLY.unpack(msg)
+        if nforget > _MAX_FORGOTTEN:
+            raise TensorSliceError(f"same-host reply forgets {nforget} segments: refused")
+        for seg_id in struct.unpack(f"<{nforget}I", _recv_exact(sock, 4 * nforget, deadline)):
+            self.maps.pop(seg_id, None)
+            self.lent.discard(seg_id)
+        if kind == SHM_ERROR:
+            text = _recv_exact(sock, min(length, 1 << 16), deadline).decode("utf-8", "replace")
+            known = {s.value for s in Status}
+            raise error_from_status(Status(a) if a in known else Status.UNKNOWN, text)
+        if length != nbytes:
+            raise TensorSliceError(
+                f"same-host reply announces {length} bytes, the ticket {nbytes}: refused")
+        if kind == SHM_BYTES:
+            if fd is not None:
+                raise TensorSliceError("same-host reply passes a descriptor it does not "
+                                       "use: refused")
+            sink.receive(sock, nbytes, deadline)
+            return False
+        if kind != SHM_SEGMENT:
+            raise TensorSliceError(f"same-host reply of unknown kind {kind}: refused")
+        if nbytes > size:
+            raise TensorSliceError(
+                f"same-host segment {a} of {size} bytes cannot hold a {nbytes}-byte file: "
+                f"refused")
+        if fd is not None:
+            if a in self.maps:
+                raise TensorSliceError(f"same-host segment {a} passed again: refused")
+            real = os.fstat(fd).st_size
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            if real != size:
+                raise TensorSliceError(
+                    f"same-host segment {a} of {real} bytes announced as {size}: refused")
+            if seals & SEGMENT_SEALS != SEGMENT_SEALS:
+                raise TensorSliceError(
+                    f"same-host segment {a} not sealed against resizing (seals {seals:#x}): "
+                    f"refused")
+            self.maps[a] = _Mapping(fd, size)
+        m = self.maps.get(a)
+        if m is None:
+            raise TensorSliceError(f"same-host segment {a} unknown to this session (stale "
+                                   f"or foreign): refused")
+        if m.size != size or a in self.lent or gen <= m.gen:
+            raise TensorSliceError(
+                f"same-host segment {a} (generation {gen}, {size} bytes) is still in use or "
+                f"stale here (generation {m.gen}, {m.size} bytes): refused")
+        m.gen = gen
+        self.lent.add(a)
+        sink.adopt(_result_view(m, a, gen, nbytes, self.returned))
+        return True
+
+
+def _result_view(m: _Mapping, seg_id: int, gen: int, nbytes: int,
+                 returned: queue.SimpleQueue[tuple[int, int]]) -> memoryview:
+    """A view of the first `nbytes` of mapping `m` that keeps it mapped and releases
+    (`seg_id`, `gen`) once it and everything built on it are gone."""
+    storage = (ctypes.c_char * nbytes).from_address(m.addr)
+    storage._mapping = m  # type: ignore[attr-defined]
+    weakref.finalize(storage, _released, returned, seg_id, gen, _fork_epoch[0]).atexit = False
+    return memoryview(storage).cast("B")
+
+
+class Sessions:
+    """A client's same-host sessions, per data plane port; `available` turns False once a
+    session could not be opened (the server is not on this host: TCP from then on)."""
+
+    def __init__(self) -> None:
+        self.available = True
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._idle: dict[int, list[Session]] = {}
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():  # forked: the parent's sessions are not ours
+            self._reset()
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"available": self.available}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.available = bool(state["available"])
+        self._reset()
+
+    def _take(self, port: int) -> Session | None:
+        with self._lock:
+            idle = self._idle.get(port)
+            return idle.pop() if idle else None
+
+    def _put(self, port: int, session: Session) -> None:
+        if session.broken:
+            return
+        with self._lock:
+            idle = self._idle.setdefault(port, [])
+            if len(idle) < _MAX_IDLE:
+                idle.append(session)
+                return
+        session.close()
+
+    def receive(self, port: int, token: bytes, nbytes: int, sink: Assembler,
+                timeout: float | None, connect_timeout: float) -> bool | None:
+        """Redeem a ticket of the plane on `port` over a session: True (in a segment),
+        False (on the socket), or None where no session is possible (ticket untouched)."""
+        self._check_pid()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for _ in range(2):
+            session = self._take(port)
+            fresh = session is None
+            if session is None:
+                session = Session.open(port, connect_timeout)
+                if session is None:
+                    self.available = False
+                    return None
+            try:
+                got = session.redeem(token, nbytes, sink, deadline)
+            finally:
+                self._put(port, session)
+            if got is not None:
+                return got
+            if fresh:
+                break
+        return None
+
+    def close(self) -> None:
+        """Close every idle session (the server frees their segments; results built on
+        them stay valid)."""
+        self._check_pid()
+        with self._lock:
+            idle = [s for group in self._idle.values() for s in group]
+            self._idle.clear()
+        for s in idle:
+            s.close()
+
+
+def _settle(sock: socket.socket, deadline: float | None) -> None:
+    if deadline is None:
+        sock.settimeout(None)
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    sock.settimeout(left)
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        _settle(sock, deadline)
+        part = sock.recv(n - len(out))
+        if not part:
+            raise ServerUnavailable(
+                f"same-host session closed by the server after {len(out)} of {n} bytes")
+        out += part
+    return bytes(out)

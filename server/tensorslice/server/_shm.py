@@ -1,0 +1,371 @@
+"""Same-host results: pooled shared-memory segments, lent to a client session and reused.
+
+A client on the server's host opens a session on the bulk data plane's abstract Unix
+socket (`same_host_socket`): it sends `SESSION_MAGIC`, the server answers `SHM_HELLO`.
+Each request then carries the segments the client released since its last request and a
+bulk ticket's token; the server writes the ticket's file into a segment of the session's
+pool and answers with the segment's id, generation and the file's size, passing the
+segment's descriptor (`SCM_RIGHTS`) the first time only. The client maps each segment once
+(shared) and builds its tensors on the mapping.
+
+Guarantees:
+
+- A segment is lent to at most one result at a time, and written only while nobody holds
+  it: the server writes a segment only when it is free, and it becomes free only when the
+  client releases the (id, generation) it was lent at; a release of any other id or
+  generation changes nothing (counted as stale). So a tensor a client holds never changes.
+- Segments are anonymous (`memfd_create`: nothing is named in `/dev/shm`) and sealed
+  against resizing (`SEGMENT_SEALS`): nobody, the client included, can shrink one under a
+  mapping of the server's or another process's.
+- Bounded: at most `max_segments` per session, and `max_bytes` of segments in all the
+  sessions of a server (`ShmBudget`). A request that finds no free segment that fits, and
+  no room for a new one once the session's free segments are dropped, is answered with the
+  file on the socket instead (counted as a fallback): slower, never refused.
+- A session's pool is freed when its connection closes: the client closes it, exits or is
+  killed (`kill -9`), the server stops, or it stays idle for `idle_timeout` seconds. What a
+  client still has mapped stays valid (its mappings keep the memory) and goes back to the
+  system when it unmaps.
+- One thread serves a session, so its pool needs no lock; the budget has its own.
+
+Trust: a session is for a process of the same host; with `peer_uid` set (a server with
+authentication tokens), only a peer of that user id (`SO_PEERCRED`) gets a session, other
+peers are refused at once (their client then uses TCP). The bulk plane offers no sessions
+under TLS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import logging
+import mmap
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from tensorslice.core.codec import (
+    SEGMENT_SEALS,
+    SHM_BYTES,
+    SHM_ERROR,
+    SHM_RELEASE,
+    SHM_REPLY,
+    SHM_REQUEST,
+    SHM_SEGMENT,
+)
+from tensorslice.core.errors import Status
+
+__all__ = ["MAX_RELEASES", "SegmentPool", "ShmBudget", "ShmSession", "default_shm_bytes",
+           "peer_uid"]
+
+log = logging.getLogger("tensorslice.server")
+
+MAX_RELEASES = 4096
+"""Most releases one request may carry (a client never has more segments lent)."""
+_GRAIN = 64 << 10  # segment sizes are multiples of this
+_OP_REDEEM = 1
+_SEND_STEP = 1 << 20
+_TOKEN_BYTES = 16
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+Pieces = Iterable[bytes | memoryview]
+Redeemed = tuple[Pieces, int, Callable[[], None]]
+"""A redeemed ticket: its pieces, their size, and what to call once written (or not)."""
+
+
+def default_shm_bytes(memory: int) -> int:
+    """The default bound on all segments of a server: a quarter of the machine's memory."""
+    return max(memory // 4, 64 << 20)
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The user id of the process at the other end of a Unix socket (`SO_PEERCRED`)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    return int(uid)
+
+
+class ShmBudget:
+    """The bound on the segments of all sessions of one server, and their counters."""
+
+    def __init__(self, max_bytes: int, max_segments: int = 16, max_sessions: int = 64,
+                 idle_timeout: float = 300.0) -> None:
+        self.max_bytes = max_bytes
+        """Bytes of segments all sessions together may hold (ServerConfig.shm_max_bytes)."""
+        self.max_segments = max_segments
+        """Segments one session may hold."""
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self.bytes = 0  # of all live segments
+        self.segments = 0
+        self.sessions = 0
+        self.lent = 0  # results delivered in segments
+        self.fallbacks = 0  # results sent on the socket: no segment free and no room
+        self.stale = 0  # releases of a segment not lent at that generation
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.bytes + n > self.max_bytes:
+                return False
+            self.bytes += n
+            self.segments += 1
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.bytes -= n
+            self.segments -= 1
+
+    def count(self, name: str) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+    def open_session(self) -> bool:
+        with self._lock:
+            if self.sessions >= self.max_sessions:
+                return False
+            self.sessions += 1
+            return True
+
+    def close_session(self) -> None:
+        with self._lock:
+            self.sessions -= 1
+
+
+class _Segment:
+    __slots__ = ("addr", "fd", "gen", "id", "lent", "map", "size")
+
+    def __init__(self, seg_id: int, size: int) -> None:
+        self.id = seg_id
+        self.size = size
+        self.gen = 0
+        self.lent = False
+        self.fd = os.memfd_create("tensorslice-segment", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, SEGMENT_SEALS)
+            # libc's mmap, not Python's: that one keeps a duplicate descriptor per mapping
+            addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+                              self.fd, 0)
+            if addr is None or addr == _MAP_FAILED:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.addr: int = addr
+        self.map = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
+
+    def close(self) -> None:
+        self.map.release()
+        _libc.munmap(self.addr, self.size)
+        os.close(self.fd)
+
+
+class SegmentPool:
+    """One session's segments (see the module's guarantees). Used by one thread only."""
+
+    def __init__(self, budget: ShmBudget) -> None:
+        self.budget = budget
+        self._segments: dict[int, _Segment] = {}
+        self._next_id = 1
+        self._forgotten: list[int] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.size for s in self._segments.values())
+
+    def __len__(self) -> int:
+        return len(self._segments)
+
+    def release(self, seg_id: int, gen: int) -> bool:
+        """Free segment `seg_id` lent at `gen`; False (nothing changes) for any other."""
+        seg = self._segments.get(seg_id)
+        if seg is None or not seg.lent or seg.gen != gen:
+            self.budget.count("stale")
+            return False
+        seg.lent = False
+        return True
+
+    def find(self, nbytes: int) -> tuple[_Segment, bool] | None:
+        """A free segment for a file of `nbytes` (not lent yet: `lend` does that) and
+        whether it is new; None where the bounds leave no room."""
+        best: _Segment | None = None
+        for seg in self._segments.values():
+            if not seg.lent and nbytes <= seg.size <= 2 * nbytes + _GRAIN and (
+                    best is None or seg.size < best.size):
+                best = seg
+        if best is not None:
+            return best, False
+        size = max(-(-nbytes // _GRAIN) * _GRAIN, _GRAIN)
+        free = sorted((s for s in self._segments.values() if not s.lent),
+                      key=lambda s: -s.size)
+        while len(self._segments) >= self.budget.max_segments or not self.budget.take(size):
+            if not free:
+                return None
+            self._drop(free.pop(0))
+        try:
+            seg = _Segment(self._next_id, size)
+        except OSError as exc:
+            self.budget.give(size)
+            log.warning("cannot create a same-host segment of %d bytes: %s", size, exc)
+            return None
+        self._next_id += 1
+        self._segments[seg.id] = seg
+        return seg, True
+
+    @staticmethod
+    def lend(seg: _Segment) -> int:
+        """Mark `seg` lent; the generation it is lent at."""
+        seg.gen += 1
+        seg.lent = True
+        return seg.gen
+
+    def _drop(self, seg: _Segment) -> None:
+        del self._segments[seg.id]
+        seg.close()
+        self.budget.give(seg.size)
+        self._forgotten.append(seg.id)
+
+    def take_forgotten(self) -> list[int]:
+        out, self._forgotten = self._forgotten, []
+        return out
+
+    def close(self) -> None:
+        """Drop every segment (lent ones too: the client's mappings keep their memory)."""
+        for seg in list(self._segments.values()):
+            self._drop(seg)
+        self._forgotten.clear()
+
+
+class ShmSession:
+    """One same-host session: reads requests from `sock` until it closes, is idle for the
+    budget's `idle_timeout`, or breaks the protocol; redeems each request's token with
+    `redeem` (None: unknown or expired), and answers (see `tensorslice.core.codec`).
+    `busy` is called with True before a request is served and False after; `sent` with the
+    file's size and whether it went in a segment."""
+
+    def __init__(self, sock: socket.socket, budget: ShmBudget,
+                 redeem: Callable[[bytes], Redeemed | None],
+                 busy: Callable[[bool], None], sent: Callable[[int, bool], None],
+                 request_timeout: float, send_timeout: float) -> None:
+        self.sock = sock
+        self.pool = SegmentPool(budget)
+        self._redeem = redeem
+        self._busy = busy
+        self._sent = sent
+        self._request_timeout = request_timeout
+        self._send_timeout = send_timeout
+
+    def run(self) -> None:
+        try:
+            while self._serve_one():
+                pass
+        finally:
+            self.pool.close()
+
+    def _serve_one(self) -> bool:
+        sock = self.sock
+        sock.settimeout(self.pool.budget.idle_timeout or None)
+        try:
+            first = sock.recv(SHM_REQUEST.size)
+        except TimeoutError:
+            log.debug("same-host session idle for %ss: closed", self.pool.budget.idle_timeout)
+            return False
+        if not first:
+            return False
+        deadline = time.monotonic() + self._request_timeout
+        op, count = SHM_REQUEST.unpack(first + _recv_exact(sock, SHM_REQUEST.size - len(first),
+                                                           deadline))
+        if op != _OP_REDEEM or count > MAX_RELEASES:
+            log.info("same-host session closed: bad request (op %d, %d releases)", op, count)
+            return False
+        releases = _recv_exact(sock, count * SHM_RELEASE.size, deadline)
+        token = _recv_exact(sock, _TOKEN_BYTES, deadline)
+        for seg_id, gen in SHM_RELEASE.iter_unpack(releases):
+            self.pool.release(seg_id, gen)
+        self._busy(True)
+        try:
+            redeemed = self._redeem(token)
+            sock.settimeout(self._send_timeout or None)
+            if redeemed is None:
+                self._reply(SHM_ERROR, Status.UNAVAILABLE.value, 0, 0,
+                            b"bulk ticket unknown or expired; retry the call")
+                return True
+            pieces, nbytes, done = redeemed
+            try:
+                self._deliver(pieces, nbytes)
+            finally:
+                done()
+        finally:
+            self._busy(False)
+        return True
+
+    def _deliver(self, pieces: Pieces, nbytes: int) -> None:
+        found = self.pool.find(nbytes)
+        if found is None:
+            self.pool.budget.count("fallbacks")
+            self._reply(SHM_BYTES, 0, 0, 0, b"", nbytes=nbytes)
+            sent = 0
+            for piece in pieces:
+                view = memoryview(piece).cast("B")
+                for at in range(0, len(view), _SEND_STEP):
+                    self.sock.sendall(view[at : at + _SEND_STEP])
+                sent += len(view)
+            if sent != nbytes:
+                raise RuntimeError(f"sent {sent} of {nbytes} bytes")
+            self._sent(nbytes, False)
+            return
+        seg, new = found
+        written = 0
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            end = written + len(view)
+            if end > nbytes:
+                raise RuntimeError(f"pieces exceed the {nbytes}-byte file")
+            seg.map[written:end] = view
+            written = end
+        if written != nbytes:
+            raise RuntimeError(f"wrote {written} of {nbytes} bytes")
+        gen = self.pool.lend(seg)
+        self.pool.budget.count("lent")
+        self._reply(SHM_SEGMENT, seg.id, gen, seg.size, b"", nbytes=nbytes,
+                    fd=seg.fd if new else None)
+        self._sent(nbytes, True)
+
+    def _reply(self, kind: int, a: int, gen: int, size: int, body: bytes, *,
+               nbytes: int | None = None, fd: int | None = None) -> None:
+        forgotten = self.pool.take_forgotten()
+        head = (SHM_REPLY.pack(kind, a, gen, size, len(body) if nbytes is None else nbytes,
+                               len(forgotten))
+                + struct.pack(f"<{len(forgotten)}I", *forgotten) + body)
+        if fd is None:
+            self.sock.sendall(head)
+            return
+        done = socket.send_fds(self.sock, [head], [fd])
+        if done < len(head):
+            self.sock.sendall(head[done:])
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConnectionError(f"request incomplete at its deadline ({len(out)} of {n} "
+                                  f"bytes)")
+        sock.settimeout(left)
+        part = sock.recv(n - len(out))
+        if not part:
+            raise ConnectionError(f"closed after {len(out)} of {n} bytes")
+        out += part
+    return bytes(out)

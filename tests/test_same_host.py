@@ -86,6 +86,7 @@ def test_segments_are_pooled_and_reused_only_once_released(
         a = c.tensor("x")[0:40]
         b = c.tensor("x")[[5, 1, 9, 9], :, 3]
         assert a.equal(X[0:40]) and b.equal(X[[5, 1, 9, 9], :, 3])
+        assert c.last_transport == "shared_memory"
         assert c.transports["shared_memory"] == 2 and c.transports["bulk"] == 0
         assert shm.segments == 2 and srv.bulk.sessions == 1  # type: ignore[attr-defined]
         a.add_(1)  # a result is writable, and its segment is still lent: never rewritten
@@ -127,6 +128,7 @@ def test_same_host_off_by_option_or_environment(
     with Client(address, timeout=30, same_host=False) as c:
         assert c.tensor("x")[0:40].equal(X[0:40])
         assert c.transports["bulk"] == 1 and c.transports["shared_memory"] == 0
+        assert c.last_transport == "bulk"
     monkeypatch.setenv("TENSORSLICE_SAME_HOST", "0")
     with Client(address, timeout=30) as c:
         assert c.tensor("x")[0:40].equal(X[0:40])

@@ -427,6 +427,8 @@ class BaseClient:
         self._shm = Sessions() if same_host and self._credentials.tls is None else None
         self.transports: dict[str, int] = dict.fromkeys(TRANSPORTS, 0)
         """How many results each transport carried (`TRANSPORTS`), for this client."""
+        self.last_transport = ""
+        """The transport that carried this client's latest result (any thread's)."""
         self._closed = False  # true once closed: a closed client makes no more calls
         self._data_port: int | None = None  # the server's data plane, once announced
         self._data_addr: tuple[int, Any] | None = None  # its (family, sockaddr), resolved
@@ -507,6 +509,7 @@ class BaseClient:
     def _carried(self, transport: str) -> None:
         with _COUNT_LOCK:
             self.transports[transport] += 1
+            self.last_transport = transport
 
     def _fetch_flow(self, op: Stream[R], deadline: Deadline) -> Flow[R]:
         """A result that is one safetensors file: `Fetch` first (small results come inline,

@@ -26,6 +26,12 @@ Guarantees:
   connection completes a TLS handshake before its token is read, within the same
   handshake deadline, and the file travels encrypted.
 
+Same-host sessions: on Linux without TLS the plane also listens on the abstract Unix
+socket `same_host_socket(port)`, where a connection must present `SESSION_MAGIC` in place
+of a token; it then becomes a session of its own thread (see `_shm`), which redeems
+tickets into pooled shared-memory segments. Sessions are bounded by `max_connections`
+apart from the connections above, and count as sending while they serve a request.
+
 Direct requests: a connection that presents `DIRECT_MAGIC` in place of a token carries one
 whole call (what a client in a process forked from a gRPC user sends: gRPC cannot be used
 there): the ``authorization`` value gRPC calls carry (``<H`` length; empty for none), the

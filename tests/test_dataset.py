@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import pickle
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 
 import grpc
 import pytest
@@ -305,3 +307,52 @@ def test_fork_while_an_async_client_loop_runs_in_a_thread(address: str) -> None:
         thread.join(timeout=10)
         loop.close()
     assert results and set(results) == {7}
+
+
+def _forked_health(client: Client, out: Connection) -> None:
+    """In a forked child: the health checks a worker may make, sent back as text."""
+    from tensorslice.client import TensorNotFound
+
+    answers = [client.health(), client.health("tensorslice.v1.TensorSlice")]
+    try:
+        client.health("no.such.Service")
+        answers.append("no error")
+    except TensorNotFound as exc:
+        answers.append(f"TensorNotFound: {exc}")
+    out.send(answers)
+    out.close()
+
+
+def test_health_from_a_forked_child_while_a_parent_thread_is_in_grpc(
+        parent_client: Client) -> None:
+    channel = grpc.insecure_channel(parent_client.address)
+    watch = HealthStub(channel).Watch(HealthCheckRequest(service=""))
+    first = threading.Event()
+
+    def consume() -> None:
+        with contextlib.suppress(grpc.RpcError):  # cancelled at the end
+            for _ in watch:
+                first.set()
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_forked_health, args=(parent_client, send))
+    try:
+        # The parent's thread is inside gRPC from now on, waiting on the stream.
+        assert first.wait(LOADER_TIMEOUT)
+        child.start()
+        send.close()
+        assert receive.poll(LOADER_TIMEOUT), "the forked child did not answer"
+        answers = receive.recv()
+        child.join(LOADER_TIMEOUT)
+        assert child.exitcode == 0
+    finally:
+        if child.is_alive():
+            child.kill()
+        watch.cancel()
+        thread.join(timeout=10)
+        channel.close()
+    assert answers == ["SERVING", "SERVING",
+                       "TensorNotFound: no health status for service 'no.such.Service'"]

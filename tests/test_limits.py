@@ -579,3 +579,105 @@ def test_second_server_on_a_busy_port_raises_address_in_use(serve: Any) -> None:
     with pytest.raises(AddressInUse, match=re.escape(
             f"cannot listen on 127.0.0.1:{srv.bulk.port} (bulk data plane)")):
         create_server(store, "127.0.0.1:0", ServerConfig(bulk_port=srv.bulk.port))
+
+
+# ------------------------------------------------------------------ the slab pool
+
+
+def _pool_bytes(pool: Any) -> int:
+    """Bytes of the free buffers the pool lists, counted from its lists."""
+    return sum(b.numel() for bufs in pool._free.values() for b in bufs)
+
+
+@pytest.mark.unit
+def test_slab_pool_never_keeps_more_than_its_byte_cap() -> None:
+    from tensorslice.server._payload import POOL_MAX_BYTES, BufferPool
+
+    cpu = torch.device("cpu")
+    pool = BufferPool(max_cached=4, max_bytes=10_000)
+    # Sizes that differ call after call (row gathers of every row width) never pile up.
+    for size in [*range(1000, 4000, 7), 10_001, 9_999]:
+        bufs = [pool.acquire(size, cpu) for _ in range(3)]
+        for b in bufs:
+            pool.release(b)
+            assert pool.held_bytes == _pool_bytes(pool) <= 10_000
+    assert pool.held_bytes == 9_999  # a buffer as large as the cap leaves room for no other
+    pool.release(pool.acquire(1, cpu))
+    assert pool.held_bytes == _pool_bytes(pool) == 9_999 + 1  # the last given back are kept
+    # A kept buffer leaves the pool when handed out: never two holders at once.
+    a = pool.acquire(9_999, cpu)
+    b = pool.acquire(9_999, cpu)
+    assert a.data_ptr() != b.data_ptr() and pool.held_bytes == _pool_bytes(pool) == 1
+    before = pool.allocations
+    pool.release(a)
+    assert pool.acquire(9_999, cpu) is a and pool.allocations == before  # reused
+    assert BufferPool().max_bytes == POOL_MAX_BYTES
+
+
+# ------------------------------------------------------------------ parse cost
+
+
+@pytest.mark.e2e
+def test_parse_cost_reserved_before_parsing_and_small_clients_served(serve: Any) -> None:
+    from tensorslice.server._service import PARSE_COST
+
+    n = 1 << 20  # one-byte index values: the costliest request to parse, per byte
+    bad = pb.SliceRequest(tensor="big", selectors=[
+        pb.Selector(indices=pb.Indices(values=[1] * n, shape=[n + 1]))])
+    size = bad.ByteSize()
+    limit = PARSE_COST * size * 3 // 2  # room for one such request, and small ones beside
+    srv, address = serve(max_materialized_bytes=limit, max_request_bytes=4 * size,
+                         max_calls=16)
+    assert srv.service is not None
+    budget = srv.service.calls.budget
+    answers: list[tuple[grpc.StatusCode, str]] = []
+    small_ok: list[bool] = []
+    small_failed: list[BaseException] = []
+    flooding = threading.Event()
+    flooding.set()
+
+    def flood(ch: grpc.Channel) -> None:
+        for _ in range(4):
+            answers.append(_code(lambda: _unary(ch, "Fetch")(bad, timeout=120)))
+
+    def small(ch: grpc.Channel) -> None:
+        try:
+            while flooding.is_set():
+                _small_ok(ch)
+                small_ok.append(True)
+        except BaseException as exc:
+            small_failed.append(exc)
+
+    with _channel(address) as a, _channel(address) as b, _channel(address) as c:
+        floods = [threading.Thread(target=flood, args=(ch,)) for ch in (a, b) * 4]
+        normal = threading.Thread(target=small, args=(c,))
+        normal.start()
+        for t in floods:
+            t.start()
+        for t in floods:
+            t.join(300)
+        flooding.clear()
+        normal.join(60)
+        whole = pb.SliceRequest(tensor="big", selectors=[
+            pb.Selector(indices=pb.Indices(values=[1] * (2 * n)))])
+        code, details = _code(lambda: _unary(c, "Fetch")(whole, timeout=60))
+    busy = (f"server busy: parsing a tensorslice.v1.SliceRequest of {size} bytes "
+            f"({PARSE_COST} bytes per byte) needs {PARSE_COST * size} bytes in memory and "
+            f"other calls hold ")
+    assert len(answers) == 32
+    assert {k for k, _ in answers} <= {grpc.StatusCode.INVALID_ARGUMENT,
+                                       grpc.StatusCode.UNAVAILABLE}
+    refused = [d for k, d in answers if k == grpc.StatusCode.UNAVAILABLE]
+    assert refused, "eight clients at once, room for one: some must be refused"
+    for d in refused:
+        assert d.startswith(busy) and d.endswith(
+            f" of the {limit} bytes allowed (max_materialized_bytes, serve "
+            f"--max-materialized-bytes); retry shortly"), d
+    assert small_ok and not small_failed and not normal.is_alive()  # served all along
+    assert budget.peak <= limit and budget.used == 0
+    # A request whose parse alone exceeds the budget: RESOURCE_EXHAUSTED, naming the limit.
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details == (f"parsing a tensorslice.v1.SliceRequest of {whole.ByteSize()} bytes "
+                       f"({PARSE_COST} bytes per byte) needs {PARSE_COST * whole.ByteSize()} "
+                       f"bytes in memory at once, more than the server's limit of {limit} "
+                       f"bytes (max_materialized_bytes, serve --max-materialized-bytes)")

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+import safetensors.torch
 import torch
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -159,3 +160,53 @@ def test_no_metrics_endpoint_by_default() -> None:
         assert srv.metrics_port is None and srv.service.metrics is None
     finally:
         srv.stop(grace=None)
+
+
+def test_direct_calls_are_counted_as_grpc_calls(served: tuple[Any, str]) -> None:
+    """Calls over the data plane (what clients forked from a gRPC user make) are counted and
+    timed under the same names as the same calls over gRPC."""
+    import socket
+
+    from grpc_health.v1 import health_pb2
+
+    from tensorslice.client import SelectionOutOfRange
+    from tensorslice.client._base import CallDirect
+    from tensorslice.client._client import call_direct
+    from tensorslice.v1 import tensorslice_pb2 as pb
+
+    srv, _ = served
+    where = (socket.AF_INET, ("127.0.0.1", srv.bulk.port))
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+
+    def direct(method: str, request: Any, metadata: Any = auth) -> bytes:
+        return call_direct(CallDirect(*where, method, request, None, 10), metadata)
+
+    before = _scrape(srv)
+    for _ in range(3):
+        data = direct("Fetch", pb.SliceRequest(tensor="y"))
+        assert torch.equal(safetensors.torch.load(data)["values"], torch.arange(10))
+    direct("DescribeTensor", pb.DescribeTensorRequest(name="x"))
+    with pytest.raises(Unauthenticated):
+        direct("Fetch", pb.SliceRequest(tensor="y"), None)
+    out_of_range = pb.SliceRequest(tensor="y", selectors=[pb.Selector(index=pb.Index(index=99))])
+    with pytest.raises(SelectionOutOfRange):
+        direct("Fetch", out_of_range)
+    reply = health_pb2.HealthCheckResponse.FromString(
+        direct("grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest(), None))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    after = _scrape(srv)
+
+    def grew(method: str, code: str) -> float:
+        return _calls(after, method, code) - _calls(before, method, code)
+
+    assert grew("Fetch", "OK") == 3
+    assert grew("DescribeTensor", "OK") == 1
+    assert grew("Fetch", "UNAUTHENTICATED") == 1
+    assert grew("Fetch", "OUT_OF_RANGE") == 1
+    timed = ("tensorslice_grpc_server_handling_seconds_count",
+             (("grpc_method", "Fetch"), ("grpc_service", "tensorslice.v1.TensorSlice")))
+    assert after[timed] - before.get(timed, 0.0) == 5
+    health = ("tensorslice_grpc_server_handled_total",
+              (("grpc_code", "OK"), ("grpc_method", "Check"),
+               ("grpc_service", "grpc.health.v1.Health")))
+    assert after[health] - before.get(health, 0.0) == 1

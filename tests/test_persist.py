@@ -14,7 +14,7 @@ import pytest
 import torch
 from _output import OutputLines
 
-from tensorslice.client import Client, TensorNotFound, TensorSliceError
+from tensorslice.client import Client, TensorNotFound, TensorSliceError, VersionGone
 from tensorslice.server import TensorStore
 from tensorslice.server._persist import DataDir
 
@@ -136,3 +136,39 @@ def test_kill_9_mid_write_loses_nothing_acknowledged(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
     assert "rows" in acked and acked["rows"].shape[0] > 0
+
+
+@pytest.mark.e2e
+def test_versions_are_never_reused_after_a_restart(tmp_path: Path) -> None:
+    """A name dropped (or replaced) before a restart does not give its version numbers to
+    another tensor after it: a reader pinned to an old version never reads other data."""
+    issued: dict[int, torch.Tensor] = {}
+    pinned: list[int] = []
+    proc, address = _serve(tmp_path)
+    try:
+        with Client(address, timeout=30) as c:
+            issued[c.put("keep", torch.zeros(2)).version] = torch.zeros(2)
+            for i in range(3):
+                t = torch.full((4,), float(i))
+                issued[c.put("b", t, replace=True).version] = t
+                pinned.append(c.tensor("b").version)
+            issued[c.append("gone", torch.ones(1, 3)).version] = torch.ones(1, 3)
+            c.drop("gone")
+            c.drop("b")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    proc, address = _serve(tmp_path)
+    try:
+        with Client(address, timeout=30) as c:
+            for i in range(8):  # more writes than the numbers the dropped names had
+                t = torch.full((4,), 100.0 + i)
+                v = c.put("b", t, replace=True).version
+                assert v not in issued, f"version {v} issued twice"
+                issued[v] = t
+            for v in pinned:
+                with pytest.raises(VersionGone, match=f"version {v} of tensor 'b' is gone"):
+                    c.tensor("b").at_version(v).fetch()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -567,7 +567,9 @@ class BaseClient:
             )
         family, sockaddr = self._data_addr
         if isinstance(op, Unary):
-            data = yield CallDirect(family, sockaddr, op.method, op.request, None,
+            # Another service's method (the health check) is named with its service.
+            method = op.method if op.service == SERVICE else f"{op.service}/{op.method}"
+            data = yield CallDirect(family, sockaddr, method, op.request, None,
                                     deadline.left())
             return op.finish(op.response_cls.FromString(data))
         asm = op.assembler()

@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import torch
 
 __all__ = [
+    "POOL_MAX_BYTES",
     "BufferPool",
     "ContiguousPayload",
     "Payload",
@@ -24,13 +26,27 @@ __all__ = [
 ]
 
 
-class BufferPool:
-    """Reusable byte buffers, so that requests do not pay fresh page faults on every slab."""
+POOL_MAX_BYTES = 64 << 20
+"""Bytes the server's slab pool (`DEFAULT_POOL`) keeps for reuse, at most: sixteen slabs of
+the default size. Buffers in use are not counted (each call's are within its reservation of
+`max_materialized_bytes`); what is given back beyond the cap is freed, the least recently
+used sizes first."""
 
-    def __init__(self, max_cached: int = 16) -> None:
-        self._free: dict[tuple[str, int], list[torch.Tensor]] = {}
+
+class BufferPool:
+    """Reusable byte buffers, so that requests do not pay fresh page faults on every slab.
+
+    Guarantees: a buffer is handed out to one caller at a time (it leaves the pool when
+    acquired); the free buffers kept never exceed `max_cached` of one size and device, nor
+    `max_bytes` in all (the buffers of the sizes least recently given back go first)."""
+
+    def __init__(self, max_cached: int = 16, max_bytes: int = POOL_MAX_BYTES) -> None:
+        # Free buffers by (device, size); the order is that of the last `release`.
+        self._free: OrderedDict[tuple[str, int], list[torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
         self._max = max_cached
+        self.max_bytes = max_bytes
+        self.held_bytes = 0  # bytes of the free buffers kept
         self.allocations = 0  # how many buffers were ever created (for tests)
 
     def acquire(self, nbytes: int, device: torch.device) -> torch.Tensor:
@@ -38,16 +54,33 @@ class BufferPool:
         with self._lock:
             free = self._free.get(key)
             if free:
-                return free.pop()
+                self.held_bytes -= nbytes
+                buf = free.pop()
+                if not free:
+                    del self._free[key]
+                return buf
             self.allocations += 1
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
     def release(self, buf: torch.Tensor) -> None:
-        key = (str(buf.device), buf.numel())
+        nbytes = buf.numel()
+        key = (str(buf.device), nbytes)
         with self._lock:
+            if nbytes > self.max_bytes:
+                return
             free = self._free.setdefault(key, [])
-            if len(free) < self._max:
-                free.append(buf)
+            self._free.move_to_end(key)
+            if len(free) >= self._max:
+                return
+            while self.held_bytes + nbytes > self.max_bytes:
+                oldest = next(iter(self._free))
+                stale = self._free[oldest]
+                stale.pop()
+                self.held_bytes -= oldest[1]
+                if not stale and oldest != key:
+                    del self._free[oldest]
+            free.append(buf)
+            self.held_bytes += nbytes
 
 
 DEFAULT_POOL = BufferPool()

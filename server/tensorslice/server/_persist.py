@@ -15,6 +15,12 @@ segments after it, in order; files an interrupted write left (temporaries, a bas
 predecessors, a dropped folder) are removed. Segments are compacted into a new base once
 their bytes reach the base's: appends cost amortised O(rows) on disk too. A drop renames
 the folder away (one atomic step, fsynced), then deletes it.
+
+Version numbers are never issued twice, across restarts too: the file ``versions`` holds a
+number that every version issued so far is below or equal to (a lease, written as the files
+are, before a version beyond it is issued), and a restarted server issues versions above
+it. So a reader pinned to a version of a name that was dropped, replaced or loaded from a
+file never meets another tensor under that number.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ log = logging.getLogger("tensorslice.server")
 _WRITE_BYTES = 64 << 20
 _DROPPED = ".dropped-"
 _TMP = ".tmp-"
+_VERSIONS = "versions"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -76,6 +83,24 @@ class DataDir:
 
     def _folder(self, name: str) -> Path:
         return self.path / hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+
+    def leased_versions(self) -> int:
+        """The number no version issued so far exceeds (0: none leased yet)."""
+        try:
+            text = (self.path / _VERSIONS).read_text().strip()
+        except FileNotFoundError:
+            return 0
+        return int(text) if text.isdigit() else 0
+
+    def lease_versions(self, upto: int) -> None:
+        """Record, durably, that versions up to `upto` may be issued (before they are)."""
+        tmp = self.path / f"{_TMP}{uuid.uuid4().hex}"
+        with open(tmp, "w") as f:
+            f.write(f"{upto}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / _VERSIONS)
+        _fsync_dir(self.path)
 
     def _write(self, folder: Path, filename: str, t: torch.Tensor,
                metadata: dict[str, str]) -> None:
@@ -132,6 +157,9 @@ class DataDir:
         """(name, storage, dimension names, version) of every tensor held, as the last
         acknowledged write left it; leftovers of interrupted writes are removed."""
         for folder in sorted(self.path.iterdir()):
+            if folder.name.startswith(_TMP) and folder.is_file():  # an unfinished lease
+                folder.unlink()
+                continue
             if folder.name.startswith(_DROPPED):
                 shutil.rmtree(folder, ignore_errors=True)
                 continue

@@ -193,6 +193,7 @@ def create_server(
     for name in ("", SERVICE_NAME):
         health.set(name, _health_pb2.HealthCheckResponse.SERVING)
     _health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    service.health = health  # direct health checks (forked clients) ask it too
     if config.reflection:
         from grpc_reflection.v1alpha import reflection
 

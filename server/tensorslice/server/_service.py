@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2 as _health_pb2
 
 from tensorslice.core.codec import DATA_PORT_KEY, dtype_name, split_chunk
 from tensorslice.core.endpoint import SERVICE_NAME
@@ -16,6 +19,8 @@ from tensorslice.core.errors import (
     ERROR_CLASS_KEY,
     InvalidSelection,
     ServerUnavailable,
+    Status,
+    TensorNotFound,
     TensorSliceError,
     Unauthenticated,
     error_class_name,
@@ -23,14 +28,14 @@ from tensorslice.core.errors import (
 from tensorslice.server._auth import TokenAuth
 from tensorslice.server._bulk import BulkServer, DirectAnswer
 from tensorslice.server._config import ServerConfig
-from tensorslice.server._limits import CallGate, StreamWatchdog, shorten
+from tensorslice.server._limits import ByteBudget, CallGate, Hold, StreamWatchdog, shorten
 from tensorslice.server._metrics import Metrics
 from tensorslice.server._model import Plan
 from tensorslice.server._orchestrate import Calls, Frames
 from tensorslice.server._store import Entry, TensorStore
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
-__all__ = ["WRITE_METHODS", "TensorSliceService", "generic_handler"]
+__all__ = ["HEALTH_CHECK", "PARSE_COST", "WRITE_METHODS", "TensorSliceService", "generic_handler"]
 
 log = logging.getLogger("tensorslice.server")
 
@@ -94,6 +99,8 @@ class TensorSliceService:
         self.metrics: Metrics | None = None
         """Where result bytes are counted, when the server has a metrics endpoint."""
         self._auth = None if self.config.token is None else TokenAuth(self.config.token)
+        self.health: Any = None
+        """The server's health servicer (`grpc_health`), which direct health checks ask."""
 
     def ListTensors(self, request: _pb.ListTensorsRequest,
                     context: grpc.ServicerContext | None) -> _pb.ListTensorsResponse:
@@ -113,8 +120,38 @@ class TensorSliceService:
 
     def direct(self, method: str, authorization: bytes, data: bytes) -> DirectAnswer:
         """A whole call over the data plane (`BulkServer`'s direct requests, from clients in
-        processes forked from a gRPC user): the same token check, calls, limits and errors
-        as over gRPC. A result is answered as the whole file, whatever its size."""
+        processes forked from a gRPC user): the same token check, calls, limits, errors and
+        metrics as over gRPC. A result is answered as the whole file, whatever its size.
+        `method` is a TensorSlice method's name, or `HEALTH_CHECK` (which needs no token,
+        as over gRPC)."""
+        start = time.perf_counter()
+        path = (f"/{method}" if method == HEALTH_CHECK
+                else f"/{SERVICE_NAME}/{method}" if method in _METHODS else None)
+        try:
+            body, size, release = self._direct(method, authorization, data)
+        except BaseException as exc:
+            if path is not None:
+                status = exc.status if isinstance(exc, TensorSliceError) else Status.INTERNAL
+                self._observe(path, grpc.StatusCode[status.name], start)
+            raise
+        if path is None:  # pragma: no cover - `_direct` refuses unknown methods
+            return body, size, release
+
+        def done() -> None:  # once the answer is sent (or the connection dropped)
+            try:
+                release()
+            finally:
+                self._observe(path, grpc.StatusCode.OK, start)
+
+        return body, size, _once(done)
+
+    def _observe(self, path: str, code: grpc.StatusCode, start: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(path, code, time.perf_counter() - start)
+
+    def _direct(self, method: str, authorization: bytes, data: bytes) -> DirectAnswer:
+        if method == HEALTH_CHECK:
+            return self._direct_health(data)
         if self._auth is not None:
             given = [("authorization", authorization)] if authorization else []
             why = self._auth.check(given)
@@ -124,30 +161,49 @@ class TensorSliceService:
         if spec is None or method in WRITE_METHODS:  # writes go over gRPC only
             raise InvalidSelection(f"unknown method {shorten(method, 64)!r}")
         _, counted, request_cls, _ = spec
-        request = _parser(request_cls)(data)
-        if isinstance(request, _Malformed):
-            raise InvalidSelection(request.message)
-        if method in ("ListTensors", "DescribeTensor", "Explain"):
-            answer = getattr(self, method)(request, None).SerializeToString()
-            return (answer,), len(answer), _nothing
-        if counted:
-            self.gate.enter()
+        request, parsed = _unwrap(_parser(request_cls, self.calls.budget)(data))
         try:
-            many = method in ("SliceMany", "FetchMany")
-            planned = (self.calls.planned_many(request) if many
-                       else self.calls.planned(request))
-            body, size, hold = self.calls.whole_file(planned)
-        except BaseException:
+            if method in ("ListTensors", "DescribeTensor", "Explain"):
+                answer = getattr(self, method)(request, None).SerializeToString()
+                parsed()
+                return (answer,), len(answer), _nothing
             if counted:
-                self.gate.leave()
+                self.gate.enter()
+            try:
+                many = method in ("SliceMany", "FetchMany")
+                planned = (self.calls.planned_many(request) if many
+                           else self.calls.planned(request))
+                body, size, hold = self.calls.whole_file(planned)
+            except BaseException:
+                if counted:
+                    self.gate.leave()
+                raise
+        except BaseException:
+            parsed()
             raise
         leave = _once(self.gate.leave) if counted else _nothing
 
         def release() -> None:
             hold.release()
+            parsed()
             leave()
 
         return body, size, release
+
+    def _direct_health(self, data: bytes) -> DirectAnswer:
+        """The standard health check, answered from the server's health service."""
+        request, parsed = _unwrap(_parser(_health_pb2.HealthCheckRequest,
+                                          self.calls.budget)(data))
+        parsed()  # a service's name, read at once
+        if self.health is None:
+            raise TensorNotFound("this server runs no health service")
+        context = _StatusOnly()
+        response = self.health.Check(request, context)
+        if context.code == grpc.StatusCode.NOT_FOUND:
+            raise TensorNotFound(
+                f"no health status for service {shorten(request.service, 80)!r}")
+        answer = response.SerializeToString()
+        return (answer,), len(answer), _nothing
 
     def Explain(self, request: _pb.SliceRequest, context: grpc.ServicerContext) -> _pb.SlicePlan:
         _, p = self.calls.plan(request)
@@ -202,24 +258,79 @@ def _ending(answer: Frames, context: grpc.ServicerContext) -> Iterator[bytes]:
     return iter(answer)
 
 
-class _Malformed:
-    """A request message that did not parse; its handler answers INVALID_ARGUMENT."""
+class _StatusOnly:
+    """The part of a servicer context the health servicer's `Check` uses."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+
+PARSE_COST = 32
+"""Bytes of memory parsing a request may take per byte of it, at most: reserved in the
+budget of materialised bytes before parsing, given back when the call ends. Measured peaks
+(a server's resident memory, gRPC's copies of the message included): an index list of
+one-byte values about 26 times its size (8 bytes per value in the parsed message, 8 more as
+an index tensor), a mask about 4 times."""
+
+
+class _Refused:
+    """A request refused before its handler ran: it did not parse, or parsing it would not
+    fit the memory budget. Its handler raises `error`."""
+
+    def __init__(self, error: TensorSliceError) -> None:
+        self.error = error
+
+
+class _Parsed:
+    """A parsed request and the memory its parsing holds against the budget, given back
+    when its call ends (`release`), or at the latest when the request is dropped."""
+
+    def __init__(self, message: Any, hold: Hold) -> None:
         self.message = message
+        self._finalizer = weakref.finalize(self, hold.release)
+
+    def release(self) -> None:
+        """Give the reservation back (once; a bound `release` keeps this request alive)."""
+        self._finalizer()
 
 
-def _parser(cls: Any) -> Callable[[bytes], Any]:
+def _unwrap(request: Any) -> tuple[Any, Callable[[], object]]:
+    """A handler's request and what gives its parse cost back; raises a refusal's error."""
+    if isinstance(request, _Refused):
+        raise request.error
+    if isinstance(request, _Parsed):
+        return request.message, request.release
+    return request, _nothing
+
+
+def _parser(cls: Any, budget: ByteBudget | None = None) -> Callable[[bytes], Any]:
     """A request deserializer that never raises: gRPC answers a deserializer's exception
     with INTERNAL (and logs a traceback), so a request that does not parse becomes a
-    `_Malformed` for the handler to refuse."""
+    `_Refused` for the handler to raise. With a `budget`, parsing reserves `PARSE_COST` times
+    the request's size first (refused when that does not fit), and the request comes
+    `_Parsed` with its reservation."""
     name = cls.DESCRIPTOR.full_name
 
     def parse(data: bytes) -> Any:
+        hold = None
+        if budget is not None:
+            hold = budget.hold()
+            try:
+                hold.add(PARSE_COST * len(data),
+                         f"parsing a {name} of {len(data)} bytes ({PARSE_COST} bytes per byte)")
+            except TensorSliceError as exc:
+                return _Refused(exc)
         try:
-            return cls.FromString(data)
+            message = cls.FromString(data)
         except Exception as exc:  # DecodeError, or anything else the parser raises
-            return _Malformed(f"malformed {name} ({len(data)} bytes): {shorten(str(exc), 200)}")
+            if hold is not None:
+                hold.release()
+            return _Refused(InvalidSelection(
+                f"malformed {name} ({len(data)} bytes): {shorten(str(exc), 200)}"))
+        return message if hold is None else _Parsed(message, hold)
 
     return parse
 
@@ -228,9 +339,9 @@ def _unary(
     fn: Callable[[Any, grpc.ServicerContext], T], gate: CallGate | None,
 ) -> Callable[[Any, grpc.ServicerContext], T]:
     def handler(request: Any, context: grpc.ServicerContext) -> T:
+        release: Callable[[], object] = _nothing
         try:
-            if isinstance(request, _Malformed):
-                raise InvalidSelection(request.message)
+            request, release = _unwrap(request)
             if gate is None:
                 return fn(request, context)
             gate.enter()
@@ -241,6 +352,8 @@ def _unary(
         except Exception as exc:
             _abort(context, exc)
             raise  # unreachable: abort raises
+        finally:
+            release()
 
     return handler
 
@@ -259,9 +372,9 @@ def _stream(
         key = object()
         leave = _once(gate.leave)
         entered = False
+        release: Callable[[], object] = _nothing
         try:
-            if isinstance(request, _Malformed):
-                raise InvalidSelection(request.message)
+            request, release = _unwrap(request)
             gate.enter()
             entered = True  # a refused call took no slot and gives none back
             if not context.add_callback(leave):
@@ -281,6 +394,7 @@ def _stream(
             _abort(context, exc)
         finally:
             watchdog.done(key)
+            release()
             if entered:
                 leave()
 
@@ -310,9 +424,11 @@ def _requests(it: Iterator[Any], context: grpc.ServicerContext,
                                     "stored") from None
         finally:
             watchdog.done(key)
-        if isinstance(message, _Malformed):
-            raise InvalidSelection(message.message)
-        yield message
+        message, release = _unwrap(message)
+        try:
+            yield message
+        finally:
+            release()
 
 
 def _upload(
@@ -367,6 +483,10 @@ _UPLOADS: dict[str, tuple[Any, Any]] = {
     "Put": (_pb.UploadChunk, _pb.TensorInfo),
     "Append": (_pb.UploadChunk, _pb.TensorInfo),
 }
+HEALTH_CHECK = (
+    f"{_health_pb2.DESCRIPTOR.services_by_name['Health'].full_name}/Check"
+)
+"""The direct request method of the standard health check (the gRPC path less its '/')."""
 WRITE_METHODS = frozenset({"Put", "Append", "Drop"})
 """The methods that change what the server holds."""
 
@@ -376,23 +496,26 @@ def generic_handler(service: TensorSliceService) -> grpc.GenericRpcHandler:  # t
     (`CallGate`), stalled streams cancelled (`StreamWatchdog`), errors become status codes
     (`_abort`)."""
     handlers = {}
+    budget = service.calls.budget  # requests' parse cost counts against it
     for name, (streams, counted, request_cls, response_cls) in _METHODS.items():
         fn = getattr(service, name)
         serialize = None if response_cls is None else response_cls.SerializeToString
         if streams:
             handlers[name] = grpc.unary_stream_rpc_method_handler(
                 _stream(fn, service.gate, service.watchdog, service.count_streamed),
-                request_deserializer=_parser(request_cls), response_serializer=serialize,
+                request_deserializer=_parser(request_cls, budget),
+                response_serializer=serialize,
             )
         else:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
                 _unary(fn, service.gate if counted else None),
-                request_deserializer=_parser(request_cls), response_serializer=serialize,
+                request_deserializer=_parser(request_cls, budget),
+                response_serializer=serialize,
             )
     for name, (request_cls, response_cls) in _UPLOADS.items():
         handlers[name] = grpc.stream_unary_rpc_method_handler(
             _upload(getattr(service, name), service.gate, service.watchdog),
-            request_deserializer=_parser(request_cls),
+            request_deserializer=_parser(request_cls, budget),
             response_serializer=response_cls.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

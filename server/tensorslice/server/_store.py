@@ -31,6 +31,7 @@ __all__ = [
     "DEMO_DIM_NAMES",
     "DEMO_NAME",
     "MAX_NAME_CHARS",
+    "VERSION_LEASE",
     "Entry",
     "Storage",
     "TensorStore",
@@ -61,6 +62,10 @@ def default_device_budget(device: torch.device) -> int | None:
 
 MAX_NAME_CHARS = 1024
 """Longest tensor name (or SliceMany key) a request may carry."""
+
+VERSION_LEASE = 1024
+"""Version numbers a persisting store leases from its data directory at a time (one fsynced
+write per lease): after a restart, versions go on from the end of the last lease."""
 
 
 def default_host_budget() -> int:
@@ -191,6 +196,7 @@ class TensorStore:
         self._lock = threading.RLock()
         self._write = threading.Lock()  # one put/append/drop commits at a time
         self._version = 0
+        self._leased = 0  # where the store persists: versions up to this may be issued
         self._used = 0  # bytes of live storages (old versions still read included)
         self.persist: Any = None
         """Where acknowledged writes go before they are published (`_persist.DataDir`)."""
@@ -325,7 +331,14 @@ class TensorStore:
             self._versions[entry.version] = entry
 
     def _next_version(self) -> int:
+        """A version number never issued before: where the store persists, not even before
+        a restart (numbers are leased from the data directory, `VERSION_LEASE` at a time)."""
         with self._lock:
+            if self.persist is not None and self._version >= self._leased:
+                if not self._leased:  # the first since the data directory was opened
+                    self._version = max(self._version, self.persist.leased_versions())
+                self.persist.lease_versions(self._version + VERSION_LEASE)
+                self._leased = self._version + VERSION_LEASE
             self._version += 1
             return self._version
 

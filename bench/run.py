@@ -2,9 +2,9 @@
 
     python -m bench [--quick] [--only NAME[,NAME]] [--reps N] [--json PATH]
 
-Groups: memcpy, socket, grpc, flight, gather, rss, tensorslice, tls, upload, dataloader
-(aliases: peers = the first six, service = the last four). Servers run in spawned children
-on 127.0.0.1.
+Groups: memcpy, socket, grpc, flight, gather, rss, tensorslice, tls, upload, dataloader,
+recording (aliases: peers = the first six, service = the last five). Servers run in spawned
+children on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -380,6 +380,15 @@ def group_upload(cfg: Config, figs: Figures) -> list[Row]:
                 figs.values["ts_download"], goal=Goal(">=", 0.8), group="service")]
 
 
+def group_recording(cfg: Config, figs: Figures) -> list[Row]:
+    from bench import recording
+
+    return [
+        Row(d["figure"], d["value"], "s", d["peer"], d["peer_value"], "s", group="service")
+        for d in recording.run(cfg.quick)
+    ]
+
+
 def group_dataloader(cfg: Config, figs: Figures) -> list[Row]:
     from bench import dataloader
 
@@ -401,8 +410,9 @@ GROUPS: dict[str, Callable[[Config, Figures], list[Row]]] = {
     "tls": group_tls,
     "upload": group_upload,
     "dataloader": group_dataloader,
+    "recording": group_recording,
 }
-_SERVICE_GROUPS = ("tensorslice", "tls", "upload", "dataloader")
+_SERVICE_GROUPS = ("tensorslice", "tls", "upload", "dataloader", "recording")
 ALIASES = {"peers": [g for g in GROUPS if g not in _SERVICE_GROUPS],
            "service": list(_SERVICE_GROUPS)}
 

@@ -79,7 +79,7 @@ def _whole(tensor: str) -> pb.SliceRequest:
 
 
 def _small_ok(ch: grpc.Channel) -> None:
-    frame = _unary(ch, "Fetch")(_whole("small"), timeout=10)
+    frame = _unary(ch, "Fetch")(_whole("small"), timeout=60)
     assert torch.equal(safetensors.torch.load(bytes(decode_chunk(frame)))["values"], SMALL)
 
 
@@ -91,7 +91,7 @@ def _healthy(ch: grpc.Channel) -> bool:
 
 def _stall(ch: grpc.Channel) -> Any:
     """A `Slice` of 32 MiB whose reader takes one message and stops."""
-    call = _stream(ch, "Slice")(_whole("big"), timeout=60)
+    call = _stream(ch, "Slice")(_whole("big"), timeout=600)
     next(call)
     return call
 
@@ -138,21 +138,30 @@ def test_calls_beyond_max_calls_are_refused_health_and_listing_served(serve: Any
 
 @pytest.mark.e2e
 def test_stalled_streams_are_cancelled_after_send_timeout(serve: Any) -> None:
-    srv, address = serve(max_calls=2, send_timeout=0.5, chunk_bytes=64 << 10)
+    # The send timeout is set per phase, so that no phase depends on how fast this machine
+    # runs: long while the stalled readers take their first message (a starved reader must
+    # not be cancelled before it stalls), short once they hold their slots, long again for
+    # the reader that keeps reading.
+    srv, address = serve(max_calls=2, send_timeout=600, chunk_bytes=64 << 10)
     assert srv.service is not None
+    dog, gate = srv.service.watchdog, srv.service.gate
     with _channel(address) as a, _channel(address) as b, \
             _channel(address) as c:
         stalled = [_stall(a), _stall(b)]
-        assert _until(lambda: srv.service.watchdog.cancelled >= 2)  # type: ignore[union-attr]
-        assert _until(lambda: srv.service.gate.active == 0)  # type: ignore[union-attr]
+        assert gate.active == 2
+        dog.timeout = 0.5  # the stalled readers have taken one message each and stopped
+        assert _until(lambda: dog.cancelled >= 2, 120)
+        assert _until(lambda: gate.active == 0, 120)
+        dog.timeout = 600
         _small_ok(c)  # slots and threads are free again
         for call in stalled:
             code, _ = _code(lambda call=call: list(call))
             assert code == grpc.StatusCode.CANCELLED
-        # A reader that keeps reading is never cancelled, however long the whole stream.
-        frames = list(_stream(c, "Slice")(_whole("big"), timeout=60))
+        # A reader that keeps reading is not cancelled: the timeout is per message.
+        frames = list(_stream(c, "Slice")(_whole("big"), timeout=600))
         data = b"".join(bytes(decode_chunk(f)) for f in frames)
         assert torch.equal(safetensors.torch.load(data)["values"], BIG)
+        assert dog.cancelled == 2
 
 
 @pytest.mark.unit

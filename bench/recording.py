@@ -36,7 +36,7 @@ SAMPLES, BATCH = 320, 32
 LAYERS = ("bench_conv1", "bench_conv2")
 
 
-def make_model() -> tuple[torch.nn.Module, torch.Tensor]:
+def make_model() -> tuple[torch.nn.Sequential, torch.Tensor]:
     """The README example's model (two convolutions, eval mode) and its 320 images."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
@@ -44,19 +44,23 @@ def make_model() -> tuple[torch.nn.Module, torch.Tensor]:
     return model, torch.randn(SAMPLES, 3, 16, 16)
 
 
-def _alone(model: torch.nn.Module, images: torch.Tensor) -> float:
+def _batches(images: torch.Tensor) -> list[torch.Tensor]:
+    return [images[i : i + BATCH] for i in range(0, len(images), BATCH)]
+
+
+def _alone(model: torch.nn.Sequential, images: torch.Tensor) -> float:
     start = time.perf_counter()
-    for batch in images.split(BATCH):
+    for batch in _batches(images):
         model(batch)
     return time.perf_counter() - start
 
 
-def _recorded(client: Client, model: torch.nn.Module, images: torch.Tensor) -> float:
+def _recorded(client: Client, model: torch.nn.Sequential, images: torch.Tensor) -> float:
     """Seconds from the first forward until every batch is acknowledged by the server."""
     start = time.perf_counter()
     with ActivationRecorder(client, {LAYERS[0]: model[1], LAYERS[1]: model[3]},
                             dtype=torch.float16):
-        for batch in images.split(BATCH):
+        for batch in _batches(images):
             model(batch)
     return time.perf_counter() - start
 

@@ -16,6 +16,7 @@ CLIENT = [
     "AsyncClient",
     "AsyncRemoteTensor",
     "Client",
+    "ClusterClient",
     "Combine",
     "DeadlineExceeded",
     "Ellipsis_",
@@ -23,11 +24,13 @@ CLIENT = [
     "Index",
     "Indices",
     "InternalServerError",
+    "InvalidClusterSpec",
     "InvalidIndex",
     "InvalidIndexType",
     "InvalidSelection",
     "Mask",
     "NewAxis",
+    "NotSupportedAcrossShards",
     "PermissionDenied",
     "PlanStep",
     "Range",
@@ -38,6 +41,8 @@ CLIENT = [
     "Selection",
     "SelectionOutOfRange",
     "ServerUnavailable",
+    "ShardedPlan",
+    "ShardedTensor",
     "SlicePlan",
     "TensorExists",
     "TensorInfo",
@@ -139,7 +144,7 @@ def test_core_imports_neither_side_nor_grpc() -> None:
     assert _imported_packages(
         "tensorslice.core.errors, tensorslice.core.selection, tensorslice.core.codec, "
         "tensorslice.core.results, tensorslice.core.parse, tensorslice.core.endpoint, "
-        "tensorslice.core.credentials"
+        "tensorslice.core.credentials, tensorslice.core.shards"
     ) == []
 
 

@@ -16,7 +16,9 @@ turn.
 
 One server holds every tensor (on the test device: CUDA where present); the remote results
 of all cases are fetched once per client kind (the async client runs them concurrently) and
-each test item checks one.
+each test item checks one. The same cases (and the orthogonal ones) also run against a
+3-shard cluster (`ClusterClient`) holding every tensor with a dimension 0 in 3 uneven
+pieces.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from typing import Any
 
 import pytest
 import torch
+from sharded import serve_sharded
 from upstream_indexing_cases import Case, build_tensors, cases, numpy_meaning
 
-from tensorslice.client import AsyncClient, Client, TensorSliceError
+from tensorslice.client import AsyncClient, Client, ClusterClient, TensorSliceError
 from tensorslice.core.selection import (
     Ellipsis_,
     Full,
@@ -50,6 +53,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 TENSORS = build_tensors()
 CASES = cases()
 _BY_ID = {c.id: c for c in CASES}
+# Every case of a tensor with a dimension 0 also runs on a 3-shard cluster holding it in 3
+# uneven pieces (a 0-d tensor has no rows to cut).
+SHARDABLE = {name: t for name, t in TENSORS.items() if t.ndim}
+SHARDED_CASES = [c for c in CASES if c.tensor in SHARDABLE]
 
 Outcome = tuple[torch.Tensor | None, BaseException | None]
 
@@ -82,9 +89,18 @@ def _local(case: Case) -> Outcome:
             return None, exc
 
 
-def _sync_outcomes(address: str, items: list[tuple[str, str, Any]]) -> dict[str, Outcome]:
+@pytest.fixture(scope="module")
+def upstream_cluster(device: str) -> Iterator[dict[str, Any]]:
+    names = {name: _dim_names(t) for name, t in SHARDABLE.items()}
+    with serve_sharded(SHARDABLE, device, names, ServerConfig(max_result_bytes=1 << 28)) as spec:
+        yield spec
+
+
+def _sync_outcomes(address: str | dict[str, Any], items: list[tuple[str, str, Any]]
+                   ) -> dict[str, Outcome]:
     out: dict[str, Outcome] = {}
-    with Client(address, timeout=60) as c:
+    with (Client(address, timeout=60) if isinstance(address, str)
+          else ClusterClient(address, timeout=60)) as c:
         remotes = {name: c.tensor(name) for name in {n for _, n, _ in items}}
         for key, name, index in items:
             try:
@@ -122,6 +138,11 @@ def outcomes(upstream_server: str) -> dict[str, dict[str, Outcome]]:
         "sync": _sync_outcomes(upstream_server, items),
         "async": _async_outcomes(upstream_server, items),
     }
+
+
+@pytest.fixture(scope="module")
+def sharded_outcomes(upstream_cluster: dict[str, Any]) -> dict[str, Outcome]:
+    return _sync_outcomes(upstream_cluster, [(c.id, c.tensor, c.index) for c in SHARDED_CASES])
 
 
 def _describe(o: Outcome) -> str:
@@ -166,6 +187,14 @@ def test_getitem_agrees_with_torch(
     assert_agrees(_local(_BY_ID[case_id]), outcomes[kind][case_id])
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("case_id", [_param(c) for c in SHARDED_CASES])
+def test_getitem_agrees_with_torch_on_3_shards(
+    case_id: str, sharded_outcomes: dict[str, Outcome]
+) -> None:
+    assert_agrees(_local(_BY_ID[case_id]), sharded_outcomes[case_id])
+
+
 @pytest.mark.unit
 def test_the_tables_are_whole() -> None:
     """Both suites, NumPy's automated combinations in full, on both arrays."""
@@ -176,6 +205,7 @@ def test_the_tables_are_whole() -> None:
     assert sum(c.tensor == "auto" for c in auto) == sum(c.tensor == "auto_empty" for c in auto)
     assert sum(c.tensor == "auto" for c in auto) == 3 * 2 * 17 * 2 * 6 + 3
     assert len(CASES) > 2900
+    assert len(SHARDED_CASES) > 2800
 
 
 # ---------------------------------------------------------------------------- orthogonal
@@ -235,22 +265,29 @@ def test_orthogonal_cases_exist() -> None:
 
 
 @pytest.fixture(scope="module")
-def ortho_outcomes(upstream_server: str) -> dict[str, dict[str, Outcome]]:
-    out: dict[str, dict[str, Outcome]] = {"oindex": {}, "select": {}, "async-oindex": {}}
-    with Client(upstream_server, timeout=60) as c:
-        for case, items in ORTHO:
-            remote = c.tensor(case.tensor)
-            try:
-                out["oindex"][case.id] = (remote.oindex[tuple(items)].cpu(), None)
-            except Exception as exc:  # the outcome to compare with
-                out["oindex"][case.id] = (None, exc)
-            if any(i is None or i is Ellipsis for i in items):
-                continue
-            by_name = {f"d{k}": i for k, i in enumerate(items)}
-            try:
-                out["select"][case.id] = (remote.select(**by_name).cpu(), None)
-            except Exception as exc:  # the outcome to compare with
-                out["select"][case.id] = (None, exc)
+def ortho_outcomes(
+    upstream_server: str, upstream_cluster: dict[str, Any]
+) -> dict[str, dict[str, Outcome]]:
+    out: dict[str, dict[str, Outcome]] = {"oindex": {}, "select": {}, "async-oindex": {},
+                                          "sharded-oindex": {}, "sharded-select": {}}
+    for prefix, source in (("", Client(upstream_server, timeout=60)),
+                           ("sharded-", ClusterClient(upstream_cluster, timeout=60))):
+        with source as c:
+            for case, items in ORTHO:
+                if prefix and case.tensor not in SHARDABLE:
+                    continue
+                remote = c.tensor(case.tensor)
+                try:
+                    out[prefix + "oindex"][case.id] = (remote.oindex[tuple(items)].cpu(), None)
+                except Exception as exc:  # the outcome to compare with
+                    out[prefix + "oindex"][case.id] = (None, exc)
+                if any(i is None or i is Ellipsis for i in items):
+                    continue
+                by_name = {f"d{k}": i for k, i in enumerate(items)}
+                try:
+                    out[prefix + "select"][case.id] = (remote.select(**by_name).cpu(), None)
+                except Exception as exc:  # the outcome to compare with
+                    out[prefix + "select"][case.id] = (None, exc)
 
     async def run() -> None:
         async with AsyncClient(upstream_server, timeout=60) as ac:
@@ -276,3 +313,7 @@ def test_oindex_and_select_are_orthogonal(
     assert_agrees(want, ortho_outcomes["async-oindex"][case.id])
     if case.id in ortho_outcomes["select"]:
         assert_agrees(want, ortho_outcomes["select"][case.id])
+    if case.tensor in SHARDABLE:
+        assert_agrees(want, ortho_outcomes["sharded-oindex"][case.id])
+        if case.id in ortho_outcomes["select"]:
+            assert_agrees(want, ortho_outcomes["sharded-select"][case.id])

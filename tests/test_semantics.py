@@ -4,7 +4,8 @@ Property tests: generated index expressions over tensors of 1 to 5 dimensions an
 dtypes; `remote[idx]` against `local[idx]` (PyTorch's advanced indexing, broadcasting and
 dimension placement included), `remote.oindex[idx]` against per-dimension application.
 Each runs against the planner directly (many examples, `unit`) and through a served client
-(a smaller sample, `e2e`).
+(a smaller sample, `e2e`), both against one server and against a 3-shard cluster holding
+each tensor in 3 uneven pieces (`ClusterClient`).
 Negative-step slices (refused by torch) follow NumPy: the reference reverses them first.
 """
 
@@ -19,11 +20,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sharded import serve_sharded
 
 from tensorslice.client import (
     Client,
+    ClusterClient,
     InvalidSelection,
-    RemoteTensor,
     SelectionOutOfRange,
     TensorSliceError,
 )
@@ -103,8 +105,20 @@ def sem_client(tensors: dict[str, torch.Tensor], device: str) -> Iterator[Client
 
 
 @pytest.fixture(scope="module")
-def remotes(sem_client: Client) -> dict[str, RemoteTensor]:
-    return _Quiet({name: sem_client.tensor(name) for name in NAMES})
+def sem_cluster(tensors: dict[str, torch.Tensor], device: str) -> Iterator[ClusterClient]:
+    """The same tensors, each cut into 3 uneven pieces over 3 servers (`sharded.cuts`)."""
+    with serve_sharded(tensors, device, config=ServerConfig(unary_max_bytes=512)) as spec:
+        with ClusterClient(spec, timeout=30) as cc:
+            yield cc
+
+
+@pytest.fixture(scope="module", params=["one server", "3 shards"])
+def remotes(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Every tensor as one server holds it, and as a 3-shard cluster holds it: the served
+    properties run against both."""
+    source: Client | ClusterClient = request.getfixturevalue(
+        "sem_client" if request.param == "one server" else "sem_cluster")
+    return _Quiet({name: source.tensor(name) for name in NAMES})
 
 
 class _Planned:
@@ -410,7 +424,7 @@ def test_getitem_matches_torch(
 @given(name=st.sampled_from(NAMES), mode=MODES, data=st.data())
 def test_getitem_matches_torch_served(
     name: str, mode: str, data: st.DataObject,
-    tensors: dict[str, torch.Tensor], remotes: dict[str, RemoteTensor],
+    tensors: dict[str, torch.Tensor], remotes: dict[str, Any],
 ) -> None:
     x = tensors[name]
     _check_getitem(x, data.draw(index_exprs(x.shape, mode), label="idx"), remotes[name])
@@ -447,7 +461,7 @@ def test_oindex_matches_per_dimension(
 @given(name=st.sampled_from(NAMES), mode=MODES, data=st.data())
 def test_oindex_matches_per_dimension_served(
     name: str, mode: str, data: st.DataObject,
-    tensors: dict[str, torch.Tensor], remotes: dict[str, RemoteTensor],
+    tensors: dict[str, torch.Tensor], remotes: dict[str, Any],
 ) -> None:
     x = tensors[name]
     _check_oindex(x, data.draw(index_exprs(x.shape, mode, outer=True), label="idx"),
@@ -459,7 +473,7 @@ def test_oindex_matches_per_dimension_served(
 @given(name=st.sampled_from(NAMES), data=st.data())
 def test_oindex_equals_sequential_indexing(
     name: str, data: st.DataObject,
-    tensors: dict[str, torch.Tensor], remotes: dict[str, RemoteTensor],
+    tensors: dict[str, torch.Tensor], remotes: dict[str, Any],
 ) -> None:
     """With one list per dimension and nothing else, OUTER is the article's x[b][:, c]."""
     x = tensors[name]
@@ -508,10 +522,23 @@ EXAMPLES: list[Any] = [
 ]
 
 
+@pytest.fixture(scope="module", params=["one server", "3 shards"])
+def demo_remote(request: pytest.FixtureRequest, demo: torch.Tensor, server: str,
+                device: str) -> Iterator[Any]:
+    """The demo tensor as the `server` fixture holds it, and cut over 3 shards."""
+    if request.param == "one server":
+        with Client(server, timeout=30) as c:
+            yield c.tensor("demo")
+        return
+    with serve_sharded({"demo": demo}, device, {"demo": ("N", "C", "H", "W")}) as spec:
+        with ClusterClient(spec, timeout=30) as cc:
+            yield cc.tensor("demo")
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("idx", EXAMPLES, ids=[repr(e)[:40] for e in EXAMPLES])
-def test_examples_on_demo(client: Client, demo: torch.Tensor, idx: Any) -> None:
-    _assert_same(client.tensor("demo")[idx], reference(demo, idx))
+def test_examples_on_demo(demo_remote: Any, demo: torch.Tensor, idx: Any) -> None:
+    _assert_same(demo_remote[idx], reference(demo, idx))
 
 
 OEXAMPLES: list[Any] = [
@@ -525,8 +552,8 @@ OEXAMPLES: list[Any] = [
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("idx", OEXAMPLES, ids=[repr(e)[:40] for e in OEXAMPLES])
-def test_oindex_examples_on_demo(client: Client, demo: torch.Tensor, idx: Any) -> None:
-    _assert_same(client.tensor("demo").oindex[idx], oreference(demo, idx))
+def test_oindex_examples_on_demo(demo_remote: Any, demo: torch.Tensor, idx: Any) -> None:
+    _assert_same(demo_remote.oindex[idx], oreference(demo, idx))
 
 
 @pytest.mark.unit
@@ -541,11 +568,11 @@ def test_reference_helper_is_numpy_meaning() -> None:
 
 @pytest.mark.e2e
 def test_several_ellipses_mean_what_torch_makes_of_them(
-    client: Client, demo: torch.Tensor
+    demo_remote: Any, demo: torch.Tensor
 ) -> None:
     """Each ``...`` stands for the dimensions the others leave; a second one covers
     dimensions past the last (PyTorch's reading; NumPy refuses two)."""
-    remote = client.tensor("demo")
+    remote = demo_remote
     for idx in [(Ellipsis, Ellipsis), (Ellipsis, 0, Ellipsis), (0, Ellipsis, Ellipsis)]:
         _assert_same(remote[idx], demo[idx])
     with pytest.raises(IndexError, match="too many indices"):

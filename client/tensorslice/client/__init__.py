@@ -12,15 +12,18 @@ own indexing.
 from tensorslice.client import _fork  # noqa: F401  # isort: skip
 from tensorslice.client._async import AsyncClient, AsyncRemoteTensor
 from tensorslice.client._client import Client, RemoteTensor
+from tensorslice.client._cluster import ClusterClient, ShardedPlan, ShardedTensor
 from tensorslice.client._dataset import RemoteTensorDataset, RemoteTensorIterableDataset
 from tensorslice.client._record import ActivationRecorder
 from tensorslice.core.credentials import TlsConfig
 from tensorslice.core.errors import (
     DeadlineExceeded,
     InternalServerError,
+    InvalidClusterSpec,
     InvalidIndex,
     InvalidIndexType,
     InvalidSelection,
+    NotSupportedAcrossShards,
     PermissionDenied,
     ResultTooLarge,
     SelectionOutOfRange,
@@ -51,6 +54,7 @@ __all__ = [
     "AsyncClient",
     "AsyncRemoteTensor",
     "Client",
+    "ClusterClient",
     "Combine",
     "DeadlineExceeded",
     "Ellipsis_",
@@ -58,11 +62,13 @@ __all__ = [
     "Index",
     "Indices",
     "InternalServerError",
+    "InvalidClusterSpec",
     "InvalidIndex",
     "InvalidIndexType",
     "InvalidSelection",
     "Mask",
     "NewAxis",
+    "NotSupportedAcrossShards",
     "PermissionDenied",
     "PlanStep",
     "Range",
@@ -73,6 +79,8 @@ __all__ = [
     "Selection",
     "SelectionOutOfRange",
     "ServerUnavailable",
+    "ShardedPlan",
+    "ShardedTensor",
     "SlicePlan",
     "TensorExists",
     "TensorInfo",

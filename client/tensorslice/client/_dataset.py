@@ -31,6 +31,7 @@ import torch.utils.data
 from torch.utils.data import get_worker_info
 
 from tensorslice.client._client import Client
+from tensorslice.client._cluster import ClusterClient
 from tensorslice.core.codec import dtype_name
 from tensorslice.core.results import TensorInfo
 from tensorslice.core.selection import Combine, Full, Index, Indices, Range, Selection, Selector
@@ -82,13 +83,14 @@ class _Columns:
 
     def __init__(
         self,
-        source: str | Client,
+        source: str | Client | ClusterClient,
         names: str | Sequence[str],
         dim: int,
         timeout: float | None,
         dtype: str | torch.dtype | None,
     ) -> None:
-        self.client = source if isinstance(source, Client) else Client(source, timeout=timeout)
+        self.client = (source if isinstance(source, (Client, ClusterClient))
+                       else Client(source, timeout=timeout))
         self.single = isinstance(names, str)
         self.names: tuple[str, ...] = (names,) if isinstance(names, str) else tuple(names)
         if not self.names:
@@ -134,13 +136,13 @@ class RemoteTensorDataset(torch.utils.data.Dataset[Any]):
     ``DataLoader(ds, batch_size=B, collate_fn=ds.collate)`` to get the fetched batch as
     is (the batch dimension first), with no further copy.
 
-    `source` is an address or a `Client` (its timeout then applies); `dtype` asks the
-    server to cast (e.g. ``"float16"``).
+    `source` is an address, a `Client` (its timeout then applies) or a `ClusterClient`
+    (sharded tensors); `dtype` asks the server to cast (e.g. ``"float16"``).
     """
 
     def __init__(
         self,
-        source: str | Client,
+        source: str | Client | ClusterClient,
         names: str | Sequence[str],
         dim: int = 0,
         *,
@@ -150,7 +152,7 @@ class RemoteTensorDataset(torch.utils.data.Dataset[Any]):
         self.columns = _Columns(source, names, dim, timeout, dtype)
 
     @property
-    def client(self) -> Client:
+    def client(self) -> Client | ClusterClient:
         return self.columns.client
 
     def __len__(self) -> int:
@@ -203,7 +205,7 @@ class RemoteTensorIterableDataset(torch.utils.data.IterableDataset[Any]):
 
     def __init__(
         self,
-        source: str | Client,
+        source: str | Client | ClusterClient,
         names: str | Sequence[str],
         dim: int = 0,
         *,
@@ -223,7 +225,7 @@ class RemoteTensorIterableDataset(torch.utils.data.IterableDataset[Any]):
         self.world_size = world_size
 
     @property
-    def client(self) -> Client:
+    def client(self) -> Client | ClusterClient:
         return self.columns.client
 
     def shard(self) -> range:

@@ -9,6 +9,8 @@ It imports neither side, nor grpc:
     tensorslice.core.results     result and description types (`TensorInfo`, `SlicePlan`...)
     tensorslice.core.parse       index expressions written as text (``"0:10, [1, 3]"``)
     tensorslice.core.credentials a client's token and TLS settings (arguments or environment)
+    tensorslice.core.shards      the cluster spec, and selections split along dimension 0
+                                 over a sharded tensor's pieces (and merged back)
 
 `tensorslice.client` re-exports the names users need; the server imports them from here.
 """

@@ -44,9 +44,11 @@ __all__ = [
     "DeadlineExceeded",
     "FailedPrecondition",
     "InternalServerError",
+    "InvalidClusterSpec",
     "InvalidIndex",
     "InvalidIndexType",
     "InvalidSelection",
+    "NotSupportedAcrossShards",
     "PermissionDenied",
     "ResultTooLarge",
     "SelectionOutOfRange",
@@ -190,6 +192,21 @@ class InternalServerError(TensorSliceError):
     """The server failed unexpectedly (INTERNAL); its log holds the traceback."""
 
     status = Status.INTERNAL
+
+
+class InvalidClusterSpec(TensorSliceError, ValueError):
+    """A cluster spec that cannot describe a sharded tensor: a gap or an overlap between
+    row ranges, an unknown shard, a shard without addresses, or shards that disagree on a
+    tensor's dtype or trailing shape (INVALID_ARGUMENT). Raised by the client."""
+
+    status = Status.INVALID_ARGUMENT
+
+
+class NotSupportedAcrossShards(TensorSliceError, NotImplementedError):
+    """A request whose answer needs a merge the shards' partial results cannot give (a
+    ``topk`` over dimension 0 of a sharded tensor) (UNIMPLEMENTED). Raised by the client."""
+
+    status = Status.UNIMPLEMENTED
 
 
 _BY_STATUS: dict[Status, type[TensorSliceError]] = {

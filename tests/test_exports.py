@@ -14,7 +14,9 @@ pytestmark = pytest.mark.unit
 CLIENT = [
     "ActivationRecorder",
     "AsyncClient",
+    "AsyncClusterClient",
     "AsyncRemoteTensor",
+    "AsyncShardedTensor",
     "Client",
     "ClusterClient",
     "Combine",

@@ -33,7 +33,13 @@ import torch
 from sharded import serve_sharded
 from upstream_indexing_cases import Case, build_tensors, cases, numpy_meaning
 
-from tensorslice.client import AsyncClient, Client, ClusterClient, TensorSliceError
+from tensorslice.client import (
+    AsyncClient,
+    AsyncClusterClient,
+    Client,
+    ClusterClient,
+    TensorSliceError,
+)
 from tensorslice.core.selection import (
     Ellipsis_,
     Full,
@@ -110,9 +116,11 @@ def _sync_outcomes(address: str | dict[str, Any], items: list[tuple[str, str, An
     return out
 
 
-def _async_outcomes(address: str, items: list[tuple[str, str, Any]]) -> dict[str, Outcome]:
+def _async_outcomes(address: str | dict[str, Any], items: list[tuple[str, str, Any]]
+                    ) -> dict[str, Outcome]:
     async def run() -> dict[str, Outcome]:
-        async with AsyncClient(address, timeout=60) as c:
+        async with (AsyncClient(address, timeout=60) if isinstance(address, str)
+                    else AsyncClusterClient(address, timeout=60)) as c:
             names = sorted({n for _, n, _ in items})
             infos = await asyncio.gather(*(c.tensor(n) for n in names))
             remotes = dict(zip(names, infos, strict=True))
@@ -141,8 +149,10 @@ def outcomes(upstream_server: str) -> dict[str, dict[str, Outcome]]:
 
 
 @pytest.fixture(scope="module")
-def sharded_outcomes(upstream_cluster: dict[str, Any]) -> dict[str, Outcome]:
-    return _sync_outcomes(upstream_cluster, [(c.id, c.tensor, c.index) for c in SHARDED_CASES])
+def sharded_outcomes(upstream_cluster: dict[str, Any]) -> dict[str, dict[str, Outcome]]:
+    items = [(c.id, c.tensor, c.index) for c in SHARDED_CASES]
+    return {"sync": _sync_outcomes(upstream_cluster, items),
+            "async": _async_outcomes(upstream_cluster, items)}
 
 
 def _describe(o: Outcome) -> str:
@@ -188,11 +198,12 @@ def test_getitem_agrees_with_torch(
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("kind", ["sync", "async"])
 @pytest.mark.parametrize("case_id", [_param(c) for c in SHARDED_CASES])
 def test_getitem_agrees_with_torch_on_3_shards(
-    case_id: str, sharded_outcomes: dict[str, Outcome]
+    case_id: str, kind: str, sharded_outcomes: dict[str, dict[str, Outcome]]
 ) -> None:
-    assert_agrees(_local(_BY_ID[case_id]), sharded_outcomes[case_id])
+    assert_agrees(_local(_BY_ID[case_id]), sharded_outcomes[kind][case_id])
 
 
 @pytest.mark.unit

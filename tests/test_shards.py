@@ -9,6 +9,7 @@ errors included (the same class). The served semantics and upstream suites run a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from sharded import cuts, serve_sharded
 from test_semantics import SHAPES, _make, index_exprs
 
 from tensorslice.client import (
+    AsyncClusterClient,
     Client,
     ClusterClient,
     InvalidClusterSpec,
@@ -83,6 +85,10 @@ BAD_SPECS = [
      "tensor 'x', piece 0 on shard 'a': rows must be [START, STOP] with 0 <= START <= STOP; "
      "got [3, 1]"),
     (_with(tensors={}), "the cluster spec needs 'tensors'"),
+    (_with(tensors={"x": [{"shard": "a", "rows": [0, 4]}, {"shard": "b", "rows": [4, 6]},
+                          {"shard": "a", "rows": [6, 9]}]}),
+     "tensor 'x': shard 'a' holds two pieces, rows [0, 4) and [6, 9); a server holds one "
+     "row range of a tensor, under the tensor's name"),
     (_with(extra=1), "unknown keys in the cluster spec: 'extra'"),
 ]
 
@@ -284,6 +290,29 @@ def test_where_merges_as_the_whole_answers(
 
 
 @pytest.mark.e2e
+def test_the_async_cluster_mirrors_the_sync_one(cluster: dict[str, Any], whole: Client) -> None:
+    async def run() -> None:
+        async with AsyncClusterClient(cluster, timeout=30) as cc:
+            acts = await cc.tensor("acts")
+            assert acts.shape == DEMO.shape
+            assert torch.equal(await acts[[19, 0, 5, 0], 2], DEMO[[19, 0, 5, 0], 2])
+            assert torch.equal(await acts.oindex[[15, 1], [0, 5]], DEMO[[15, 1]][:, [0, 5]])
+            assert torch.equal(await acts.at_version().fetch(), DEMO)
+            plan = await acts.explain[2:18]
+            assert [p.shard for p, _ in plan.parts] == ["s0", "s1", "s2"]
+            for kw in (dict(dim=1, stat="mean", scope="any", value=0.1),
+                       dict(dim=1, stat="l2", scope="per_sample", value=1.5)):
+                got, want = await acts.where(**kw), whole.tensor("acts").where(**kw)
+                assert torch.equal(got.values, want.values)
+                assert torch.equal(got.indices, want.indices)
+            out = await cc.slice_many({"x": ("acts", [17, 1]), "y": ("labels", slice(2, 16))})
+            assert torch.equal(out["x"], DEMO[[17, 1]])
+            assert torch.equal(out["y"], LABELS[2:16])
+
+    asyncio.run(run())
+
+
+@pytest.mark.e2e
 def test_topk_over_dimension_0_is_refused_across_shards(cluster: dict[str, Any]) -> None:
     with ClusterClient(cluster, timeout=30) as cc:
         with pytest.raises(NotSupportedAcrossShards, match="scope topk over dimension 0"):
@@ -304,10 +333,11 @@ def test_slice_many_and_a_dataset_over_shards(cluster: dict[str, Any]) -> None:
         assert torch.equal(x, DEMO[[13, 3, 19, 0]]) and torch.equal(y, LABELS[[13, 3, 19, 0]])
         x2, _ = ds[5]
         assert torch.equal(x2, DEMO[5])
-        loader = torch.utils.data.DataLoader(ds, batch_size=6, shuffle=True,
-                                             collate_fn=ds.collate)
-        seen = torch.cat([yb for _, yb in loader])
-        assert sorted(seen.tolist()) == LABELS.tolist()
+        for workers in (0, 2):  # the client pickles into workers (fork here)
+            loader = torch.utils.data.DataLoader(ds, batch_size=6, shuffle=True,
+                                                 num_workers=workers, collate_fn=ds.collate)
+            seen = torch.cat([yb for _, yb in loader])
+            assert sorted(seen.tolist()) == LABELS.tolist()
 
 
 @pytest.mark.e2e

@@ -12,7 +12,13 @@ own indexing.
 from tensorslice.client import _fork  # noqa: F401  # isort: skip
 from tensorslice.client._async import AsyncClient, AsyncRemoteTensor
 from tensorslice.client._client import Client, RemoteTensor
-from tensorslice.client._cluster import ClusterClient, ShardedPlan, ShardedTensor
+from tensorslice.client._cluster import (
+    AsyncClusterClient,
+    AsyncShardedTensor,
+    ClusterClient,
+    ShardedPlan,
+    ShardedTensor,
+)
 from tensorslice.client._dataset import RemoteTensorDataset, RemoteTensorIterableDataset
 from tensorslice.client._record import ActivationRecorder
 from tensorslice.core.credentials import TlsConfig
@@ -52,7 +58,9 @@ from tensorslice.core.selection import (
 __all__ = [
     "ActivationRecorder",
     "AsyncClient",
+    "AsyncClusterClient",
     "AsyncRemoteTensor",
+    "AsyncShardedTensor",
     "Client",
     "ClusterClient",
     "Combine",

@@ -158,6 +158,16 @@ def _pieces(tensor: str, raw: object, shards: Mapping[str, object]) -> tuple[Pie
                 f"[START, STOP] with 0 <= START <= STOP; got {rows!r}")
         out.append(Piece(shard, rows[0], rows[1]))
     out.sort(key=lambda p: (p.start, p.stop))
+    holder: dict[str, Piece] = {}
+    for p in out:
+        if p.rows and p.shard in holder:
+            q = holder[p.shard]
+            raise InvalidClusterSpec(
+                f"tensor {tensor!r}: shard {p.shard!r} holds two pieces, rows "
+                f"[{q.start}, {q.stop}) and [{p.start}, {p.stop}); a server holds one row "
+                f"range of a tensor, under the tensor's name")
+        if p.rows:
+            holder[p.shard] = p
     covered = 0
     prev: Piece | None = None
     for p in out:

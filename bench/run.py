@@ -3,8 +3,8 @@
     python -m bench [--quick] [--only NAME[,NAME]] [--reps N] [--json PATH]
 
 Groups: memcpy, socket, grpc, flight, gather, rss, tensorslice, tls, upload, dataloader,
-recording (aliases: peers = the first six, service = the last five). Servers run in spawned
-children on 127.0.0.1.
+recording, scaling (aliases: peers = the first six, service = the last six). Servers run in
+spawned children on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -399,6 +399,16 @@ def group_dataloader(cfg: Config, figs: Figures) -> list[Row]:
     ]
 
 
+def group_scaling(cfg: Config, figs: Figures) -> list[Row]:
+    from bench import scaling
+
+    return [
+        Row(d["figure"], d["value"], d["unit"], d["peer"], d["peer_value"], d["unit"],
+            goal=Goal(">=", 1.0), group="scaling")
+        for d in scaling.run(cfg.quick)
+    ]
+
+
 GROUPS: dict[str, Callable[[Config, Figures], list[Row]]] = {
     "memcpy": group_memcpy,
     "socket": group_socket,
@@ -411,8 +421,9 @@ GROUPS: dict[str, Callable[[Config, Figures], list[Row]]] = {
     "upload": group_upload,
     "dataloader": group_dataloader,
     "recording": group_recording,
+    "scaling": group_scaling,
 }
-_SERVICE_GROUPS = ("tensorslice", "tls", "upload", "dataloader", "recording")
+_SERVICE_GROUPS = ("tensorslice", "tls", "upload", "dataloader", "recording", "scaling")
 ALIASES = {"peers": [g for g in GROUPS if g not in _SERVICE_GROUPS],
            "service": list(_SERVICE_GROUPS)}
 

@@ -345,3 +345,62 @@ def test_get_output_transfers_once(
     calls.clear()
     assert main(["get", server, "demo", "1:3"]) == 0
     assert calls == ["slice"]
+
+
+@pytest.mark.unit
+def test_max_connection_age_sets_grpc_options() -> None:
+    from tensorslice.server import ServerConfig
+    from tensorslice.server._server import server_options
+
+    args = build_parser().parse_args(["serve", "--max-connection-age", "300"])
+    assert args.max_connection_age == 300.0
+    options = dict(server_options(ServerConfig(max_connection_age=args.max_connection_age)))
+    assert options["grpc.max_connection_age_ms"] == 300_000
+    assert options["grpc.max_connection_age_grace_ms"] == 30_000
+    assert "grpc.max_connection_age_ms" not in dict(server_options(ServerConfig()))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("text", ["-1", "soon", "nan", "inf"])
+def test_max_connection_age_refuses_bad_durations(text: str) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-connection-age", text])
+
+
+@pytest.mark.e2e
+def test_max_connection_age_closes_the_connection_and_clients_reconnect(
+    store: TensorStore, demo: torch.Tensor,
+) -> None:
+    import threading
+
+    import grpc
+
+    from tensorslice.server import ServerConfig, create_server
+
+    srv, port = create_server(store, "127.0.0.1:0", ServerConfig(
+        max_connection_age=0.5, max_connection_age_grace=0.5))
+    srv.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=10) as c:
+            assert torch.equal(c.tensor("demo")[0:2], demo[0:2])
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        seen: list[grpc.ChannelConnectivity] = []
+        left_ready = threading.Event()
+
+        def watch(state: grpc.ChannelConnectivity) -> None:
+            seen.append(state)
+            if state != grpc.ChannelConnectivity.READY and (
+                    grpc.ChannelConnectivity.READY in seen[:-1]):
+                left_ready.set()
+
+        channel.subscribe(watch, try_to_connect=True)
+        try:
+            # The server's GOAWAY, after half a second, takes the channel out of READY.
+            assert left_ready.wait(20), f"the connection was never closed: states {seen}"
+        finally:
+            channel.unsubscribe(watch)
+            channel.close()
+        with Client(f"127.0.0.1:{port}", timeout=10) as c:  # and a new one works
+            assert torch.equal(c.tensor("demo")[3:5], demo[3:5])
+    finally:
+        srv.stop(grace=None)

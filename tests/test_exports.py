@@ -178,3 +178,25 @@ def test_server_imports_no_private_client_module() -> None:
         and (node.module or "").startswith("tensorslice.client._")
     ]
     assert private == []
+
+
+RAY = ["NAMESPACE", "ShardServer", "actor_name", "cluster_spec", "start", "stop"]
+
+
+def test_ray_exports() -> None:
+    import tensorslice.ray
+
+    assert tensorslice.ray.__all__ == RAY == sorted(RAY)
+    assert _public(tensorslice.ray) - {"annotations"} <= set(RAY) | _submodules(tensorslice.ray)
+
+
+def test_only_tensorslice_ray_imports_ray() -> None:
+    """Ray is an optional extra: the client, the server and the CLI load without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tensorslice.client, tensorslice.server, tensorslice.server._cli, "
+            "tensorslice.server._server; print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "False"

@@ -74,6 +74,18 @@ def _index(text: str) -> tuple[object, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _seconds(text: str) -> float:
+    """A duration in seconds, 0 or more (``"300"``, ``"0.5"``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration: a number of seconds, 0 or more, e.g. 300")
+    return value
+
+
 def _log_level(text: str) -> str:
     level = text.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
@@ -233,6 +245,7 @@ def _start(
         read_only=args.read_only,
         write_token=write_token,
         unix_socket=args.unix,
+        max_connection_age=args.max_connection_age,
     )
     try:
         server, port = create_server(store, f"{args.host}:{args.port}", config)
@@ -452,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="time a bulk connection has to present its whole token "
                         "(default: %(default)s)")
+    s.add_argument("--max-connection-age", type=_seconds, default=0.0, metavar="SECONDS",
+                   help="ask each client to reconnect after this long (gRPC GOAWAY; calls "
+                        "running then get 30 s more), so that clients of a load-balanced "
+                        "name find new replicas (default: %(default)s: never)")
     s.add_argument("--no-progress", action="store_true",
                    help="no progress bars while files of 64 MiB or more load")
     s.add_argument("--token-file", default=os.environ.get("TENSORSLICE_TOKEN_FILE"),

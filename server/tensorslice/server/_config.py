@@ -52,6 +52,8 @@ class ServerConfig:
         unix_socket: str | None = None,
         same_host: bool = True,
         shm_max_bytes: int | None = None,
+        max_connection_age: float = 0.0,
+        max_connection_age_grace: float = 30.0,
     ) -> None:
         memory = machine_memory()
         self.max_result_bytes = (
@@ -125,6 +127,14 @@ class ServerConfig:
         self.unix_socket = unix_socket
         """A Unix domain socket's path where gRPC listens too (clients on this host reach
         it as ``unix:PATH``; the bulk data plane stays on TCP); None: none."""
+        self.max_connection_age = max_connection_age
+        """Seconds after which the server asks a client to close its connection (gRPC
+        GOAWAY, with gRPC's own jitter of up to 10%); the client reconnects and re-resolves
+        its address, so clients of a load-balanced name (Kubernetes' headless Service, a
+        DNS name) find replicas started after they connected. 0: never."""
+        self.max_connection_age_grace = max_connection_age_grace
+        """Seconds the calls still running on a connection past its age get to finish
+        before it is closed."""
 
     def __repr__(self) -> str:
         shown = {k: ("'***'" if k in ("token", "write_token") and v is not None else repr(v))

@@ -29,11 +29,18 @@ __all__ = ["AddressInUse", "TensorSliceServer", "create_server", "server_options
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
-    return [
+    options = [
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 0),
     ]
+    if config.max_connection_age > 0:
+        options += [
+            ("grpc.max_connection_age_ms", round(config.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms",
+             round(config.max_connection_age_grace * 1000)),
+        ]
+    return options
 
 
 class AddressInUse(OSError):

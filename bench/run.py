@@ -384,7 +384,8 @@ def group_recording(cfg: Config, figs: Figures) -> list[Row]:
     from bench import recording
 
     return [
-        Row(d["figure"], d["value"], "s", d["peer"], d["peer_value"], "s", group="service")
+        Row(d["figure"], d["value"], "s", d["peer"], d["peer_value"], "s", note=d["note"],
+            group="service")
         for d in recording.run(cfg.quick)
     ]
 

@@ -40,7 +40,12 @@ from tensorslice.client._base import (
     Upload,
     where_result,
 )
-from tensorslice.client._client import call_direct, receive_bulk, resolve_data_plane
+from tensorslice.client._client import (
+    call_direct,
+    channel_target,
+    receive_bulk,
+    resolve_data_plane,
+)
 from tensorslice.client._errors import map_rpc_errors
 from tensorslice.core.codec import decode_chunk
 from tensorslice.core.credentials import TlsConfig
@@ -60,7 +65,8 @@ class AsyncClient(BaseClient):
     it). Pickling drops the channel, as for `Client`.
     """
 
-    def __init__(self, address: str, *, timeout: float | None = 60.0, retries: int = 3,
+    def __init__(self, address: str | Sequence[str], *, timeout: float | None = 60.0,
+                 retries: int = 3,
                  token: str | None = None, tls: TlsConfig | bool | str | None = None,
                  same_host: bool | None = None) -> None:
         super().__init__(address, timeout=timeout, retries=retries, token=token, tls=tls,
@@ -75,11 +81,13 @@ class AsyncClient(BaseClient):
             channel = None  # its loop is gone or another one: leave it to the collector
         if channel is None:
             if self.tls is None:
-                channel = grpc.aio.insecure_channel(self.address, options=self._options())
+                channel = grpc.aio.insecure_channel(channel_target(self.address),
+                                                     options=self._options())
             else:
                 ca, cert, key = self._tls_pem()
                 creds = grpc.ssl_channel_credentials(ca, key, cert)
-                channel = grpc.aio.secure_channel(self.address, creds, options=self._options())
+                channel = grpc.aio.secure_channel(channel_target(self.address), creds,
+                                                   options=self._options())
             channel = self._set_channel(channel)
             self._loop = loop
         return channel
@@ -126,11 +134,11 @@ class AsyncClient(BaseClient):
         if isinstance(step, ReceiveBulk):
             # The socket part blocks: run it off the event loop.
             return await asyncio.to_thread(receive_bulk, step, self._credentials.ssl_context(),
-                                           self._server_name())
+                                           self._server_name() or self._bulk_host)
         if isinstance(step, CallDirect):
             return await asyncio.to_thread(call_direct, step, self._metadata,
                                            self._credentials.ssl_context(),
-                                           self._server_name() or self._bulk_host)
+                                           self._server_name() or step.host or self._bulk_host)
         if isinstance(step, CallUpload):
             upload = self._chan().stream_unary(
                 step.path, request_serializer=None,
@@ -147,7 +155,7 @@ class AsyncClient(BaseClient):
                 pending = call(step.request, timeout=step.timeout, metadata=self._metadata)
                 response = await pending
                 self._note_port(await pending.trailing_metadata())
-            resolve_data_plane(self)
+            resolve_data_plane(self, discover=False)
             return response
         stream = self._chan().unary_stream(step.path, request_serializer=serialize,
                                            response_deserializer=None)

@@ -29,6 +29,7 @@ from tensorslice.client._fork import forked_from_grpc
 from tensorslice.client._receive import Assembler
 from tensorslice.client._shm import Sessions
 from tensorslice.core.codec import (
+    DATA_HOST_KEY,
     DATA_PORT_KEY,
     DTYPE_NAMES,
     dtype_name,
@@ -37,12 +38,21 @@ from tensorslice.core.codec import (
     split_chunk,
 )
 from tensorslice.core.credentials import Credentials, TlsConfig, resolve_tls, resolve_token
-from tensorslice.core.endpoint import SERVICE_NAME, has_tcp_host, host_of
+from tensorslice.core.endpoint import (
+    READ_METHODS,
+    SERVICE_NAME,
+    balanced,
+    check_replica,
+    has_tcp_host,
+    host_of,
+    replicas_of,
+)
 from tensorslice.core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidSelection,
     SelectionOutOfRange,
+    ServerUnavailable,
     VersionGone,
 )
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
@@ -82,6 +92,7 @@ __all__ = [
     "Stream",
     "Unary",
     "Upload",
+    "bulk_host",
     "channel_options",
     "make_selection",
 ]
@@ -107,33 +118,35 @@ MAX_RETRIES = 4
 """gRPC makes at most 5 attempts of a call: `retries` above 4 are refused."""
 
 
-def channel_options(retries: int) -> list[tuple[str, Any]]:
-    """Channel options: no receive limit, and (for ``retries`` > 0) gRPC's own retry policy
-    for every method of the service, on UNAVAILABLE only. Every method is a read, hence
-    idempotent. gRPC retries a streaming call only until the first response arrives; a
-    stream cut later fails with ServerUnavailable."""
+def channel_options(retries: int, round_robin: bool = False) -> list[tuple[str, Any]]:
+    """Channel options: no receive limit; (for ``retries`` > 0) gRPC's own retry policy for
+    the service's read methods (`READ_METHODS`: idempotent), on UNAVAILABLE only, never
+    for put, append or drop; with `round_robin`, gRPC's ``round_robin`` load balancing (a
+    retry then goes to the next replica). gRPC retries a streaming call only until the first
+    response arrives; a stream cut later fails with ServerUnavailable."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", -1),
         ("grpc.max_send_message_length", 256 << 20),
     ]
+    config: dict[str, Any] = {}
+    if round_robin:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
     if retries > 0:
-        config = {
-            "methodConfig": [
-                {
-                    "name": [{"service": SERVICE}],
-                    "retryPolicy": {
-                        "maxAttempts": retries + 1,
-                        "initialBackoff": "0.05s",
-                        "maxBackoff": "1s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ]
-        }
-        options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
-    else:
-        options.append(("grpc.enable_retries", 0))
+        config["methodConfig"] = [
+            {
+                "name": [{"service": SERVICE, "method": m} for m in READ_METHODS],
+                "retryPolicy": {
+                    "maxAttempts": retries + 1,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    options.append(("grpc.enable_retries", 1 if retries > 0 else 0))
+    if config:
+        options.append(("grpc.service_config", json.dumps(config)))
     return options
 
 
@@ -239,6 +252,10 @@ def bulk_host(address: str) -> str | None:
     return "127.0.0.1" if address.startswith(("unix:", "unix-abstract:")) else None
 
 
+def _loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 class BulkUnreachable(Exception):
     """The bulk port could not be reached (a firewall, a proxy): the clients then stream
     that result over gRPC and stop asking for bulk transfers."""
@@ -317,7 +334,8 @@ class CallDirect:
     from a gRPC user does), to `sockaddr` of `family`: resolved in the parent, so that the
     child never calls `getaddrinfo` (whose locks a parent thread may hold at fork time).
     The outcome is the response's bytes; with a `sink`, the result file is received into
-    it instead (outcome b"")."""
+    it instead (outcome b""). `host` is the name the address was resolved from (what a TLS
+    certificate names)."""
 
     family: int
     sockaddr: Any
@@ -325,6 +343,7 @@ class CallDirect:
     request: Any
     sink: Assembler | None
     timeout: float | None
+    host: str = ""
 
 
 
@@ -404,21 +423,37 @@ class BaseClient:
     path, False for plaintext); left as None, both follow the environment
     (``TENSORSLICE_TOKEN``, ``TENSORSLICE_TLS_CA``, ...: see `tensorslice.client.TlsConfig`)."""
 
-    def __init__(self, address: str, *, timeout: float | None = 60.0, retries: int = 3,
-                 token: str | None = None, tls: TlsConfig | bool | str | None = None,
+    def __init__(self, address: str | Sequence[str], *, timeout: float | None = 60.0,
+                 retries: int = 3, token: str | None = None,
+                 tls: TlsConfig | bool | str | None = None,
                  same_host: bool | None = None) -> None:
         if not 0 <= retries <= MAX_RETRIES:
             raise ValueError(
                 f"retries must be between 0 and {MAX_RETRIES} (gRPC makes at most "
                 f"{MAX_RETRIES + 1} attempts); got {retries}"
             )
-        self.address = address
+        if not isinstance(address, str):
+            address = tuple(address)
+            if not address or not all(isinstance(a, str) and a for a in address):
+                raise ValueError(f"a client needs one address or a list of addresses "
+                                 f"(HOST:PORT); got {list(address)!r}")
+            for a in address:
+                check_replica(a)
+            if len(address) == 1:
+                address = address[0]
+        self.address: str | tuple[str, ...] = address
+        self.replicas = replicas_of(address)
+        """The servers this client's channel spreads calls over (`balanced`), or the one
+        address it calls."""
         self.timeout = timeout
         self.retries = retries
         self._credentials = Credentials(resolve_token(token), resolve_tls(tls))
-        self._bulk_host = bulk_host(address)
+        hosts = {bulk_host(a) for a in self.replicas}
+        # where the bulk plane listens when a ticket names no host: the host every replica
+        # shares (None: several hosts, so a ticket must name its own)
+        self._bulk_host = hosts.pop() if len(hosts) == 1 else None
         # false once the bulk port proved unreachable, or where the target has no TCP host
-        self._bulk_ok = self._bulk_host is not None
+        self._bulk_ok = all(bulk_host(a) is not None for a in self.replicas)
         if same_host is None:
             same_host = os.environ.get("TENSORSLICE_SAME_HOST", "1").strip().lower() not in (
                 "0", "false", "no", "off")
@@ -431,12 +466,32 @@ class BaseClient:
         """The transport that carried this client's latest result (any thread's)."""
         self._closed = False  # true once closed: a closed client makes no more calls
         self._data_port: int | None = None  # the server's data plane, once announced
-        self._data_addr: tuple[int, Any] | None = None  # its (family, sockaddr), resolved
+        # every data plane announced (host, port), and as resolved: (host, family, sockaddr)
+        self._announced: dict[tuple[str, int], None] = {}
+        self._data_planes: list[tuple[str, int, int, Any]] = []
+        self._discovered = 0  # the process whose client asked every replica for its plane
+        self._direct_next = 0  # the data plane a forked client tries first
         self._channel: Any = None
         self._pid = 0
 
+    @property
+    def _data_addr(self) -> tuple[int, Any] | None:
+        """The first data plane as resolved, (family, sockaddr), or None."""
+        return self._data_planes[0][2:] if self._data_planes else None
+
+    @_data_addr.setter
+    def _data_addr(self, value: tuple[int, Any] | None) -> None:
+        self._data_planes = [] if value is None else [("", 0, *value)]
+
+    @property
+    def balanced(self) -> bool:
+        """Whether calls spread over several servers (gRPC's ``round_robin``; see
+        `tensorslice.core.endpoint.balanced`)."""
+        return balanced(self.address)
+
     def _options(self) -> list[tuple[str, Any]]:
-        return channel_options(self.retries) + self._credentials.grpc_options()
+        return (channel_options(self.retries, self.balanced)
+                + self._credentials.grpc_options())
 
     @property
     def tls(self) -> TlsConfig | None:
@@ -485,7 +540,8 @@ class BaseClient:
         return state
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.address!r})"
+        address = list(self.address) if isinstance(self.address, tuple) else self.address
+        return f"{type(self).__name__}({address!r})"
 
     # ------------------------------------------------------------------ flows
     def _flow(self, op: Unary[R] | Stream[R] | Upload[R], timeout: Timeout) -> Flow[R]:
@@ -521,22 +577,40 @@ class BaseClient:
             request = type(request)()
             request.CopyFrom(op.request)
             request.bulk = False
+        attempts = 1 + (self.retries if len(self.replicas) > 1 or self.balanced else 0)
         try:
-            frame = yield CallUnary(op.fetch_path, request, None, deadline.left())
-            asm = op.assembler()
-            data, raw_ticket = split_chunk(frame)
-            if raw_ticket is None:
-                asm.feed(data)
-                self._carried("inline")
-            else:
+            for attempt in range(attempts):
+                frame = yield CallUnary(op.fetch_path, request, None, deadline.left())
+                asm = op.assembler()
+                data, raw_ticket = split_chunk(frame)
+                if raw_ticket is None:
+                    asm.feed(data)
+                    self._carried("inline")
+                    break
                 ticket = _pb.BulkTicket.FromString(bytes(raw_ticket))
+                host = ticket.host or self._bulk_host
+                if not host:
+                    raise BulkUnreachable(
+                        "a bulk ticket names no host and this client's replicas are on "
+                        "several: run them with serve --advertise-host")
                 left = deadline.left()
                 connect = (_BULK_CONNECT_SECONDS if left is None
                            else min(left, _BULK_CONNECT_SECONDS))
-                shm = self._shm if self._shm is not None and self._shm.available else None
-                carried = yield ReceiveBulk(self._bulk_host or "", ticket.port, ticket.token,
-                                            ticket.nbytes, asm, left, connect, shm)
+                # Same-host sessions are named by port alone: try one only where every
+                # replica is on one host, or the ticket's is this host's loopback.
+                shm = (self._shm if self._shm is not None and self._shm.available
+                       and (self._bulk_host is not None or _loopback(host)) else None)
+                try:
+                    carried = yield ReceiveBulk(host, ticket.port, ticket.token,
+                                                ticket.nbytes, asm, left, connect, shm)
+                except ServerUnavailable:
+                    # The replica that holds the result went away: the read is idempotent,
+                    # and the next Fetch goes to another replica.
+                    if attempt + 1 == attempts:
+                        raise
+                    continue
                 self._carried(carried)
+                break
         except (FailedPrecondition, BulkUnreachable) as exc:
             if isinstance(exc, VersionGone):
                 raise
@@ -547,34 +621,55 @@ class BaseClient:
             self._carried("stream")
         return op.finish(asm)
 
-    def _note_port(self, metadata: Any) -> None:
-        """Remember the data plane's port from a call's trailing metadata."""
-        for key, value in metadata or ():
-            if key == DATA_PORT_KEY and int(value) != self._data_port:
-                self._data_port = int(value)
-                self._data_addr = None  # the client resolves it (`resolve_data_plane`)
+    def _note_port(self, metadata: Any, fallback_host: str | None = None) -> None:
+        """Remember the data plane a call's trailing metadata announces: its port, and its
+        host where the server advertises one (else `fallback_host`, else the host of this
+        client's target)."""
+        fields = dict(metadata or ())
+        if DATA_PORT_KEY not in fields:
+            return
+        port = int(fields[DATA_PORT_KEY])
+        host = fields.get(DATA_HOST_KEY) or fallback_host or self._bulk_host
+        if host is None:
+            return  # several hosts, none advertised: unknown which replica answered
+        self._data_port = port
+        if len(self.replicas) == 1 and not self.balanced:
+            self._announced.clear()  # one server: a new port replaces the old one
+        self._announced.setdefault((host, port))  # resolved by `resolve_data_plane`
 
     def _direct_flow(self, op: Unary[R] | Stream[R], deadline: Deadline) -> Flow[R]:
         """In a process forked from a gRPC user: the call over the data plane, never gRPC
         (see `_fork`). Its address was announced to the parent (`list_tensors`,
-        `describe`) and resolved there."""
-        if self._data_addr is None:
+        `describe`) and resolved there. A client with several replicas knows each one's
+        data plane and, where one cannot be reached, makes the call (a read) on the next."""
+        planes = list(self._data_planes)
+        if not planes:
             raise FailedPrecondition(
                 "this process was forked from one that uses gRPC, so this client calls "
                 "over the server's data plane only, whose port it does not know: call "
                 "list_tensors() or describe() before the fork (a dataset does), or start "
                 "workers with spawn or forkserver"
             )
-        family, sockaddr = self._data_addr
-        if isinstance(op, Unary):
-            # Another service's method (the health check) is named with its service.
-            method = op.method if op.service == SERVICE else f"{op.service}/{op.method}"
-            data = yield CallDirect(family, sockaddr, method, op.request, None,
-                                    deadline.left())
-            return op.finish(op.response_cls.FromString(data))
-        asm = op.assembler()
-        yield CallDirect(family, sockaddr, op.method, op.request, asm, deadline.left())
-        return op.finish(asm)
+        first = self._direct_next % len(planes)
+        self._direct_next += 1  # spread the calls over the replicas
+        # Another service's method (the health check) is named with its service.
+        method = (op.method if isinstance(op, Stream) or op.service == SERVICE
+                  else f"{op.service}/{op.method}")
+        for i in range(len(planes)):
+            host, _, family, sockaddr = planes[(first + i) % len(planes)]
+            asm = None if isinstance(op, Unary) else op.assembler()
+            try:
+                data = yield CallDirect(family, sockaddr, method, op.request, asm,
+                                        deadline.left(), host)
+            except ServerUnavailable:
+                if i + 1 == len(planes):
+                    raise
+                continue  # that replica is gone: the next one
+            if isinstance(op, Unary):
+                return op.finish(op.response_cls.FromString(data))
+            assert asm is not None
+            return op.finish(asm)
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ operations
     @staticmethod

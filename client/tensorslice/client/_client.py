@@ -18,6 +18,7 @@ import torch
 
 from tensorslice.client._base import (
     DEFAULT,
+    SERVICE,
     BaseClient,
     BaseRemoteTensor,
     BulkUnreachable,
@@ -33,12 +34,14 @@ from tensorslice.client._base import (
     Timeout,
     Unary,
     Upload,
+    bulk_host,
     channel_options,
     where_result,
 )
 from tensorslice.client._errors import map_rpc_errors
 from tensorslice.client._receive import recv_exact
 from tensorslice.core.codec import DIRECT_MAGIC, decode_chunk
+from tensorslice.core.endpoint import literal_target, split_host_port
 from tensorslice.core.errors import (
     DeadlineExceeded,
     ServerUnavailable,
@@ -47,9 +50,10 @@ from tensorslice.core.errors import (
 )
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
 from tensorslice.core.selection import Combine
+from tensorslice.v1 import tensorslice_pb2 as _pb
 
-__all__ = ["CHANNEL_OPTIONS", "Client", "RemoteTensor", "call_direct", "receive_bulk",
-           "resolve_data_plane"]
+__all__ = ["CHANNEL_OPTIONS", "Client", "RemoteTensor", "call_direct", "channel_target",
+           "receive_bulk", "resolve_data_plane"]
 
 CHANNEL_OPTIONS = channel_options(3)
 """The options of a client's channel with the default settings."""
@@ -65,20 +69,27 @@ class Client(BaseClient):
     the client (a DataLoader worker under fork), gRPC is never used: every call goes over
     the server's data plane, whose port the client learned from `list_tensors` or
     `describe` before the fork. `timeout` is every call's deadline (each method takes
-    ``timeout=`` to override it); gRPC retries calls that fail with UNAVAILABLE up to
+    ``timeout=`` to override it); gRPC retries reads that fail with UNAVAILABLE up to
     `retries` times.
+
+    Replicas: a list of addresses (``Client(["h1:50051", "h2:50051"])``), an
+    ``ipv4:``/``ipv6:`` list or a ``dns:///NAME:PORT`` target is one channel that spreads
+    calls over every server with gRPC's ``round_robin``; a read that fails with
+    UNAVAILABLE is retried on the next one, and a bulk ticket is collected from the host
+    it names (the replica holding the result).
     """
 
     # ------------------------------------------------------------------ channel
     def _chan(self) -> grpc.Channel:
         channel: grpc.Channel | None = self._owned_channel()
         if channel is None:
+            target = channel_target(self.address)
             if self.tls is None:
-                channel = grpc.insecure_channel(self.address, options=self._options())
+                channel = grpc.insecure_channel(target, options=self._options())
             else:
                 ca, cert, key = self._tls_pem()
                 creds = grpc.ssl_channel_credentials(ca, key, cert)
-                channel = grpc.secure_channel(self.address, creds, options=self._options())
+                channel = grpc.secure_channel(target, creds, options=self._options())
             channel = self._set_channel(channel)
         return channel
 
@@ -116,10 +127,11 @@ class Client(BaseClient):
 
     def _perform(self, step: Step) -> Any:
         if isinstance(step, ReceiveBulk):
-            return receive_bulk(step, self._credentials.ssl_context(), self._server_name())
+            return receive_bulk(step, self._credentials.ssl_context(),
+                                self._server_name() or self._bulk_host)
         if isinstance(step, CallDirect):
             return call_direct(step, self._metadata, self._credentials.ssl_context(),
-                               self._server_name() or self._bulk_host)
+                               self._server_name() or step.host or self._bulk_host)
         if isinstance(step, CallUpload):
             upload = self._chan().stream_unary(
                 step.path, request_serializer=None,
@@ -341,17 +353,85 @@ def receive_bulk(step: ReceiveBulk, tls: ssl.SSLContext | None = None,
     return "bulk"
 
 
-def resolve_data_plane(client: BaseClient) -> None:
-    """Resolve the data plane's address once its port is known (in the parent, before any
-    fork: a forked client connects to the address, never resolving a name itself)."""
-    host = client._bulk_host
-    if client._data_port is not None and client._data_addr is None and host is not None:
+def channel_target(address: str | Sequence[str]) -> str:
+    """The gRPC target of a client's address: an address as it is; a list as one
+    ``ipv4:``/``ipv6:`` list (names resolved here, once per channel: each name's first
+    IPv4 address where every name has one, else its first IPv6 address), which the
+    client's ``round_robin`` policy spreads calls over."""
+    if isinstance(address, str):
+        return address
+    target = literal_target(address)
+    if target is not None:
+        return target
+    found: list[tuple[str, dict[int, str]]] = []
+    for a in address:
+        host, port = split_host_port(a)
         try:
-            info = socket.getaddrinfo(host, client._data_port,
-                                      type=socket.SOCK_STREAM)
-        except OSError:
-            return  # a forked client then says it does not know the data plane
-        client._data_addr = (info[0][0], info[0][4])
+            info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ServerUnavailable(f"cannot resolve {a}: {exc}") from None
+        ips: dict[int, str] = {}
+        for family, _, _, _, sockaddr in info:
+            ips.setdefault(int(family), str(sockaddr[0]))
+        found.append((port, ips))
+    for family, form in ((socket.AF_INET, "{}:{}"), (socket.AF_INET6, "[{}]:{}")):
+        if all(family in ips for _, ips in found):
+            target = literal_target([form.format(ips[family], port) for port, ips in found])
+            assert target is not None
+            return target
+    raise ServerUnavailable(
+        f"the addresses {', '.join(address)} resolve to IPv4 addresses for some and IPv6 "
+        f"for others; one channel takes one family: list addresses of one")
+
+
+def resolve_data_plane(client: BaseClient, discover: bool = True) -> None:
+    """Resolve every data plane announced to the client (in the parent, before any fork:
+    a forked client connects to the addresses, never resolving a name itself). With
+    `discover`, a client with several replicas first asks each one (once per process) for
+    its data plane, so that a forked client knows them all (see `_direct_flow`)."""
+    if discover and len(client.replicas) > 1 and client._discovered != os.getpid():
+        client._discovered = os.getpid()
+        _discover(client)
+    known = {(p[0], p[1]): p for p in client._data_planes}
+    if list(known) == list(client._announced):
+        return
+    planes = []
+    for host, port in client._announced:
+        plane = known.get((host, port))
+        if plane is None:
+            try:
+                info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError:
+                continue  # a forked client then says it does not know the data plane
+            plane = (host, port, info[0][0], info[0][4])
+        planes.append(plane)
+    client._data_planes = planes
+
+
+def _discover(client: BaseClient) -> None:
+    """Ask every replica of the client, each over a channel of its own, for its data plane
+    (`ListTensors` announces it). A replica that does not answer within a few seconds is
+    left out."""
+    timeout = _CONNECT_SECONDS if client.timeout is None else min(client.timeout,
+                                                                   _CONNECT_SECONDS)
+    options = channel_options(0) + client._credentials.grpc_options()
+    for address in client.replicas:
+        if client.tls is None:
+            channel = grpc.insecure_channel(address, options=options)
+        else:
+            ca, cert, key = client._tls_pem()
+            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(ca, key, cert),
+                                          options=options)
+        with channel:
+            call = channel.unary_unary(f"/{SERVICE}/ListTensors",
+                                       request_serializer=_pb.ListTensorsRequest.SerializeToString,
+                                       response_deserializer=None)
+            try:
+                _, done = call.with_call(_pb.ListTensorsRequest(), timeout=timeout,
+                                         metadata=client._metadata)
+            except grpc.RpcError:
+                continue
+            client._note_port(done.trailing_metadata(), bulk_host(address))
 
 
 def call_direct(step: CallDirect, metadata: tuple[tuple[str, str], ...] | None = None,

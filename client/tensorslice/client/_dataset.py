@@ -83,7 +83,7 @@ class _Columns:
 
     def __init__(
         self,
-        source: str | Client | ClusterClient,
+        source: str | Sequence[str] | Client | ClusterClient,
         names: str | Sequence[str],
         dim: int,
         timeout: float | None,
@@ -136,13 +136,14 @@ class RemoteTensorDataset(torch.utils.data.Dataset[Any]):
     ``DataLoader(ds, batch_size=B, collate_fn=ds.collate)`` to get the fetched batch as
     is (the batch dimension first), with no further copy.
 
-    `source` is an address, a `Client` (its timeout then applies) or a `ClusterClient`
-    (sharded tensors); `dtype` asks the server to cast (e.g. ``"float16"``).
+    `source` is an address, a list of replicas' addresses (see `Client`), a `Client` (its
+    timeout then applies) or a `ClusterClient` (sharded tensors); `dtype` asks the server
+    to cast (e.g. ``"float16"``).
     """
 
     def __init__(
         self,
-        source: str | Client | ClusterClient,
+        source: str | Sequence[str] | Client | ClusterClient,
         names: str | Sequence[str],
         dim: int = 0,
         *,
@@ -205,7 +206,7 @@ class RemoteTensorIterableDataset(torch.utils.data.IterableDataset[Any]):
 
     def __init__(
         self,
-        source: str | Client | ClusterClient,
+        source: str | Sequence[str] | Client | ClusterClient,
         names: str | Sequence[str],
         dim: int = 0,
         *,

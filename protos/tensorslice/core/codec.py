@@ -20,6 +20,7 @@ import torch
 from tensorslice.core.errors import InvalidSelection, TensorSliceError
 
 __all__ = [
+    "DATA_HOST_KEY",
     "DATA_PORT_KEY",
     "DIRECT_MAGIC",
     "DTYPE_NAMES",
@@ -76,6 +77,9 @@ one whole call, for clients that cannot use gRPC (a process forked from a gRPC u
 
 DATA_PORT_KEY = "tensorslice-data-port"
 """Trailing metadata of `ListTensors` and `DescribeTensor`: the data plane's port."""
+DATA_HOST_KEY = "tensorslice-data-host"
+"""Trailing metadata beside `DATA_PORT_KEY`: the host the server advertises (`serve
+--advertise-host`, else its bind host), where it has one."""
 
 # torch dtype <-> safetensors dtype code
 _ST_CODES: dict[torch.dtype, str] = {

@@ -241,14 +241,16 @@ class SliceChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., ticket: _Optional[_Union[BulkTicket, _Mapping]] = ...) -> None: ...
 
 class BulkTicket(_message.Message):
-    __slots__ = ("port", "token", "nbytes")
+    __slots__ = ("port", "token", "nbytes", "host")
     PORT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
     port: int
     token: bytes
     nbytes: int
-    def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    host: str
+    def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ..., nbytes: _Optional[int] = ..., host: _Optional[str] = ...) -> None: ...
 
 class PlanStep(_message.Message):
     __slots__ = ("kind", "dim", "detail", "bytes_moved", "order")

@@ -127,6 +127,10 @@ class BulkServer:
         self.handshake_timeout = handshake_timeout
         self.send_timeout = send_timeout
         self.direct: DirectHandler | None = None  # set by the service that answers them
+        self.advertised_host = ""
+        """The host tickets and announcements name (`ServerConfig.advertise_host`, else
+        the bind host where it is one address); "": none, the client uses the host it
+        called."""
         self.ssl_context = ssl_context
         """TLS for every connection (the gRPC port's certificate), or None for plain TCP."""
         self._pending: dict[bytes, _Transfer] = {}

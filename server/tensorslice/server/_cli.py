@@ -86,6 +86,19 @@ def _seconds(text: str) -> float:
     return value
 
 
+def parse_rows(text: str) -> tuple[int, int]:
+    """A row range ``START:STOP`` of dimension 0 (``0 <= START <= STOP``)."""
+    start, sep, stop = text.partition(":")
+    if not (sep and start.strip().isdigit() and stop.strip().isdigit()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a row range: START:STOP, two whole numbers, e.g. 0:1000")
+    rows = int(start), int(stop)
+    if rows[0] > rows[1]:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a row range: START {rows[0]} is beyond STOP {rows[1]}")
+    return rows
+
+
 def _log_level(text: str) -> str:
     level = text.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
@@ -153,12 +166,14 @@ def plan_sources(tensors: Sequence[str], dirs: Sequence[str]) -> list[Source]:
     return sources
 
 
-def load(store: TensorStore, sources: Sequence[Source], *, progress: bool = True) -> None:
-    """Load every source into `store`; with none, the generated demo tensor."""
+def load(store: TensorStore, sources: Sequence[Source], *, progress: bool = True,
+         rows: tuple[int, int] | None = None) -> None:
+    """Load every source into `store` (only `rows` of dimension 0 of each, where given);
+    with none, the generated demo tensor."""
     from tensorslice.server._store import DEMO_DIM_NAMES, DEMO_NAME, demo_tensor
 
     for s in sources:
-        store.load_file(s.path, s.key, s.name, progress=progress)
+        store.load_file(s.path, s.key, s.name, progress=progress, rows=rows)
     if len(store) == 0:
         store.add(DEMO_NAME, demo_tensor(), dim_names=DEMO_DIM_NAMES, source="generated demo")
 
@@ -246,6 +261,7 @@ def _start(
         write_token=write_token,
         unix_socket=args.unix,
         max_connection_age=args.max_connection_age,
+        advertise_host=args.advertise_host,
     )
     try:
         server, port = create_server(store, f"{args.host}:{args.port}", config)
@@ -253,7 +269,9 @@ def _start(
         raise UsageError(str(exc)) from None
     if store.persist is not None:
         store.restore()
-    load(store, sources, progress=not args.no_progress)
+    if args.rows is not None and not sources:
+        raise UsageError("--rows takes rows of the files --tensor and --dir name; none given")
+    load(store, sources, progress=not args.no_progress, rows=args.rows)
     return server, port, store, token, tls
 
 
@@ -372,6 +390,37 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
+_CLUSTER_SETS = ("--port", "--bulk-port", "--rows", "--unix")
+"""serve options the cluster sets for each server itself."""
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from tensorslice.server._cluster import ClusterError, launch
+
+    passed = list(getattr(args, "serve_args", []))
+    owned = [a for a in passed if a.split("=", 1)[0] in _CLUSTER_SETS]
+    if owned:
+        raise UsageError(f"{', '.join(owned)}: the cluster sets these for each server "
+                         f"(--base-port, --rows-split)")
+    # Every other option goes to each server as it is: checked here, before any starts.
+    build_parser().parse_args(["serve", *passed])
+    try:
+        return launch(args, passed)
+    except ClusterError as exc:
+        if exc.status == 2:
+            raise UsageError(str(exc)) from None
+        print(f"tensorslice cluster: {exc}", file=sys.stderr, flush=True)
+        return exc.status
+
+
+def _cuts(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of row numbers, e.g. 1000,2500") from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tensorslice.server._demo import run_demo
 
@@ -406,12 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also listen for gRPC on this Unix domain socket (clients on this "
                         "host: unix:PATH; large results still use the bulk data plane, "
                         "reached on loopback)")
+    s.add_argument("--advertise-host", default=None, metavar="HOST",
+                   help="the host bulk tickets name, where clients reach this server "
+                        "(replicas behind one name need it) (default: the --host where "
+                        "it is one address; none for 0.0.0.0 or ::, and clients use the host "
+                        "they called)")
     s.add_argument("--tensor", action="append", default=[], metavar="NAME=PATH[:KEY]",
                    help="serve one tensor of a safetensors file as NAME; KEY names it in a "
                         "file of several (repeatable)")
     s.add_argument("--dir", action="append", default=[], metavar="DIR",
                    help="serve every tensor of every .safetensors file in DIR, named by its "
                         "key, or FILESTEM/KEY for a key in several files (repeatable)")
+    s.add_argument("--rows", type=parse_rows, default=None, metavar="START:STOP",
+                   help="load only rows [START, STOP) of dimension 0 of each tensor of "
+                        "--tensor and --dir (one shard of a tensor split by rows) "
+                        "(default: every row)")
     s.add_argument("--device", default="cpu", metavar="cpu|cuda|cuda:N",
                    help="where the tensors live (default: %(default)s)")
     s.add_argument("--max-device-memory", type=parse_bytes, default=None, metavar="BYTES",
@@ -524,6 +582,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deadline of the call (default: %(default)s)")
     h.set_defaults(fn=cmd_health)
 
+    c = sub.add_parser(
+        "cluster", help="start shards x replicas of serve on this host", parents=[common],
+        allow_abbrev=False,
+        description="Start --shards x --replicas serve processes on this host, "
+                    "the tensors' rows split over the shards; write the cluster spec once "
+                    "every server is healthy. Other serve options go to every server.")
+    c.add_argument("--shards", type=int, required=True, metavar="N",
+                   help="shards: the rows of dimension 0 are split over them")
+    c.add_argument("--replicas", type=int, default=1, metavar="R",
+                   help="servers per shard, each holding the shard's rows "
+                        "(default: %(default)s)")
+    c.add_argument("--tensor", action="append", default=[], metavar="NAME=PATH[:KEY]",
+                   help="a tensor to split (repeatable; all of one length along dimension 0)")
+    c.add_argument("--dir", action="append", default=[], metavar="DIR",
+                   help="every tensor of every .safetensors file in DIR (repeatable)")
+    c.add_argument("--spec-out", required=True, metavar="FILE",
+                   help="write the cluster spec (JSON) here once every server is healthy")
+    c.add_argument("--rows-split", type=_cuts, default=[], metavar="C1,C2,...",
+                   help="cut the rows at these row numbers (shards - 1 of them, increasing) "
+                        "instead of evenly")
+    c.add_argument("--host", default="127.0.0.1",
+                   help="address every server listens on (default: %(default)s)")
+    c.add_argument("--base-port", type=int, default=0, metavar="P",
+                   help="server k (shard-major) takes gRPC port P+2k and bulk port P+2k+1 "
+                        "(default: %(default)s: free ports)")
+    c.add_argument("--startup-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="every server must be healthy within this (default: %(default)s)")
+    c.set_defaults(fn=cmd_cluster)
+
     d = sub.add_parser("demo", help="a server and a client in one process", parents=[common],
                        description="A server and a client in one process: the three slicing "
                                    "patterns, their plans and timings.")
@@ -533,7 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "cluster":
+            parser.parse_args(argv)  # the usual error: unrecognized arguments
+        args.serve_args = extra
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -54,6 +54,7 @@ class ServerConfig:
         shm_max_bytes: int | None = None,
         max_connection_age: float = 0.0,
         max_connection_age_grace: float = 30.0,
+        advertise_host: str | None = None,
     ) -> None:
         memory = machine_memory()
         self.max_result_bytes = (
@@ -135,6 +136,12 @@ class ServerConfig:
         self.max_connection_age_grace = max_connection_age_grace
         """Seconds the calls still running on a connection past its age get to finish
         before it is closed."""
+        self.advertise_host = advertise_host
+        """The host bulk tickets (and the data plane's announcement) name, where clients
+        reach this server: replicas behind one load-balanced name need it, since a second
+        connection to the name may land on another replica. None: the bind host where it
+        is one address; for a wildcard bind (``0.0.0.0``, ``::``) none, and clients use
+        the host they called."""
 
     def __repr__(self) -> str:
         shown = {k: ("'***'" if k in ("token", "write_token") and v is not None else repr(v))

@@ -300,7 +300,8 @@ class Calls:
                 # The ticket owns what the result holds until it is sent or expires.
                 token = self.bulk.offer(_holding(itertools.chain((header,), body), planned),
                                         size, hold.move())
-                ticket = _pb.BulkTicket(port=self.bulk.port, token=token, nbytes=size)
+                ticket = _pb.BulkTicket(port=self.bulk.port, token=token, nbytes=size,
+                                        host=self.bulk.advertised_host)
                 return _pb.SliceChunk(ticket=ticket).SerializeToString()
             raise self._refusal(size, bulk_requested)
         finally:

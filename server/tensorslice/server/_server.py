@@ -24,7 +24,8 @@ from tensorslice.server._metrics import Metrics, MetricsInterceptor, ServerColle
 from tensorslice.server._service import WRITE_METHODS, TensorSliceService, generic_handler
 from tensorslice.server._store import TensorStore
 
-__all__ = ["AddressInUse", "TensorSliceServer", "create_server", "server_options"]
+__all__ = ["AddressInUse", "TensorSliceServer", "advertised_host", "create_server",
+           "server_options"]
 
 
 
@@ -126,6 +127,18 @@ def _add_unix_port(grpc_server: grpc.Server, path: str,
                            f"its directory missing, or the path longer than 107 bytes")
 
 
+def advertised_host(bind_host: str, advertise: str | None) -> str:
+    """The host a server names in its bulk tickets: `advertise` where given, else the bind
+    host where it is one address; "" for a wildcard bind (clients then use the host they
+    called)."""
+    if advertise:
+        return advertise
+    return "" if bind_host in _WILDCARDS else bind_host
+
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
+
+
 def create_server(
     store: TensorStore,
     address: str = "127.0.0.1:0",
@@ -195,6 +208,7 @@ def create_server(
     service = TensorSliceService(store, config, bulk)
     if bulk is not None:
         bulk.direct = service.direct
+        bulk.advertised_host = advertised_host(host, config.advertise_host)
     grpc_server.add_generic_rpc_handlers((generic_handler(service),))
     health = _health.HealthServicer()
     for name in ("", SERVICE_NAME):

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2 as _health_pb2
 
-from tensorslice.core.codec import DATA_PORT_KEY, dtype_name, split_chunk
+from tensorslice.core.codec import DATA_HOST_KEY, DATA_PORT_KEY, dtype_name, split_chunk
 from tensorslice.core.endpoint import SERVICE_NAME
 from tensorslice.core.errors import (
     ERROR_CLASS_KEY,
@@ -116,7 +116,10 @@ class TensorSliceService:
         """Tell the client the data plane's port (`DATA_PORT_KEY`, trailing metadata): it
         learns it before it is forked (a forked client calls over the data plane only)."""
         if context is not None and self.bulk is not None:
-            context.set_trailing_metadata(((DATA_PORT_KEY, str(self.bulk.port)),))
+            announced = [(DATA_PORT_KEY, str(self.bulk.port))]
+            if self.bulk.advertised_host:
+                announced.append((DATA_HOST_KEY, self.bulk.advertised_host))
+            context.set_trailing_metadata(tuple(announced))
 
     def direct(self, method: str, authorization: bytes, data: bytes) -> DirectAnswer:
         """A whole call over the data plane (`BulkServer`'s direct requests, from clients in

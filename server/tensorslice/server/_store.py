@@ -7,7 +7,7 @@ import math
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from tensorslice.core.codec import DTYPE_NAMES, dtype_from_code
 from tensorslice.core.errors import (
     InvalidSelection,
     ResultTooLarge,
+    SelectionOutOfRange,
     TensorExists,
     TensorNotFound,
     VersionGone,
@@ -460,9 +461,11 @@ class TensorStore:
 
     def load_file(
         self, path: str | os.PathLike[str], key: str | None = None, name: str | None = None,
-        *, progress: bool = True,
+        *, progress: bool = True, rows: tuple[int, int] | None = None,
     ) -> Entry:
-        """Load one tensor of a safetensors file; `key` may be omitted for one-tensor files."""
+        """Load one tensor of a safetensors file; `key` may be omitted for one-tensor files.
+        `rows` (start, stop) loads only those rows of dimension 0 (a shard of the tensor),
+        read slab by slab from the file: the rest is never read."""
         path = Path(path)
         if not path.is_file():
             raise TensorNotFound(f"no such file: {path}")
@@ -478,10 +481,14 @@ class TensorStore:
             if key not in keys:
                 raise TensorNotFound(f"{path} holds no tensor {key!r}; it holds: {', '.join(keys)}")
             meta = f.metadata()
-            ndim = len(f.get_slice(key).get_shape())
-            names = _dim_names_from(meta, key, ndim, path)
-            storage = self._read(f, key, f"{name or key}", progress)  # reserves its bytes
-        return self._put(name or key, storage, names, f"{path}:{key}")
+            shape = f.get_slice(key).get_shape()
+            names = _dim_names_from(meta, key, len(shape), path)
+            source = f"{path}:{key}"
+            if rows is not None:
+                _check_rows(name or key, path, shape, rows)
+                source += f" rows {rows[0]}:{rows[1]}"
+            storage = self._read(f, key, f"{name or key}", progress, rows)  # reserves bytes
+        return self._put(name or key, storage, names, source)
 
     def load_dir(self, directory: str | os.PathLike[str], *, progress: bool = True) -> list[Entry]:
         """Load every tensor of every `.safetensors` file in `directory`, named as
@@ -507,18 +514,23 @@ class TensorStore:
         return [(k if owners[k] == 1 else f"{fp.stem}/{k}", fp, k)
                 for fp, ks in keys.items() for k in ks]
 
-    def _read(self, f: object, key: str, label: str, progress: bool) -> Storage:
-        """Read a tensor slab by slab (at most `_LOAD_SLAB_BYTES` of host memory at a time)
-        straight into a storage on the store's device, its bytes counted in the budget."""
+    def _read(self, f: object, key: str, label: str, progress: bool,
+              rows: tuple[int, int] | None = None) -> Storage:
+        """Read a tensor (or `rows` of its dimension 0) slab by slab (at most
+        `_LOAD_SLAB_BYTES` of host memory at a time) straight into a storage on the store's
+        device, its bytes counted in the budget."""
         sl = f.get_slice(key)  # type: ignore[attr-defined]
         shape = tuple(sl.get_shape())
+        first = 0
+        if rows is not None:
+            first, shape = rows[0], (rows[1] - rows[0], *shape[1:])
         dtype = dtype_from_code(sl.get_dtype())
         if dtype is None:
             raise InvalidSelection(f"tensor {key!r} has unsupported dtype {sl.get_dtype()}")
         storage = self.allocate(label, dtype, shape, "loading")
         out = storage.tensor
         nbytes = out.numel() * out.element_size()
-        if not shape:
+        if not shape:  # (never with rows: a 0-d tensor has no dimension 0)
             out.copy_(f.get_tensor(key))  # type: ignore[attr-defined]
             return storage
         if nbytes == 0:
@@ -528,8 +540,21 @@ class TensorStore:
             disable=not progress or nbytes < _PROGRESS_MIN_BYTES, mininterval=0.5,
         )
         with bar:
-            _read_into(sl, out, (), _LOAD_SLAB_BYTES, bar.update)
+            _read_into(sl, out, (), _LOAD_SLAB_BYTES, bar.update, first)
         return storage
+
+
+def _check_rows(name: str, path: Path, shape: Sequence[int], rows: tuple[int, int]) -> None:
+    """Refuse rows that are not within dimension 0 of the file's tensor, naming both."""
+    start, stop = rows
+    if not shape:
+        raise InvalidSelection(
+            f"rows {start}:{stop} of tensor {shorten(name, 80)!r} ({path}): a 0-d tensor has "
+            f"no dimension 0 to take rows of")
+    if not 0 <= start <= stop <= shape[0]:
+        raise SelectionOutOfRange(
+            f"rows {start}:{stop} of tensor {shorten(name, 80)!r} ({path}) are out of range "
+            f"for dimension 0 of size {shape[0]}")
 
 
 def _check_dim_names(name: str, names: tuple[str, ...], ndim: int) -> tuple[str, ...]:
@@ -561,22 +586,24 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 def _read_into(
     sl: Any, out: torch.Tensor, prefix: tuple[slice, ...], slab_bytes: int,
-    done: Callable[[int], object],
+    done: Callable[[int], object], first: int = 0,
 ) -> None:
     """Copy the region `prefix` of a safetensors slice into the same region of `out`, in
     reads of at most `slab_bytes` (down to one innermost run where a run is larger): the
-    host never holds more than one slab, whatever the shape."""
+    host never holds more than one slab, whatever the shape. Row ``i`` of `out` is row
+    ``first + i`` of the file's tensor."""
     d = len(prefix)
     shape = out.shape
     row = math.prod(shape[d + 1 :]) * out.element_size()
     if row > slab_bytes and d + 1 < len(shape):
         for i in range(shape[d]):
-            _read_into(sl, out, (*prefix, slice(i, i + 1)), slab_bytes, done)
+            _read_into(sl, out, (*prefix, slice(i, i + 1)), slab_bytes, done, first)
         return
     step = max(1, slab_bytes // max(row, 1))
     for a in range(0, shape[d], step):
         idx = (*prefix, slice(a, min(a + step, shape[d])))
-        piece = sl[idx]
+        lead = idx[0]
+        piece = sl[(slice(lead.start + first, lead.stop + first), *idx[1:])]
         target = out[idx]
         target.copy_(piece.reshape(target.shape))
         done(piece.numel() * piece.element_size())

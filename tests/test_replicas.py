@@ -409,3 +409,19 @@ def test_rows_option_refuses(text: str, message: str) -> None:
 def test_serve_parses_rows_and_advertise_host() -> None:
     args = build_parser().parse_args(["serve", "--rows", "10:20", "--advertise-host", "h"])
     assert args.rows == (10, 20) and args.advertise_host == "h"
+
+
+@pytest.mark.unit
+@pytest.mark.gpu
+@pytest.mark.parametrize("slab", [1 << 20, 300])
+def test_rows_load_straight_onto_the_device(rows_file: tuple[Path, torch.Tensor], slab: int,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import tensorslice.server._store as store_mod
+
+    monkeypatch.setattr(store_mod, "_LOAD_SLAB_BYTES", slab)
+    path, t = rows_file
+    store = TensorStore(device="cuda")
+    entry = store.load_file(path, rows=(7, 31))
+    assert entry.tensor.device.type == "cuda"
+    assert torch.equal(entry.tensor.cpu(), t[7:31])
+    assert store.device_memory_used == t[7:31].numel() * 4

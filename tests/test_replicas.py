@@ -316,7 +316,7 @@ def test_bulk_tickets_name_the_replica_that_holds_the_result(
     port1 = a1.rsplit(":", 1)[1]
     # Two host spellings: the client cannot tell which host a ticket's port is on, so
     # only the ticket's own host (127.0.0.1, the bind host) makes bulk transfers work.
-    with Client([a0, f"localhost:{port1}"], timeout=30) as c:
+    with Client([a0, f"localhost:{port1}"], timeout=30, same_host=False) as c:
         assert c._bulk_host is None
         x = c.tensor("x")
         big = [x[0:32] for _ in range(6)]  # 512 KiB each: inline

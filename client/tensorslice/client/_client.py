@@ -6,6 +6,7 @@ module only runs the calls, with blocking gRPC.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import struct

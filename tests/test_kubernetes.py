@@ -161,7 +161,11 @@ def test_cluster_spec_names_the_services() -> None:
                         if p["name"] == "grpc"}, f"shard {shard}: {address}"
         sts = next(s for s in sets.values() if s["spec"]["serviceName"] == service)
         (container,) = sts["spec"]["template"]["spec"]["containers"]
-        assert _serve_args(container).port == port
+        args = _serve_args(container)
+        assert args.port == port
+        (piece,) = [p for p in spec["tensors"]["acts"] if p["shard"] == shard]
+        assert list(args.rows) == piece["rows"], f"shard {shard}: --rows is not the spec's"
+        assert args.advertise_host, f"shard {shard}: tickets would name the Service"
     served = {s["spec"]["serviceName"] for s in sets.values()}
     named = {a.split("/")[3].split(".")[0] for addrs in spec["shards"].values() for a in addrs}
     assert named == served, "a StatefulSet that no shard of the spec names, or the reverse"

@@ -62,7 +62,7 @@ def test_metrics_count_calls_bytes_and_state(served: tuple[Any, str]) -> None:
     with Client(address, timeout=10, token=TOKEN) as c:
         x = c.tensor("x")
         x[0:1]  # 32 KiB: inline
-        x[0:1]  # the same request: a plan-cache hit
+        x[0:1]  # the same request: an answer-cache hit
         x[0:40]  # 1.25 MiB: bulk
         c.slice_bytes("y", ())
     with Client(address, timeout=10) as c, pytest.raises(Unauthenticated):
@@ -88,7 +88,7 @@ def test_metrics_count_calls_bytes_and_state(served: tuple[Any, str]) -> None:
     assert after[("tensorslice_tensors", (("device", "cpu"),))] == 2
     assert after[("tensorslice_tensor_bytes", (("device", "cpu"),))] == X.nbytes + 80
     assert after[("tensorslice_device_memory_used_bytes", (("device", "cpu"),))] == X.nbytes + 80
-    assert after[("tensorslice_plan_cache_hits_total", ())] >= 1
+    assert after[("tensorslice_answer_cache_hits_total", ())] >= 1
     assert after[("tensorslice_plan_cache_misses_total", ())] >= 3
     assert after[("tensorslice_bulk_tickets_pending", ())] == 0
     assert after[("tensorslice_bulk_tickets_expired_total", ())] == 0

@@ -146,19 +146,15 @@ class AsyncClient(BaseClient):
             with map_rpc_errors():
                 return await upload(step.messages, timeout=step.timeout,
                                     metadata=self._metadata)
-        serialize = type(step.request).SerializeToString
         if isinstance(step, CallUnary):
-            deserialize = None if step.response_cls is None else step.response_cls.FromString
-            call = self._chan().unary_unary(step.path, request_serializer=serialize,
-                                            response_deserializer=deserialize)
+            call = self._stub("unary_unary", step.path, step.response_cls)
             with map_rpc_errors(self._connect_hint()):
                 pending = call(step.request, timeout=step.timeout, metadata=self._metadata)
                 response = await pending
                 self._note_port(await pending.trailing_metadata())
             resolve_data_plane(self, discover=False)
             return response
-        stream = self._chan().unary_stream(step.path, request_serializer=serialize,
-                                           response_deserializer=None)
+        stream = self._stub("unary_stream", step.path, None)
         with map_rpc_errors(self._connect_hint()):
             async for chunk in stream(step.request, timeout=step.timeout,
                                       metadata=self._metadata):
@@ -278,7 +274,10 @@ class AsyncRemoteTensor(BaseRemoteTensor[AsyncClient]):
         return pinned
 
     def __getitem__(self, index: object) -> Coroutine[Any, Any, torch.Tensor]:
-        return self._values(self._sel(index, Combine.VECTORIZED))
+        return self._read_values(self._read(index))
+
+    async def _read_values(self, op: Stream[dict[str, torch.Tensor]]) -> torch.Tensor:
+        return (await self.client._call(op, DEFAULT))["values"]
 
     def fetch(self) -> Coroutine[Any, Any, torch.Tensor]:
         """The whole tensor."""

@@ -13,6 +13,7 @@ return the same results.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import enum
 import json
 import math
@@ -94,7 +95,9 @@ __all__ = [
     "Upload",
     "bulk_host",
     "channel_options",
+    "index_key",
     "make_selection",
+    "serialize",
 ]
 
 SERVICE = SERVICE_NAME
@@ -178,6 +181,9 @@ class Stream(Generic[R]):
     finish: Callable[[Assembler], R]
     as_bytes: bool = False
     share_memory: bool = False
+    fetch_request: bytes = b""
+    """`request` serialized once, where the operation is run again as it is (a handle
+    reading the same index again): the `Fetch` call sends these bytes."""
 
     @property
     def path(self) -> str:
@@ -292,7 +298,8 @@ class Deadline:
 
 @dataclass(frozen=True)
 class CallUnary:
-    """A unary call; the outcome is its response (bytes where `response_cls` is None)."""
+    """A unary call; the outcome is its response (bytes where `response_cls` is None).
+    `request` is a message, or one already serialized (bytes)."""
 
     path: str
     request: Any
@@ -368,6 +375,11 @@ os.register_at_fork(after_in_child=lambda: globals().update(_COUNT_LOCK=threadin
 Flow = Generator[Step, Any, R]
 
 _BULK_CONNECT_SECONDS = 5.0
+
+
+def serialize(message: Any) -> bytes:
+    """A request's bytes: a message serialized, or bytes as they are."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def unary_flow(op: Unary[R], deadline: Deadline) -> Flow[R]:
@@ -472,6 +484,7 @@ class BaseClient:
         self._discovered = 0  # the process whose client asked every replica for its plane
         self._direct_next = 0  # the data plane a forked client tries first
         self._channel: Any = None
+        self._stubs: dict[tuple[str, str, Any], Any] = {}  # the channel's, by `_stub`
         self._pid = 0
 
     @property
@@ -528,7 +541,25 @@ class BaseClient:
     def _set_channel(self, channel: Any) -> Any:
         self._channel = channel
         self._pid = os.getpid()
+        self._stubs = {}
         return channel
+
+    def _stub(self, kind: str, path: str, response_cls: Any) -> Any:
+        """The channel's callable for `path` (``unary_unary`` or ``unary_stream``), made once
+        per channel: making one costs about as much as a small call's own work. Requests
+        go as messages or as bytes already serialized (`serialize`)."""
+        channel = self._chan()
+        key = (kind, path, response_cls)
+        stub = self._stubs.get(key)
+        if stub is None:
+            deserialize = None if response_cls is None else response_cls.FromString
+            stub = getattr(channel, kind)(path, request_serializer=serialize,
+                                          response_deserializer=deserialize)
+            self._stubs[key] = stub
+        return stub
+
+    def _chan(self) -> Any:
+        raise NotImplementedError
 
     def _deadline(self, timeout: Timeout) -> float | None:
         return self.timeout if isinstance(timeout, Default) else timeout
@@ -536,6 +567,7 @@ class BaseClient:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_channel"] = None
+        state["_stubs"] = {}
         state["_pid"] = 0
         return state
 
@@ -573,14 +605,16 @@ class BaseClient:
         stream where the server refuses (FAILED_PRECONDITION: large, and no bulk listener)
         or the bulk port cannot be reached (then this client asks for no more tickets)."""
         request = op.request
+        first: Any = op.fetch_request or request
         if not self._bulk_ok:
             request = type(request)()
             request.CopyFrom(op.request)
             request.bulk = False
+            first = request
         attempts = 1 + (self.retries if len(self.replicas) > 1 or self.balanced else 0)
         try:
             for attempt in range(attempts):
-                frame = yield CallUnary(op.fetch_path, request, None, deadline.left())
+                frame = yield CallUnary(op.fetch_path, first, None, deadline.left())
                 asm = op.assembler()
                 data, raw_ticket = split_chunk(frame)
                 if raw_ticket is None:
@@ -788,6 +822,7 @@ class BaseRemoteTensor(Generic[C]):
         self._dtype = dtype
         self._max_bytes = max_bytes
         self._pinned = 0  # a version this handle reads (0: the newest)
+        self._reads: dict[object, Stream[dict[str, torch.Tensor]]] = {}  # by `index_key`
 
     @property
     def version(self) -> int:
@@ -799,6 +834,7 @@ class BaseRemoteTensor(Generic[C]):
         out = type(self).__new__(type(self))
         out.__dict__.update(self.__dict__)
         out._pinned = self.info.version if version is None else version
+        out._reads = {}
         if out._pinned < 0:
             raise InvalidSelection(f"version must not be negative; got {out._pinned}")
         return out
@@ -842,11 +878,28 @@ class BaseRemoteTensor(Generic[C]):
         out = type(self).__new__(type(self))
         out.__dict__.update(self.__dict__)
         out._dtype = dtype_name(dtype)
+        out._reads = {}
         if max_bytes is not None:
             out._max_bytes = max_bytes
         return out
 
     # ------------------------------------------------------------------ selections
+    def _read(self, index: object) -> Stream[dict[str, torch.Tensor]]:
+        """The operation of ``self[index]``. An index of ints, slices, None and ``...``
+        read again reuses it, its request serialized once (the request is a function of
+        the index and the handle alone); any other index is read afresh."""
+        key = index_key(index)
+        op = None if key is None else self._reads.get(key)
+        if op is None:
+            sel = self._sel(index, Combine.VECTORIZED)
+            op = BaseClient._op_slice(self.name, sel, self._pinned)
+            if key is not None:
+                op = dataclasses.replace(op, fetch_request=op.request.SerializeToString())
+                if len(self._reads) >= _READS_KEPT:
+                    self._reads.clear()
+                self._reads[key] = op
+        return op
+
     def _sel(self, index: object, combine: Combine) -> Selection:
         return make_selection(index, combine, self._dtype, self._max_bytes,
                               (self.name, self.ndim))
@@ -914,6 +967,31 @@ class BaseRemoteTensor(Generic[C]):
     def _label(self, d: int) -> str:
         names = self.info.dim_names
         return f"dimension {d} ({names[d]})" if d < len(names) else f"dimension {d}"
+
+
+_READS_KEPT = 64  # indexes whose operations a handle keeps
+
+
+def _key_item(item: object) -> object:
+    if item is None or item is Ellipsis or type(item) is int:
+        return item
+    if type(item) is slice and all(v is None or type(v) is int
+                                   for v in (item.start, item.stop, item.step)):
+        return ("slice", item.start, item.stop, item.step)
+    return _NO_KEY
+
+
+_NO_KEY = object()
+
+
+def index_key(index: object) -> object:
+    """A hashable key that stands for `index` exactly, where it is made of ints (bools
+    excluded), slices of ints, None and ``...`` (alone or in a tuple); None otherwise."""
+    if type(index) is tuple:
+        items = tuple(_key_item(i) for i in index)
+        return None if _NO_KEY in items else ("tuple", *items)
+    item = _key_item(index)
+    return None if item is _NO_KEY else ("one", item)
 
 
 def where_result(out: Mapping[str, torch.Tensor]) -> WhereResult:

@@ -39,7 +39,7 @@ from tensorslice.client._base import (
     channel_options,
     where_result,
 )
-from tensorslice.client._errors import map_rpc_errors
+from tensorslice.client._errors import map_rpc_errors, rpc_error
 from tensorslice.client._receive import recv_exact
 from tensorslice.core.codec import DIRECT_MAGIC, decode_chunk
 from tensorslice.core.endpoint import literal_target, split_host_port
@@ -101,6 +101,7 @@ class Client(BaseClient):
         if self._shm is not None:
             self._shm.close()
         self._channel = None
+        self._stubs = {}
         self._closed = True
 
     def __enter__(self) -> Client:
@@ -139,19 +140,17 @@ class Client(BaseClient):
                 response_deserializer=step.response_cls.FromString)
             with map_rpc_errors():
                 return upload(step.messages, timeout=step.timeout, metadata=self._metadata)
-        serialize = type(step.request).SerializeToString
         if isinstance(step, CallUnary):
-            deserialize = None if step.response_cls is None else step.response_cls.FromString
-            call = self._chan().unary_unary(step.path, request_serializer=serialize,
-                                            response_deserializer=deserialize)
-            with map_rpc_errors(self._connect_hint()):
+            call = self._stub("unary_unary", step.path, step.response_cls)
+            try:
                 response, done = call.with_call(step.request, timeout=step.timeout,
                                                 metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise rpc_error(exc, self._connect_hint()) from None
             self._note_port(done.trailing_metadata())
             resolve_data_plane(self)
             return response
-        stream = self._chan().unary_stream(step.path, request_serializer=serialize,
-                                           response_deserializer=None)
+        stream = self._stub("unary_stream", step.path, None)
         with map_rpc_errors(self._connect_hint()):
             for chunk in stream(step.request, timeout=step.timeout, metadata=self._metadata):
                 step.sink.feed(decode_chunk(chunk))
@@ -282,7 +281,7 @@ class RemoteTensor(BaseRemoteTensor[Client]):
         return pinned
 
     def __getitem__(self, index: object) -> torch.Tensor:
-        return self._values(self._sel(index, Combine.VECTORIZED))
+        return self.client._call(self._read(index), DEFAULT)["values"]
 
     def fetch(self) -> torch.Tensor:
         """The whole tensor."""

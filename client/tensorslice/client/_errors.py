@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import grpc
 
-from tensorslice.core.errors import ERROR_CLASS_KEY, Status, error_from_status
+from tensorslice.core.errors import ERROR_CLASS_KEY, Status, TensorSliceError, error_from_status
 
-__all__ = ["map_rpc_errors", "status_of"]
+__all__ = ["map_rpc_errors", "rpc_error", "status_of"]
 
 
 def status_of(code: grpc.StatusCode) -> Status:
@@ -24,12 +24,17 @@ def map_rpc_errors(connect_hint: str = "") -> Iterator[None]:
     try:
         yield
     except grpc.RpcError as exc:
-        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        if connect_hint and code is grpc.StatusCode.UNAVAILABLE and details \
-                and "failed to connect" in details:
-            details = f"{details} ({connect_hint})"
-        raise error_from_status(status_of(code), details or code.name, _class_name(exc)) from None
+        raise rpc_error(exc, connect_hint) from None
+
+
+def rpc_error(exc: grpc.RpcError, connect_hint: str = "") -> TensorSliceError:
+    """The `TensorSliceError` a `grpc.RpcError` stands for (what `map_rpc_errors` raises)."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if connect_hint and code is grpc.StatusCode.UNAVAILABLE and details \
+            and "failed to connect" in details:
+        details = f"{details} ({connect_hint})"
+    return error_from_status(status_of(code), details or code.name, _class_name(exc))
 
 
 def _class_name(exc: grpc.RpcError) -> str | None:

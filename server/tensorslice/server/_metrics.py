@@ -143,6 +143,9 @@ class ServerCollector(Collector):
                                   value=calls.plan_hits)
         yield CounterMetricFamily("tensorslice_plan_cache_misses",
                                   "Plans made afresh (and cached).", value=calls.plan_misses)
+        yield CounterMetricFamily("tensorslice_answer_cache_hits",
+                                  "Small answers sent again as kept, for the same request "
+                                  "bytes and tensor versions.", value=calls.answers.hits)
 
 
 def _code(context: grpc.ServicerContext) -> grpc.StatusCode | None:

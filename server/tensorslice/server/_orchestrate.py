@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple, TypeVar
 
-from tensorslice.core.codec import encode_chunk
+from tensorslice.core.codec import encode_chunk, split_chunk
 from tensorslice.core.errors import (
     FailedPrecondition,
     InvalidIndex,
@@ -25,6 +25,7 @@ from tensorslice.core.errors import (
     PermissionDenied,
     ResultTooLarge,
     TensorExists,
+    TensorSliceError,
 )
 from tensorslice.core.selection import selection_from_proto
 from tensorslice.server._bulk import BulkServer
@@ -39,10 +40,15 @@ from tensorslice.server._stream import file_nbytes, frames, pieces
 from tensorslice.server._upload import Upload, receive
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
-__all__ = ["MAX_NAME_CHARS", "Calls", "Frames", "Planned", "Transport", "choose_transport"]
+__all__ = ["ANSWER_CACHE_BYTES", "ANSWER_MAX_BYTES", "MAX_NAME_CHARS", "AnswerCache", "Calls",
+           "Frames", "Planned", "Transport", "choose_transport"]
 _BULK_PIECE_BYTES = 16 << 20
 _PLAN_CACHE_SIZE = 1024
 _PLAN_CACHE_KEY_BYTES = 4096  # requests with large index lists are planned afresh
+ANSWER_CACHE_BYTES = 16 << 20
+"""Bytes of small inline answers kept for requests seen again (requests and answers)."""
+ANSWER_MAX_BYTES = 64 << 10
+"""The largest inline answer kept."""
 
 T = TypeVar("T")
 
@@ -82,6 +88,7 @@ class _Item(NamedTuple):  # (a tuple: made on every call, cheaper than a frozen 
     name: str  # what the result's ``values`` is called in the file
     entry: Entry
     plan: Plan
+    asked: int = 0  # the version the request asked for (0: the newest)
 
 
 class Planned(NamedTuple):
@@ -153,6 +160,77 @@ class Frames:
         self._planned = None
 
 
+class _Answer(NamedTuple):
+    reads: tuple[tuple[str, int, int], ...]  # (tensor, version asked for, version read)
+    frame: bytes
+
+
+class AnswerCache:
+    """Inline answers (`Fetch`, `FetchMany`) by the request's exact bytes, for requests
+    seen again (a dashboard polling, a client re-reading a window): no parsing, planning
+    or copying. An answer is valid while every tensor it read would be read again at the
+    same version; versions are never reused and a version's data never changes, so a
+    valid answer is the one the call would make. Bounded in bytes (requests and answers
+    together, least recently used dropped first); holds no tensor memory."""
+
+    def __init__(self, max_bytes: int = ANSWER_CACHE_BYTES,
+                 max_answer: int = ANSWER_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.max_answer = max_answer
+        self._answers: OrderedDict[tuple[str, bytes], _Answer] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0  # answers served from the cache (metrics)
+
+    def get(self, method: str, raw: bytes, store: TensorStore) -> bytes | None:
+        """The answer kept for `raw`, if every tensor it read is still at that version
+        (a version no longer held, or a tensor gone: no answer; the call then says why)."""
+        key = (method, raw)
+        with self._lock:
+            hit = self._answers.get(key)
+            if hit is None:
+                return None
+            self._answers.move_to_end(key)
+        try:
+            for name, asked, read in hit.reads:
+                if store.get(name, asked).version != read:
+                    return None
+        except TensorSliceError:
+            return None
+        with self._lock:
+            self.hits += 1
+        return hit.frame
+
+    def put(self, method: str, raw: bytes, planned: Planned, frame: bytes) -> None:
+        """Keep `frame`, the inline answer to `raw` (a ticket or a large answer is not
+        kept: a ticket is redeemed once)."""
+        size = len(raw) + len(frame)
+        if len(frame) > self.max_answer or len(raw) > _PLAN_CACHE_KEY_BYTES:
+            return
+        if size > self.max_bytes or split_chunk(frame)[1] is not None:
+            return
+        reads = tuple((i.entry.meta.name, i.asked, i.entry.version) for i in planned.items)
+        key = (method, raw)
+        with self._lock:
+            old = self._answers.pop(key, None)
+            if old is not None:
+                self._bytes -= len(raw) + len(old.frame)
+            self._answers[key] = _Answer(reads, frame)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                (_, old_raw), dropped = self._answers.popitem(last=False)
+                self._bytes -= len(old_raw) + len(dropped.frame)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._answers)
+
+
 class Calls:
     """The calls of the service over a store: what `TensorSliceService` translates to."""
 
@@ -168,6 +246,7 @@ class Calls:
         # entry is valid for the tensor version it was planned against.
         self._plans: OrderedDict[bytes, tuple[int, Plan]] = OrderedDict()
         self._plans_lock = threading.Lock()
+        self.answers = AnswerCache()
         self.plan_hits = 0  # plans found in the cache (metrics)
         self.plan_misses = 0  # plans made afresh
 
@@ -220,7 +299,8 @@ class Calls:
             "tensorslice.version": str(entry.version),
             "tensorslice.plan": p.summary(),
         }
-        return Planned((_Item("values", entry, p),), metadata, many=False, limit=0)
+        return Planned((_Item("values", entry, p, request.version),), metadata, many=False,
+                       limit=0)
 
     def planned_many(self, request: _pb.SliceManyRequest) -> Planned:
         """Several selections as one file. Every item is planned (validated) before any
@@ -252,7 +332,7 @@ class Calls:
                     f"item {pos} of SliceMany: result name {sorted(clash)[0]!r} is not unique"
                 )
             reserved |= names
-            items.append(_Item(key, entry, p))
+            items.append(_Item(key, entry, p, named.request.version))
         limit = combined_limit(request.max_bytes, self.config.max_result_bytes)
         _check_total(sum(max(i.plan.result_nbytes, 0) for i in items), limit)
         metadata = {

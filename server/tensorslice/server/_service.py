@@ -93,6 +93,8 @@ class TensorSliceService:
         self.config = config or ServerConfig()
         self.bulk = bulk
         self.calls = Calls(store, self.config, bulk)
+        self._raw_parsers = {name: _parser(_METHODS[name][2], self.calls.budget)
+                             for name in _RAW_METHODS}  # see `_answer`
         self.gate = CallGate(self.config.max_calls, "max_calls, serve --max-calls",
                              wait=self.config.call_wait)
         self.watchdog = StreamWatchdog(self.config.send_timeout)
@@ -215,18 +217,32 @@ class TensorSliceService:
     def Slice(self, request: _pb.SliceRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         return _ending(self.calls.frames(self.calls.planned(request)), context)
 
-    def Fetch(self, request: _pb.SliceRequest, context: grpc.ServicerContext) -> bytes:
-        return self._inline(self.calls.one_message(self.calls.planned(request), request.bulk))
+    def Fetch(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._answer("Fetch", raw)
 
     def SliceMany(self, request: _pb.SliceManyRequest, context: grpc.ServicerContext
                   ) -> Iterator[bytes]:
         return _ending(self.calls.frames(self.calls.planned_many(request)), context)
 
-    def FetchMany(self, request: _pb.SliceManyRequest, context: grpc.ServicerContext
-                  ) -> bytes:
-        return self._inline(
-            self.calls.one_message(self.calls.planned_many(request), request.bulk)
-        )
+    def FetchMany(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._answer("FetchMany", raw)
+
+    def _answer(self, method: str, raw: bytes) -> bytes:
+        """A one-message call from its request's bytes: the answer kept for the same bytes
+        when still valid (`AnswerCache`), else parsed, planned and executed (and kept when
+        small)."""
+        calls = self.calls
+        frame = calls.answers.get(method, raw, self.store)
+        if frame is None:
+            request, release = _unwrap(self._raw_parsers[method](raw))
+            try:
+                planned = (calls.planned_many(request) if method == "FetchMany"
+                           else calls.planned(request))
+                frame = calls.one_message(planned, request.bulk)
+            finally:
+                release()
+            calls.answers.put(method, raw, planned, frame)
+        return self._inline(frame)
 
     def Put(self, requests: Iterable[_pb.UploadChunk], context: grpc.ServicerContext
             ) -> _pb.TensorInfo:
@@ -490,6 +506,9 @@ HEALTH_CHECK = (
     f"{_health_pb2.DESCRIPTOR.services_by_name['Health'].full_name}/Check"
 )
 """The direct request method of the standard health check (the gRPC path less its '/')."""
+# One-message answers: their handlers take the request's bytes (the answer cache's key)
+# and parse them only when no answer is kept.
+_RAW_METHODS = frozenset({"Fetch", "FetchMany"})
 WRITE_METHODS = frozenset({"Put", "Append", "Drop"})
 """The methods that change what the server holds."""
 
@@ -510,10 +529,11 @@ def generic_handler(service: TensorSliceService) -> grpc.GenericRpcHandler:  # t
                 response_serializer=serialize,
             )
         else:
+            # None: the handler gets the bytes (`_answer` parses them, with the budget)
+            parse = None if name in _RAW_METHODS else _parser(request_cls, budget)
             handlers[name] = grpc.unary_unary_rpc_method_handler(
                 _unary(fn, service.gate if counted else None),
-                request_deserializer=_parser(request_cls, budget),
-                response_serializer=serialize,
+                request_deserializer=parse, response_serializer=serialize,
             )
     for name, (request_cls, response_cls) in _UPLOADS.items():
         handlers[name] = grpc.stream_unary_rpc_method_handler(

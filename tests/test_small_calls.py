@@ -80,7 +80,7 @@ def test_a_repeated_read_is_answered_from_the_cache(
 @pytest.mark.e2e
 def test_a_replaced_tensor_is_never_answered_from_an_old_answer(
         served: tuple[TensorSliceServer, Client]) -> None:
-    srv, c = served
+    _, c = served
     t = c.tensor("x")
     assert torch.equal(t[1], X[1])
     c.put("x", X + 1, replace=True)
@@ -93,7 +93,7 @@ def test_a_replaced_tensor_is_never_answered_from_an_old_answer(
 @pytest.mark.e2e
 def test_a_pinned_version_gone_is_refused_though_its_answer_was_kept(
         served: tuple[TensorSliceServer, Client]) -> None:
-    srv, c = served
+    _, c = served
     old = c.tensor("x").at_version()
     assert torch.equal(old[2], X[2])
     c.put("x", X * 2, replace=True)

@@ -22,7 +22,7 @@ from tensorslice.client import (
     ServerUnavailable,
     TensorSliceError,
 )
-from tensorslice.client._receive import Assembler
+from tensorslice.client._receive import Assembler, recv_exact
 from tensorslice.core.codec import decode_chunk
 from tensorslice.server import ServerConfig, TensorStore, create_server
 from tensorslice.server._bulk import TOKEN_BYTES, BulkServer
@@ -420,12 +420,8 @@ def _direct(port: int, method: str, request: bytes, auth: bytes = b"") -> tuple[
         s.sendall(DIRECT_MAGIC + struct.pack("<H", len(auth)) + auth
                   + struct.pack("<H", len(method)) + method.encode()
                   + struct.pack("<Q", len(request)) + request)
-        data = b""
-        while chunk := s.recv(1 << 20):
-            data += chunk
-    code, n = struct.unpack_from("<BQ", data)
-    assert len(data) == 9 + n
-    return code, data[9:]
+        code, n = struct.unpack("<BQ", recv_exact(s, 9))
+        return code, recv_exact(s, n)
 
 
 @pytest.mark.e2e
@@ -446,6 +442,49 @@ def test_direct_requests_answer_with_statuses() -> None:
         assert (code, body) == (3, b"unknown method 'Drop'")
     finally:
         srv.stop(grace=None)  # type: ignore[attr-defined]
+
+
+@pytest.mark.e2e
+def test_a_direct_connection_carries_call_after_call() -> None:
+    from tensorslice.client._base import CallDirect
+    from tensorslice.client._client import DirectLines, call_direct
+
+    srv, _ = _server(unary_max_bytes=1024)
+    bulk = srv.bulk  # type: ignore[attr-defined]
+    lines = DirectLines()
+    where = ("127.0.0.1", bulk.port)
+
+    def call(name: str) -> bytes:
+        step = CallDirect(socket.AF_INET, where, "DescribeTensor",
+                          pb.DescribeTensorRequest(name=name), None, 10)
+        return call_direct(step, lines=lines)
+
+    try:
+        assert pb.TensorInfo.FromString(call("x")).name == "x"
+        kept = lines.take(where)
+        assert kept is not None
+        lines.give(where, kept)
+        with pytest.raises(TensorSliceError, match="no tensor named 'nope'"):
+            call("nope")  # an error answered whole: the connection stays
+        assert pb.TensorInfo.FromString(call("x")).name == "x"
+        assert lines.take(where) is kept  # every call on the one connection
+        lines.give(where, kept)
+        kept.shutdown(socket.SHUT_RDWR)  # as a server that closed it while kept
+        assert pb.TensorInfo.FromString(call("x")).name == "x"  # sent again, afresh
+        last = lines.take(where)
+        assert last is not None and last is not kept
+        deadline = time.monotonic() + 10
+        while bulk.connections > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert bulk.connections == 1  # the cut one is gone on the server too
+        srv.stop(grace=None)  # type: ignore[attr-defined]
+        last.settimeout(10)
+        assert last.recv(1) == b""  # closed by the stopping server, though idle
+        assert bulk.connections == 0
+        last.close()
+    finally:
+        srv.stop(grace=None)  # type: ignore[attr-defined]
+        lines.close()
 
 
 def _in_forked_child(address: str, port: int | None, out: object) -> None:

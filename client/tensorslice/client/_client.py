@@ -6,6 +6,7 @@ module only runs the calls, with blocking gRPC.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -53,7 +54,8 @@ from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
 from tensorslice.core.selection import Combine
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
-__all__ = ["CHANNEL_OPTIONS", "Client", "RemoteTensor", "call_direct", "channel_target",
+__all__ = ["CHANNEL_OPTIONS", "Client", "DirectLines", "RemoteTensor", "call_direct",
+           "channel_target",
            "receive_bulk", "resolve_data_plane"]
 
 CHANNEL_OPTIONS = channel_options(3)
@@ -102,6 +104,7 @@ class Client(BaseClient):
             self._shm.close()
         self._channel = None
         self._stubs = {}
+        self._lines.close()
         self._closed = True
 
     def __enter__(self) -> Client:
@@ -109,6 +112,14 @@ class Client(BaseClient):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def _lines(self) -> DirectLines:
+        """This client's kept data-plane connections (direct calls, see `call_direct`)."""
+        lines: DirectLines | None = self.__dict__.get("_direct_lines")
+        if lines is None:
+            lines = self.__dict__["_direct_lines"] = DirectLines()
+        return lines
 
     # ------------------------------------------------------------------ running calls
     def _run(self, flow: Flow[R]) -> R:
@@ -133,7 +144,8 @@ class Client(BaseClient):
                                 self._server_name() or self._bulk_host)
         if isinstance(step, CallDirect):
             return call_direct(step, self._metadata, self._credentials.ssl_context(),
-                               self._server_name() or step.host or self._bulk_host)
+                               self._server_name() or step.host or self._bulk_host,
+                               self._lines)
         if isinstance(step, CallUpload):
             upload = self._chan().stream_unary(
                 step.path, request_serializer=None,
@@ -434,15 +446,115 @@ def _discover(client: BaseClient) -> None:
             client._note_port(done.trailing_metadata(), bulk_host(address))
 
 
+class DirectLines:
+    """Connections to the data plane kept between direct calls, for the process that made
+    them (a DataLoader worker calls once per batch: no connection set up per batch). A
+    connection is in use by one call at a time (`take` hands it out, `give` takes it back);
+    one inherited across `fork`, or from a pickled client, is never used."""
+
+    def __init__(self) -> None:
+        self._free: list[tuple[int, object, socket.socket]] = []  # (pid, address, socket)
+
+    def take(self, sockaddr: object) -> socket.socket | None:
+        while True:
+            try:
+                pid, addr, sock = self._free.pop()  # atomic: one taker per connection
+            except IndexError:
+                return None
+            if pid == os.getpid() and addr == sockaddr:
+                return sock
+            if pid == os.getpid():
+                sock.close()
+
+    def give(self, sockaddr: object, sock: socket.socket) -> None:
+        if len(self._free) < _DIRECT_LINES_KEPT:
+            self._free.append((os.getpid(), sockaddr, sock))
+        else:
+            sock.close()
+
+    def close(self) -> None:
+        while self._free:
+            pid, _, sock = self._free.pop()
+            if pid == os.getpid():
+                sock.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_free": []}
+
+
+_DIRECT_LINES_KEPT = 4
+
+
 def call_direct(step: CallDirect, metadata: tuple[tuple[str, str], ...] | None = None,
-                tls: ssl.SSLContext | None = None, server_name: str | None = None) -> bytes:
+                tls: ssl.SSLContext | None = None, server_name: str | None = None,
+                lines: DirectLines | None = None) -> bytes:
     """Perform a `CallDirect` step: one whole call over the data plane (see
     `tensorslice.server._bulk`), no gRPC and no name resolution; the call's token (from
     `metadata`) travels with it, over TLS with `tls`. Every read waits at most until the
     call's deadline; a server that goes away raises ServerUnavailable, never a short
-    result. (Blocking; `AsyncClient` runs it in a thread.)"""
+    result. With `lines`, a connection kept from an earlier call carries it (and is kept
+    again once the answer is read whole); one the server closed meanwhile is replaced
+    by a new one, and the call sent again (direct calls only read). (Blocking;
+    `AsyncClient` runs it in a thread.)"""
     where = f"data plane {step.sockaddr[0]}:{step.sockaddr[1]}"
     deadline = None if step.timeout is None else time.monotonic() + step.timeout
+    auth = dict(metadata or ()).get("authorization", "").encode()
+    name = step.method.encode()
+    request = step.request.SerializeToString()
+    message = (DIRECT_MAGIC + struct.pack("<H", len(auth)) + auth
+               + struct.pack("<H", len(name)) + name
+               + struct.pack("<Q", len(request)) + request)
+    kept = None if lines is None else lines.take(step.sockaddr)
+    try:
+        if kept is not None:
+            try:
+                kept.settimeout(step.timeout)
+                kept.sendall(message)
+                head = recv_exact(kept, 9, deadline)
+            except TimeoutError:
+                kept.close()
+                raise
+            except (OSError, ServerUnavailable):  # closed by the server while kept
+                kept.close()
+                kept = None
+        sock = kept if kept is not None else _connect_direct(step, tls, server_name, where)
+        with contextlib.ExitStack() as closing:
+            closing.callback(sock.close)
+            if kept is None:
+                sock.settimeout(step.timeout)
+                sock.sendall(message)
+                head = recv_exact(sock, 9, deadline)
+            code, nbytes = struct.unpack("<BQ", head)
+            if code:
+                status = Status(code) if code in _STATUS_VALUES else Status.UNKNOWN
+                text = recv_exact(sock, nbytes, deadline).decode("utf-8", "replace")
+                _keep(lines, step, sock, closing)
+                raise error_from_status(status, text)
+            if step.sink is None:
+                data = recv_exact(sock, nbytes, deadline)
+                _keep(lines, step, sock, closing)
+                return data
+            step.sink.receive(sock, nbytes, deadline)
+            _keep(lines, step, sock, closing)
+            return b""
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"{step.method} over the {where} did not finish within {step.timeout} s"
+        ) from None
+    except OSError as exc:
+        raise ServerUnavailable(f"{step.method} over the {where} failed: {exc}") from None
+
+
+def _keep(lines: DirectLines | None, step: CallDirect, sock: socket.socket,
+          closing: contextlib.ExitStack) -> None:
+    """The answer was read whole: the connection may carry the next call."""
+    if lines is not None:
+        closing.pop_all()
+        lines.give(step.sockaddr, sock)
+
+
+def _connect_direct(step: CallDirect, tls: ssl.SSLContext | None, server_name: str | None,
+                    where: str) -> socket.socket:
     connect = (_CONNECT_SECONDS if step.timeout is None
                else min(step.timeout, _CONNECT_SECONDS))
     sock = socket.socket(step.family, socket.SOCK_STREAM)
@@ -454,30 +566,7 @@ def call_direct(step: CallDirect, metadata: tuple[tuple[str, str], ...] | None =
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         sock.close()
         raise ServerUnavailable(f"{where} unreachable: {exc}") from None
-    auth = dict(metadata or ()).get("authorization", "").encode()
-    name = step.method.encode()
-    request = step.request.SerializeToString()
-    try:
-        with sock:
-            sock.settimeout(step.timeout)
-            sock.sendall(DIRECT_MAGIC + struct.pack("<H", len(auth)) + auth
-                         + struct.pack("<H", len(name)) + name
-                         + struct.pack("<Q", len(request)) + request)
-            code, nbytes = struct.unpack("<BQ", recv_exact(sock, 9, deadline))
-            if code:
-                status = Status(code) if code in _STATUS_VALUES else Status.UNKNOWN
-                message = recv_exact(sock, nbytes, deadline).decode("utf-8", "replace")
-                raise error_from_status(status, message)
-            if step.sink is None:
-                return recv_exact(sock, nbytes, deadline)
-            step.sink.receive(sock, nbytes, deadline)
-            return b""
-    except TimeoutError:
-        raise DeadlineExceeded(
-            f"{step.method} over the {where} did not finish within {step.timeout} s"
-        ) from None
-    except OSError as exc:
-        raise ServerUnavailable(f"{step.method} over the {where} failed: {exc}") from None
+    return sock
 
 
 _CONNECT_SECONDS = 5.0

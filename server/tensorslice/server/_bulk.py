@@ -32,17 +32,20 @@ of a token; it then becomes a session of its own thread (see `_shm`), which rede
 tickets into pooled shared-memory segments. Sessions are bounded by `max_connections`
 apart from the connections above, and count as sending while they serve a request.
 
-Direct requests: a connection that presents `DIRECT_MAGIC` in place of a token carries one
-whole call (what a client in a process forked from a gRPC user sends: gRPC cannot be used
+Direct requests: a connection that presents `DIRECT_MAGIC` in place of a token carries
+whole calls (what a client in a process forked from a gRPC user sends: gRPC cannot be used
 there): the ``authorization`` value gRPC calls carry (``<H`` length; empty for none), the
 method's name (``<H`` length, ASCII) and its serialized request (``<Q`` length, at most
 `MAX_DIRECT_REQUEST_BYTES`), all within the handshake deadline (plus a second per 64 MiB of
 request). The service checks the token as its gRPC port does. The answer is ``<BQ``: a
 status (0 for OK, else the `Status` number) and a length, then that many bytes: the
 response (the safetensors file for `Slice`/`SliceMany`/`Fetch`/`FetchMany`, the serialized
-response message for the unary methods) or, on an error, its UTF-8 message. Such a
-connection counts against `max_connections` like a transfer (over TLS where the plane has
-TLS); a stopping server answers UNAVAILABLE.
+response message for the unary methods) or, on an error, its UTF-8 message. After an
+answer the connection may carry the next call, `DIRECT_MAGIC` first again, within
+`DIRECT_IDLE_SECONDS` (a DataLoader worker keeps one connection for its epoch); it is closed
+after that, or at once by a stopping server. Such a connection counts against
+`max_connections` like a transfer, idle or not (over TLS where the plane has TLS); a
+stopping server answers UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -64,8 +67,8 @@ from tensorslice.core.errors import InvalidSelection, ServerUnavailable, Status,
 from tensorslice.server._limits import Hold, machine_memory
 from tensorslice.server._shm import Redeemed, ShmBudget, ShmSession, default_shm_bytes, peer_uid
 
-__all__ = ["MAX_DIRECT_REQUEST_BYTES", "TOKEN_BYTES", "BulkServer", "DirectAnswer",
-           "DirectHandler"]
+__all__ = ["DIRECT_IDLE_SECONDS", "MAX_DIRECT_REQUEST_BYTES", "TOKEN_BYTES", "BulkServer",
+           "DirectAnswer", "DirectHandler"]
 
 log = logging.getLogger("tensorslice.server")
 
@@ -73,6 +76,8 @@ TOKEN_BYTES = 16
 _TICK = 0.1  # seconds between checks of deadlines and expiries
 _REPORT_EVERY = 60.0
 MAX_DIRECT_REQUEST_BYTES = 256 << 20
+DIRECT_IDLE_SECONDS = 30.0
+"""How long a direct connection waits, idle, for its client's next call."""
 _DIRECT_BYTES_PER_SECOND = 64 << 20  # request bytes a direct request's deadline grants
 _MAX_ERROR_BYTES = 4096
 
@@ -138,6 +143,7 @@ class BulkServer:
         self._lock = threading.Lock()
         self._handshakes: dict[socket.socket, _Handshake] = {}
         self._sending: set[socket.socket] = set()
+        self._idle: set[socket.socket] = set()  # kept direct connections between calls
         self._senders: set[threading.Thread] = set()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
@@ -244,9 +250,9 @@ class BulkServer:
 
     @property
     def connections(self) -> int:
-        """Connections open now: handshaking or sending."""
+        """Connections open now: handshaking, sending, or kept between direct calls."""
         with self._lock:
-            return len(self._handshakes) + len(self._sending)
+            return len(self._handshakes) + len(self._sending) + len(self._idle)
 
     def _take(self, token: bytes) -> _Transfer | None:
         with self._lock:
@@ -281,6 +287,12 @@ class BulkServer:
         with self._lock:
             self._stopping = True
             self._drain_until = time.monotonic() + (grace or 0)
+            idle = list(self._idle)
+        for sock in idle:  # kept direct connections between calls: nothing to finish
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self._wake()
         if self._thread.is_alive():
             self._thread.join()
@@ -378,7 +390,8 @@ class BulkServer:
                 log.warning("bulk data plane cannot accept: %s", exc)
                 return
             with self._lock:
-                full = len(self._handshakes) + len(self._sending) >= self.max_connections
+                full = (len(self._handshakes) + len(self._sending) + len(self._idle)
+                        >= self.max_connections)
             if full:
                 self.refused += 1
                 log.debug("bulk connection refused: %d open, the limit "
@@ -586,51 +599,96 @@ class BulkServer:
 
     def _serve_direct(self, sock: socket.socket, handler: DirectHandler, deadline: float
                       ) -> None:
-        """One direct call (see the module's docstring); errors are answered, not raised."""
-        release: Callable[[], None] = _nothing
+        """Direct calls on one connection, one after another (see the module's docstring):
+        after each answer the connection waits, idle, for the client's next request."""
         try:
             with sock:
                 sock.setblocking(True)
-                try:
-                    (auth_len,) = struct.unpack("<H", _recv_exact(sock, 2, deadline))
-                    auth = _recv_exact(sock, auth_len, deadline)
-                    (name_len,) = struct.unpack("<H", _recv_exact(sock, 2, deadline))
-                    method = _recv_exact(sock, name_len, deadline).decode("ascii", "replace")
-                    (req_len,) = struct.unpack("<Q", _recv_exact(sock, 8, deadline))
-                    if req_len > MAX_DIRECT_REQUEST_BYTES:
-                        raise InvalidSelection(
-                            f"request of {req_len} bytes exceeds the limit of "
-                            f"{MAX_DIRECT_REQUEST_BYTES} bytes"
-                        )
-                    with self._lock:
-                        stopping = self._stopping
-                    if stopping:
-                        raise ServerUnavailable("the server is shutting down; retry shortly")
-                    request = _recv_exact(sock, req_len,
-                                          deadline + req_len / _DIRECT_BYTES_PER_SECOND)
-                    pieces, nbytes, release = handler(method, auth, request)
-                except TensorSliceError as exc:
-                    _answer_error(sock, exc.status, exc.message)
-                    return
-                except (OSError, ConnectionError):
-                    raise
-                except Exception:
-                    log.exception("internal error while serving a direct request")
-                    _answer_error(sock, Status.INTERNAL,
-                                  "internal error; the server log has the details")
-                    return
-                self._send_pieces(sock, itertools.chain((struct.pack("<BQ", 0, nbytes),),
-                                                        pieces), 9 + nbytes)
+                while self._direct_call(sock, handler, deadline):
+                    if not self._next_direct(sock):
+                        return
+                    deadline = time.monotonic() + self.handshake_timeout
         except (OSError, ConnectionError) as exc:
             log.info("direct request dropped: %s", exc)
         except Exception:
             log.exception("direct request failed")
         finally:
-            release()
             with self._lock:
                 self._sending.discard(sock)
+                self._idle.discard(sock)
                 self._senders.discard(threading.current_thread())
             self._wake()
+
+    def _next_direct(self, sock: socket.socket) -> bool:
+        """Wait, idle (not counted as sending: a stopping server closes it at once), at most
+        `DIRECT_IDLE_SECONDS` for the next direct request on `sock`: True once its
+        `DIRECT_MAGIC` has arrived; False where the client closed, went quiet, sent
+        anything else, or the server is stopping."""
+        with self._lock:
+            if self._stopping:
+                return False
+            self._sending.discard(sock)
+            self._idle.add(sock)
+        try:
+            sock.settimeout(DIRECT_IDLE_SECONDS)
+            first = sock.recv(len(DIRECT_MAGIC))
+            if not first:
+                return False
+            magic = first + _recv_exact(sock, len(DIRECT_MAGIC) - len(first),
+                                        time.monotonic() + self.handshake_timeout)
+        except (OSError, ConnectionError):  # the idle time out, or the connection cut
+            return False
+        with self._lock:
+            self._idle.discard(sock)
+            self._sending.add(sock)
+            stopping = self._stopping
+        if magic != DIRECT_MAGIC:
+            self.refused += 1
+            log.debug("bulk connection dropped: a kept direct connection sent no request")
+            return False
+        return not stopping
+
+    def _direct_call(self, sock: socket.socket, handler: DirectHandler, deadline: float
+                     ) -> bool:
+        """One direct call; errors are answered, not raised. Whether the connection may
+        carry another (its answer went out whole)."""
+        release: Callable[[], None] = _nothing
+        read = False  # the whole request: the next one may follow on the connection
+        try:
+            try:
+                (auth_len,) = struct.unpack("<H", _recv_exact(sock, 2, deadline))
+                auth = _recv_exact(sock, auth_len, deadline)
+                (name_len,) = struct.unpack("<H", _recv_exact(sock, 2, deadline))
+                method = _recv_exact(sock, name_len, deadline).decode("ascii", "replace")
+                (req_len,) = struct.unpack("<Q", _recv_exact(sock, 8, deadline))
+                if req_len > MAX_DIRECT_REQUEST_BYTES:
+                    raise InvalidSelection(
+                        f"request of {req_len} bytes exceeds the limit of "
+                        f"{MAX_DIRECT_REQUEST_BYTES} bytes"
+                    )
+                with self._lock:
+                    stopping = self._stopping
+                if stopping:
+                    raise ServerUnavailable("the server is shutting down; retry shortly")
+                request = _recv_exact(sock, req_len,
+                                      deadline + req_len / _DIRECT_BYTES_PER_SECOND)
+                read = True
+                pieces, nbytes, release = handler(method, auth, request)
+            except TensorSliceError as exc:
+                _answer_error(sock, exc.status, exc.message)
+                return read
+            except (OSError, ConnectionError):
+                raise
+            except Exception:
+                log.exception("internal error while serving a direct request")
+                _answer_error(sock, Status.INTERNAL,
+                              "internal error; the server log has the details")
+                return read
+            self._send_pieces(sock, itertools.chain((struct.pack("<BQ", 0, nbytes),),
+                                                    pieces), 9 + nbytes)
+            return True
+        finally:
+            release()
 
 
 def _nothing() -> None:

@@ -477,7 +477,7 @@ def test_a_direct_connection_carries_call_after_call() -> None:
         while bulk.connections > 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert bulk.connections == 1  # the cut one is gone on the server too
-        srv.stop(grace=None)  # type: ignore[attr-defined]
+        assert srv.stop(grace=None).wait(30)  # type: ignore[attr-defined]
         last.settimeout(10)
         assert last.recv(1) == b""  # closed by the stopping server, though idle
         assert bulk.connections == 0

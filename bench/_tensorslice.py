@@ -205,9 +205,18 @@ def gather_throughput(
 
 
 def small_slice_figures(
-    port: int, name: str, count: int, max_seconds: float, threads: int = 8
-) -> tuple[float, float]:
-    """(p50 seconds, QPS with ``threads`` threads sharing one client) of 4 KiB ``t[i:i+1]``."""
+    port: int, name: str, count: int, max_seconds: float, rounds: int,
+    peer: Any, threads: int = 8,
+) -> dict[str, float]:
+    """Medians over `rounds` of: the p50 seconds and the QPS (``threads`` threads sharing
+    one client) of 4 KiB ``t[1:2]``, the same read again and again (the server's answer
+    cache and the handle's kept request serve it); the p50 of ``t[i:i+1]``, a different
+    row each call (neither helps: the tensor has more 4 KiB rows than the calls read);
+    and the p50 and QPS of `peer` (the raw unary call), measured in the same rounds,
+    interleaved, so that both see the same machine."""
+    import itertools
+    import statistics
+
     from bench._grpc_raw import latency_p50, qps
 
     c = connect(port)
@@ -217,15 +226,28 @@ def small_slice_figures(
         if y.numel() * y.element_size() != 4096:
             raise AssertionError(f"t[1:2] is {y.numel() * y.element_size()} bytes, not 4096")
         check_pattern(y, flat_start=y.numel())
+        rows = itertools.count(2)
+        if len(t) < rounds * (count + 60):
+            raise AssertionError(f"{name} has {len(t)} rows: too few for the fresh reads")
 
         def call() -> object:
             return t[1:2]
 
-        p50 = latency_p50(call, count, max_seconds)
-        rate = qps(call, threads, count * 4, max_seconds)
+        def fresh() -> object:
+            i = next(rows)
+            return t[i : i + 1]
+
+        out: dict[str, list[float]] = {k: [] for k in
+                                       ("peer_p50", "p50", "fresh_p50", "peer_qps", "qps")}
+        for _ in range(rounds):
+            out["peer_p50"].append(latency_p50(peer, count, max_seconds))
+            out["p50"].append(latency_p50(call, count, max_seconds))
+            out["fresh_p50"].append(latency_p50(fresh, count, max_seconds))
+            out["peer_qps"].append(qps(peer, threads, count * 4, max_seconds))
+            out["qps"].append(qps(call, threads, count * 4, max_seconds))
     finally:
         disconnect(c)
-    return p50, rate
+    return {k: statistics.median(v) for k, v in out.items()}
 
 
 def huge_slice_works(port: int, name: str, rows: int) -> tuple[bool, str]:

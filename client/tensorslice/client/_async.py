@@ -33,6 +33,7 @@ from tensorslice.client._base import (
     Flow,
     Indexer,
     ReceiveBulk,
+    SendBulk,
     Step,
     Stream,
     Timeout,
@@ -45,6 +46,7 @@ from tensorslice.client._client import (
     channel_target,
     receive_bulk,
     resolve_data_plane,
+    send_bulk,
 )
 from tensorslice.client._errors import map_rpc_errors
 from tensorslice.core.codec import decode_chunk
@@ -135,6 +137,9 @@ class AsyncClient(BaseClient):
             # The socket part blocks: run it off the event loop.
             return await asyncio.to_thread(receive_bulk, step, self._credentials.ssl_context(),
                                            self._server_name() or self._bulk_host)
+        if isinstance(step, SendBulk):
+            return await asyncio.to_thread(send_bulk, step, self._credentials.ssl_context(),
+                                           self._server_name() or step.host)
         if isinstance(step, CallDirect):
             return await asyncio.to_thread(call_direct, step, self._metadata,
                                            self._credentials.ssl_context(),

@@ -33,6 +33,7 @@ from tensorslice.core.codec import (
     DATA_HOST_KEY,
     DATA_PORT_KEY,
     DTYPE_NAMES,
+    UPLOAD_END,
     dtype_name,
     encode_upload_data,
     safetensors_header,
@@ -54,6 +55,8 @@ from tensorslice.core.errors import (
     InvalidSelection,
     SelectionOutOfRange,
     ServerUnavailable,
+    Status,
+    TensorSliceError,
     VersionGone,
 )
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
@@ -89,6 +92,7 @@ __all__ = [
     "Explainer",
     "Flow",
     "ReceiveBulk",
+    "SendBulk",
     "Step",
     "Stream",
     "Unary",
@@ -199,13 +203,18 @@ class Stream(Generic[R]):
 
 @dataclass(frozen=True)
 class Upload(Generic[R]):
-    """A client-streaming call (`Put`, `Append`): the messages to send (made lazily, one
-    slab of the tensor at a time), the response class and the result it makes."""
+    """An upload (`Put`, `Append`): the client-streaming call's messages (made lazily, one
+    slab of the tensor at a time), the response class and the result it makes; and the
+    same upload over the bulk data plane: the `OpenUpload` request (the file's header)
+    and the data that follows it (`nbytes`, made lazily)."""
 
     method: str
     messages: Callable[[], Iterator[bytes]]
     response_cls: Any
     finish: Callable[[Any], R]
+    open_request: Any = None
+    data: Callable[[], Iterator[memoryview]] | None = None
+    nbytes: int = 0
 
     @property
     def path(self) -> str:
@@ -215,36 +224,63 @@ class Upload(Generic[R]):
 UPLOAD_CHUNK_BYTES = (1 << 20) - (64 << 10)
 """Bytes of the file in each upload message: under the smallest request-size limit a
 server takes (1 MiB), with room for the message's other fields."""
+BULK_UPLOAD_MIN_BYTES = 1 << 20
+"""Uploads of this many data bytes and more go over the bulk data plane (where the server
+has one and it can be reached); smaller ones take one gRPC call."""
+_BULK_PIECE_BYTES = 16 << 20
 
 
-def upload_messages(name: str, tensor: torch.Tensor, dim_names: Sequence[str] = (),
-                    replace: bool = False) -> Iterator[bytes]:
-    """The serialized `UploadChunk` messages of an upload: the first names the tensor, the
-    rest carry the safetensors file (header, then the tensor's bytes, read from its memory
-    a chunk at a time: a CUDA tensor is copied to the host one chunk at a time)."""
+def upload_tensor(tensor: object, verb: str) -> torch.Tensor:
+    """`tensor` as an upload sends it: detached, contiguous, of a safetensors dtype."""
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidSelection(f"{verb} needs a torch.Tensor; got {type(tensor).__name__}")
     t = tensor.detach()
-    if t.dtype not in (x for x in _DTYPES):
+    if t.dtype not in _DTYPES:
         raise InvalidSelection(f"tensor of dtype {dtype_name(t.dtype)} has no safetensors "
                                f"encoding")
-    if not t.is_contiguous():
-        t = t.contiguous()
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def tensor_pieces(t: torch.Tensor, piece_bytes: int) -> Iterator[memoryview]:
+    """The bytes of `t` (contiguous), `piece_bytes` at a time: views of its memory on the
+    host; a CUDA tensor is copied to the host one piece at a time."""
+    nbytes = t.numel() * t.element_size()
+    flat = t.reshape(-1).view(torch.uint8) if nbytes else None
+    for start in range(0, nbytes, piece_bytes):
+        end = min(start + piece_bytes, nbytes)
+        if t.device.type == "cpu":
+            yield memoryview((ctypes.c_char * (end - start)).from_address(
+                t.data_ptr() + start)).cast("B")
+        else:
+            assert flat is not None
+            piece = flat[start:end].cpu()
+            view = memoryview((ctypes.c_char * (end - start)).from_address(
+                piece.data_ptr())).cast("B")
+            yield view  # `piece` is alive until the caller asks for the next one
+
+
+def upload_messages(name: str, t: torch.Tensor, dim_names: Sequence[str] = (),
+                    replace: bool = False) -> Iterator[bytes]:
+    """The serialized `UploadChunk` messages of an upload of `t` (from `upload_tensor`):
+    the first names the tensor, the rest carry the safetensors file (header, then the
+    tensor's bytes, read from its memory a chunk at a time)."""
     header, _ = safetensors_header([("values", t.dtype, tuple(t.shape))])
     first = _pb.UploadChunk(name=name, replace=replace, dim_names=list(dim_names))
     yield first.SerializeToString()
     yield encode_upload_data(b"", header)
-    nbytes = t.numel() * t.element_size()
-    flat = t.reshape(-1).view(torch.uint8) if nbytes else None
-    for start in range(0, nbytes, UPLOAD_CHUNK_BYTES):
-        end = min(start + UPLOAD_CHUNK_BYTES, nbytes)
-        if t.device.type == "cpu":
-            view = memoryview((ctypes.c_char * (end - start)).from_address(
-                t.data_ptr() + start)).cast("B")
-            yield encode_upload_data(b"", view)
-        else:
-            assert flat is not None
-            piece = flat[start:end].cpu()
-            yield encode_upload_data(b"", memoryview(
-                (ctypes.c_char * (end - start)).from_address(piece.data_ptr())).cast("B"))
+    for view in tensor_pieces(t, UPLOAD_CHUNK_BYTES):
+        yield encode_upload_data(b"", view)
+
+
+def make_upload(method: str, name: str, t: torch.Tensor, dim_names: Sequence[str],
+                replace: bool) -> Upload[TensorInfo]:
+    """The `Upload` of `t` (from `upload_tensor`) as `Put` or `Append`."""
+    header, _ = safetensors_header([("values", t.dtype, tuple(t.shape))])
+    opening = _pb.OpenUploadRequest(name=name, replace=replace, dim_names=list(dim_names),
+                                    append=method == "Append", header=header)
+    return Upload(method, lambda: upload_messages(name, t, dim_names, replace),
+                  _pb.TensorInfo, TensorInfo.from_proto, opening,
+                  lambda: tensor_pieces(t, _BULK_PIECE_BYTES), t.numel() * t.element_size())
 
 
 def bulk_host(address: str) -> str | None:
@@ -365,7 +401,26 @@ class CallUpload:
     timeout: float | None
 
 
-Step = CallUnary | CallStream | ReceiveBulk | CallDirect | CallUpload
+@dataclass(frozen=True)
+class SendBulk:
+    """An upload's data over the bulk data plane: connect to ``host:port`` (at most
+    `connect_timeout`; failure raises `BulkUnreachable`), send the token, the `nbytes`
+    bytes `data` yields and `UPLOAD_END`, and read the answer (``<BQ`` status and length,
+    then the serialized `response_cls` or the error's message). The outcome is the
+    response."""
+
+    host: str
+    port: int
+    token: bytes
+    nbytes: int
+    data: Iterator[memoryview]
+    response_cls: Any
+    timeout: float | None
+    connect_timeout: float
+    end: bytes = UPLOAD_END
+
+
+Step = CallUnary | CallStream | ReceiveBulk | CallDirect | CallUpload | SendBulk
 
 TRANSPORTS = ("inline", "bulk", "shared_memory", "stream")
 """What can carry a result: inline in the `Fetch` answer, the bulk data plane over TCP, a
@@ -392,6 +447,9 @@ def upload_flow(op: Upload[R], deadline: Deadline) -> Flow[R]:
     """One client stream, one response."""
     response = yield CallUpload(op.path, op.messages(), op.response_cls, deadline.left())
     return op.finish(response)
+
+
+_OPEN_UPLOAD = f"/{SERVICE}/OpenUpload"
 
 
 def make_selection(
@@ -466,6 +524,7 @@ class BaseClient:
         self._bulk_host = hosts.pop() if len(hosts) == 1 else None
         # false once the bulk port proved unreachable, or where the target has no TCP host
         self._bulk_ok = all(bulk_host(a) is not None for a in self.replicas)
+        self._bulk_uploads = True  # false once the server proved not to know OpenUpload
         if same_host is None:
             same_host = os.environ.get("TENSORSLICE_SAME_HOST", "1").strip().lower() not in (
                 "0", "false", "no", "off")
@@ -476,6 +535,9 @@ class BaseClient:
         """How many results each transport carried (`TRANSPORTS`), for this client."""
         self.last_transport = ""
         """The transport that carried this client's latest result (any thread's)."""
+        self.uploads: dict[str, int] = {"bulk": 0, "stream": 0}
+        """How many uploads (puts, appends) went over the bulk data plane and over the
+        gRPC stream, for this client."""
         self._closed = False  # true once closed: a closed client makes no more calls
         self._data_port: int | None = None  # the server's data plane, once announced
         # every data plane announced (host, port), and as resolved: (host, family, sockaddr)
@@ -587,7 +649,7 @@ class BaseClient:
                     f"{op.method.lower()} needs gRPC, which a process forked from a gRPC "
                     f"user cannot use: write from the parent, or start workers with spawn"
                 )
-            return upload_flow(op, deadline)
+            return self._upload_flow(op, deadline)
         if forked_from_grpc():
             return self._direct_flow(op, deadline)
         if isinstance(op, Unary):
@@ -654,6 +716,54 @@ class BaseClient:
             yield CallStream(op.path, request, asm, deadline.left())  # the same deadline
             self._carried("stream")
         return op.finish(asm)
+
+    def _upload_flow(self, op: Upload[R], deadline: Deadline) -> Flow[R]:
+        """An upload: a large one over the bulk data plane (`OpenUpload`, then the data over
+        the bulk port); the client stream where the upload is small, the server has no bulk
+        listener (FAILED_PRECONDITION) or does not know `OpenUpload`, or the bulk port
+        cannot be reached (then this client asks for no more tickets; the server gives the
+        unredeemed ticket's reservation back when it expires)."""
+        if (op.open_request is not None and op.data is not None and self._bulk_ok
+                and self._bulk_uploads and op.nbytes >= BULK_UPLOAD_MIN_BYTES):
+            ticket = None
+            try:
+                ticket = yield CallUnary(_OPEN_UPLOAD, op.open_request, _pb.BulkTicket,
+                                         deadline.left())
+            except FailedPrecondition:
+                self._bulk_uploads = False  # a server without a bulk listener
+            except TensorSliceError as exc:
+                if exc.status is not Status.UNIMPLEMENTED:
+                    raise
+                self._bulk_uploads = False  # a server that does not know OpenUpload
+            if ticket is not None:
+                if ticket.nbytes != op.nbytes:
+                    raise TensorSliceError(
+                        f"the server's upload ticket is for {ticket.nbytes} bytes, the "
+                        f"upload has {op.nbytes}: refused"
+                    )
+                left = deadline.left()
+                connect = (_BULK_CONNECT_SECONDS if left is None
+                           else min(left, _BULK_CONNECT_SECONDS))
+                host = ticket.host or self._bulk_host
+                if not host:
+                    raise BulkUnreachable(
+                        "an upload ticket names no host and this client's replicas are on "
+                        "several: run them with serve --advertise-host")
+                try:
+                    response = yield SendBulk(host, ticket.port,
+                                              ticket.token, op.nbytes, op.data(),
+                                              op.response_cls, left, connect)
+                    self._count_upload("bulk")
+                    return op.finish(response)
+                except BulkUnreachable:
+                    self._bulk_ok = False
+        result = yield from upload_flow(op, deadline)
+        self._count_upload("stream")
+        return result
+
+    def _count_upload(self, transport: str) -> None:
+        with _COUNT_LOCK:
+            self.uploads[transport] += 1
 
     def _note_port(self, metadata: Any, fallback_host: str | None = None) -> None:
         """Remember the data plane a call's trailing metadata announces: its port, and its
@@ -741,18 +851,14 @@ class BaseClient:
     @staticmethod
     def _op_put(name: str, tensor: torch.Tensor, dim_names: Sequence[str] | None,
                 replace: bool) -> Upload[TensorInfo]:
-        if not isinstance(tensor, torch.Tensor):
-            raise InvalidSelection(f"put needs a torch.Tensor; got {type(tensor).__name__}")
-        return Upload("Put", lambda: upload_messages(name, tensor, dim_names or (), replace),
-                      _pb.TensorInfo, TensorInfo.from_proto)
+        return make_upload("Put", name, upload_tensor(tensor, "put"), dim_names or (),
+                           replace)
 
     @staticmethod
     def _op_append(name: str, rows: torch.Tensor, dim_names: Sequence[str] | None
                    ) -> Upload[TensorInfo]:
-        if not isinstance(rows, torch.Tensor):
-            raise InvalidSelection(f"append needs a torch.Tensor; got {type(rows).__name__}")
-        return Upload("Append", lambda: upload_messages(name, rows, dim_names or ()),
-                      _pb.TensorInfo, TensorInfo.from_proto)
+        return make_upload("Append", name, upload_tensor(rows, "append"), dim_names or (),
+                           False)
 
     @staticmethod
     def _op_drop(name: str) -> Unary[int]:

@@ -31,6 +31,7 @@ from tensorslice.client._base import (
     Flow,
     Indexer,
     ReceiveBulk,
+    SendBulk,
     Step,
     Stream,
     Timeout,
@@ -55,8 +56,7 @@ from tensorslice.core.selection import Combine
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
 __all__ = ["CHANNEL_OPTIONS", "Client", "DirectLines", "RemoteTensor", "call_direct",
-           "channel_target",
-           "receive_bulk", "resolve_data_plane"]
+           "channel_target", "receive_bulk", "resolve_data_plane", "send_bulk"]
 
 CHANNEL_OPTIONS = channel_options(3)
 """The options of a client's channel with the default settings."""
@@ -146,6 +146,9 @@ class Client(BaseClient):
             return call_direct(step, self._metadata, self._credentials.ssl_context(),
                                self._server_name() or step.host or self._bulk_host,
                                self._lines)
+        if isinstance(step, SendBulk):
+            return send_bulk(step, self._credentials.ssl_context(),
+                             self._server_name() or step.host)
         if isinstance(step, CallUpload):
             upload = self._chan().stream_unary(
                 step.path, request_serializer=None,
@@ -363,6 +366,58 @@ def receive_bulk(step: ReceiveBulk, tls: ssl.SSLContext | None = None,
             f"bulk transfer from {step.host}:{step.port} failed: {exc}"
         ) from None
     return "bulk"
+
+
+def send_bulk(step: SendBulk, tls: ssl.SSLContext | None = None,
+              server_name: str | None = None) -> Any:
+    """Perform a `SendBulk` step: connect to the bulk data plane (TLS with `tls`, verifying
+    the certificate for `server_name` or the host), send the token, the data straight from
+    its memory and the end marker, and read the answer; the response, or the error the
+    server answered. (Blocking; `AsyncClient` runs it in a thread.)"""
+    where = f"{step.host}:{step.port}"
+    try:
+        sock = socket.create_connection((step.host, step.port), timeout=step.connect_timeout)
+    except OSError as exc:
+        raise BulkUnreachable(f"bulk port {where} unreachable: {exc}") from None
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock, server_hostname=server_name or step.host)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            sock.close()
+            raise ServerUnavailable(
+                f"TLS handshake with the bulk port {where} failed: {exc}") from None
+    deadline = None if step.timeout is None else time.monotonic() + step.timeout
+    try:
+        with sock:
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(step.timeout)
+            sock.sendall(step.token)
+            sent = 0
+            for piece in step.data:
+                for at in range(0, len(piece), _SEND_STEP):
+                    if deadline is not None:  # one deadline for the whole upload
+                        sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+                    sock.sendall(piece[at : at + _SEND_STEP])
+                sent += len(piece)
+            if sent != step.nbytes:
+                raise TensorSliceError(f"the upload made {sent} bytes, not {step.nbytes}")
+            sock.sendall(step.end)
+            code, nbytes = struct.unpack("<BQ", recv_exact(sock, 9, deadline))
+            body = recv_exact(sock, nbytes, deadline)
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"bulk upload of {step.nbytes} bytes to {where} did not finish within "
+            f"{step.timeout} s") from None
+    except OSError as exc:
+        raise ServerUnavailable(f"bulk upload to {where} failed: {exc}") from None
+    if code:
+        status = Status(code) if code in _STATUS_VALUES else Status.UNKNOWN
+        raise error_from_status(status, body.decode("utf-8", "replace"))
+    return step.response_cls.FromString(body)
+
+
+_SEND_STEP = 16 << 20
 
 
 def channel_target(address: str | Sequence[str]) -> str:

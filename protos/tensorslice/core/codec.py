@@ -33,6 +33,7 @@ __all__ = [
     "SHM_REPLY",
     "SHM_REQUEST",
     "SHM_SEGMENT",
+    "UPLOAD_END",
     "TensorEntry",
     "decode_chunk",
     "dtype_from_name",
@@ -74,6 +75,10 @@ file follows on the socket (no segment free); an error, its UTF-8 message follow
 DIRECT_MAGIC = b"tensorslice/req\x01"
 """The first 16 bytes of a direct request on the data plane (in place of a ticket's token):
 one whole call, for clients that cannot use gRPC (a process forked from a gRPC user)."""
+
+UPLOAD_END = b"tensorslice/end\x01"
+"""What follows the data of an upload over the data plane (`OpenUpload`): where the server
+reads anything else, the client sent more bytes than its header announced."""
 
 DATA_PORT_KEY = "tensorslice-data-port"
 """Trailing metadata of `ListTensors` and `DescribeTensor`: the data plane's port."""

@@ -14,6 +14,20 @@ class Combine(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 OUTER: Combine
 VECTORIZED: Combine
 
+class OpenUploadRequest(_message.Message):
+    __slots__ = ("name", "replace", "dim_names", "append", "header")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    DIM_NAMES_FIELD_NUMBER: _ClassVar[int]
+    APPEND_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    replace: bool
+    dim_names: _containers.RepeatedScalarFieldContainer[str]
+    append: bool
+    header: bytes
+    def __init__(self, name: _Optional[str] = ..., replace: _Optional[bool] = ..., dim_names: _Optional[_Iterable[str]] = ..., append: _Optional[bool] = ..., header: _Optional[bytes] = ...) -> None: ...
+
 class UploadChunk(_message.Message):
     __slots__ = ("name", "replace", "dim_names", "data")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -85,6 +85,11 @@ class TensorSliceStub:
                 request_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.DropRequest.SerializeToString,
                 response_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.DropResponse.FromString,
                 _registered_method=True)
+        self.OpenUpload = channel.unary_unary(
+                '/tensorslice.v1.TensorSlice/OpenUpload',
+                request_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.OpenUploadRequest.SerializeToString,
+                response_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.BulkTicket.FromString,
+                _registered_method=True)
 
 
 class TensorSliceServicer:
@@ -174,6 +179,23 @@ class TensorSliceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenUpload(self, request, context):
+        """Put or Append over the bulk data plane, for large uploads: the request
+        carries the safetensors file's header, which is checked (and the write
+        permission, the name, the rows' dtype and shape for an append) and whose
+        tensor is counted in the memory budget before any data moves
+        (RESOURCE_EXHAUSTED otherwise). The answer is a ticket: connect to that
+        port on the same host, send the token, the `nbytes` data bytes of the file
+        (what follows its header) and UPLOAD_END (b"tensorslice/end\x01"); once the
+        version is committed (and persisted) the server answers on that connection
+        with a status byte (0: OK, else the gRPC status number) and a little-endian
+        u64 length, then the serialized TensorInfo or the error's message.
+        FAILED_PRECONDITION where the server has no bulk listener: use Put/Append.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TensorSliceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +248,11 @@ def add_TensorSliceServicer_to_server(servicer, server):
                     servicer.Drop,
                     request_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.DropRequest.FromString,
                     response_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.DropResponse.SerializeToString,
+            ),
+            'OpenUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenUpload,
+                    request_deserializer=tensorslice_dot_v1_dot_tensorslice__pb2.OpenUploadRequest.FromString,
+                    response_serializer=tensorslice_dot_v1_dot_tensorslice__pb2.BulkTicket.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -499,6 +526,33 @@ class TensorSlice:
             '/tensorslice.v1.TensorSlice/Drop',
             tensorslice_dot_v1_dot_tensorslice__pb2.DropRequest.SerializeToString,
             tensorslice_dot_v1_dot_tensorslice__pb2.DropResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorslice.v1.TensorSlice/OpenUpload',
+            tensorslice_dot_v1_dot_tensorslice__pb2.OpenUploadRequest.SerializeToString,
+            tensorslice_dot_v1_dot_tensorslice__pb2.BulkTicket.FromString,
             options,
             channel_credentials,
             insecure,

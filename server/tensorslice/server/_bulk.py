@@ -46,6 +46,11 @@ answer the connection may carry the next call, `DIRECT_MAGIC` first again, withi
 after that, or at once by a stopping server. Such a connection counts against
 `max_connections` like a transfer, idle or not (over TLS where the plane has TLS); a
 stopping server answers UNAVAILABLE.
+
+Uploads: `offer_upload` issues a ticket whose connection is received rather than sent to
+(`UploadReceiver`, `tensorslice.server._bulk_upload`); it counts against the same bounds
+(`max_tickets` pending, `max_connections` open, `ticket_timeout` to be redeemed, each read
+within `send_timeout`), and what it reserved is given back however it ends.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from tensorslice.core.codec import DIRECT_MAGIC, SESSION_MAGIC, SHM_HELLO, same_host_socket
 from tensorslice.core.errors import InvalidSelection, ServerUnavailable, Status, TensorSliceError
@@ -68,7 +74,7 @@ from tensorslice.server._limits import Hold, machine_memory
 from tensorslice.server._shm import Redeemed, ShmBudget, ShmSession, default_shm_bytes, peer_uid
 
 __all__ = ["DIRECT_IDLE_SECONDS", "MAX_DIRECT_REQUEST_BYTES", "TOKEN_BYTES", "BulkServer",
-           "DirectAnswer", "DirectHandler"]
+           "DirectAnswer", "DirectHandler", "UploadReceiver"]
 
 log = logging.getLogger("tensorslice.server")
 
@@ -90,17 +96,31 @@ raises `TensorSliceError` to answer with its status."""
 _SEND_STEP = 1 << 20  # seconds between summaries of refused connections
 
 
+class UploadReceiver(Protocol):
+    """What an upload ticket's connection is given to (`offer_upload`)."""
+
+    def receive(self, sock: socket.socket, timeout: float | None) -> bool:
+        """Receive, store and answer on `sock` (blocking; `timeout` bounds each read);
+        True when stored. Answers its own errors."""
+
+    def release(self) -> None:
+        """Give back what the upload reserved, unless stored (idempotent)."""
+
+
 class _Transfer:
     def __init__(self, pieces: Iterable[bytes | memoryview], nbytes: int, expires: float,
-                 hold: Hold | None) -> None:
+                 hold: Hold | None, upload: UploadReceiver | None = None) -> None:
         self.pieces = pieces
         self.nbytes = nbytes
         self.expires = expires
         self.hold = hold
+        self.upload = upload
 
     def release(self) -> None:
         if self.hold is not None:
             self.hold.release()
+        if self.upload is not None:
+            self.upload.release()
 
 
 class _Handshake:
@@ -172,6 +192,7 @@ class BulkServer:
         self.expired = 0  # tickets that expired unredeemed
         self.bytes_sent = 0  # bytes of completed and partial transfers
         self.shared = 0  # transfers completed in same-host segments (part of `sent`)
+        self.received = 0  # uploads received and stored
         self._reported = (0.0, 0)
 
     # ---------------------------------------------------------------- tickets
@@ -203,6 +224,23 @@ class BulkServer:
                                              time.monotonic() + self.ticket_timeout, hold)
             self._held += held
         return token
+
+    def offer_upload(self, upload: UploadReceiver, nbytes: int) -> bytes:
+        """Hold an upload of `nbytes`, which `upload` receives once its token is presented
+        (and releases, as it does if the ticket expires or the server stops first); its
+        token. Raises ServerUnavailable, having released `upload`, when the tickets'
+        bounds are reached or the server stops."""
+        try:
+            with self._lock:
+                self._check_room(0)
+                token = secrets.token_bytes(TOKEN_BYTES)
+                self._pending[token] = _Transfer((), nbytes,
+                                                 time.monotonic() + self.ticket_timeout,
+                                                 None, upload)
+            return token
+        except BaseException:
+            upload.release()
+            raise
 
     def check_room(self, held: int) -> None:
         """Raise ServerUnavailable, as `offer` would, where a ticket holding `held` bytes
@@ -458,6 +496,9 @@ class BulkServer:
         if transfer is None:
             self._refuse(sock, "unknown or expired token")
             return
+        if transfer.upload is not None:
+            self._hand_over(sock, self._receive, (sock, transfer, transfer.upload))
+            return
         self._hand_over(sock, self._send, (sock, transfer))
 
     def _hand_over(self, sock: socket.socket, target: Callable[..., None],
@@ -504,6 +545,24 @@ class BulkServer:
             log.info("bulk transfer dropped: %s", exc)
         except Exception:
             log.exception("bulk transfer failed")
+        finally:
+            transfer.release()
+            with self._lock:
+                self._sending.discard(sock)
+                self._senders.discard(threading.current_thread())
+            self._wake()
+
+    def _receive(self, sock: socket.socket, transfer: _Transfer, upload: UploadReceiver
+                 ) -> None:
+        """An upload's connection: `upload` receives, stores and answers."""
+        try:
+            with sock:
+                sock.setblocking(True)
+                if upload.receive(sock, self.send_timeout or None):
+                    with self._lock:
+                        self.received += 1
+        except Exception:
+            log.exception("bulk upload failed")
         finally:
             transfer.release()
             with self._lock:
@@ -586,6 +645,9 @@ class BulkServer:
     def _redeem(self, token: bytes) -> Redeemed | None:
         transfer = self._take(token)
         if transfer is None:
+            return None
+        if transfer.upload is not None:  # an upload's token: uploads come over TCP only
+            transfer.release()
             return None
         return transfer.pieces, transfer.nbytes, transfer.release
 

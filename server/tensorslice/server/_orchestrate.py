@@ -12,9 +12,10 @@ import enum
 import itertools
 import json
 import math
+import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import NamedTuple, TypeVar
 
 from tensorslice.core.codec import encode_chunk, split_chunk
@@ -29,15 +30,23 @@ from tensorslice.core.errors import (
 )
 from tensorslice.core.selection import selection_from_proto
 from tensorslice.server._bulk import BulkServer
+from tensorslice.server._bulk_upload import BulkUpload
 from tensorslice.server._config import ServerConfig
 from tensorslice.server._execute import execute, materialized_bytes
 from tensorslice.server._limits import ByteBudget, Hold, shorten
 from tensorslice.server._model import Mode, Plan
 from tensorslice.server._payload import Payload
 from tensorslice.server._plan import combined_limit, plan
-from tensorslice.server._store import MAX_NAME_CHARS, Entry, TensorStore, check_name
+from tensorslice.server._store import (
+    MAX_NAME_CHARS,
+    Entry,
+    Storage,
+    TensorStore,
+    check_dim_names,
+    check_name,
+)
 from tensorslice.server._stream import file_nbytes, frames, pieces
-from tensorslice.server._upload import Upload, receive
+from tensorslice.server._upload import MAX_HEADER_BYTES, Upload, parse_upload_header, receive
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
 __all__ = ["ANSWER_CACHE_BYTES", "ANSWER_MAX_BYTES", "MAX_NAME_CHARS", "AnswerCache", "Calls",
@@ -410,6 +419,29 @@ class Calls:
                 "refused"
             )
 
+    def _check_new(self, name: str, replace: bool) -> None:
+        if not replace and name in self.store:
+            raise TensorExists(
+                f"the server already holds a tensor named {shorten(name, 80)!r}; "
+                f"put(..., replace=True) replaces it"
+            )
+
+    def _allocate_put(self, name: str, up: Upload) -> Storage:
+        return self.store.allocate(name, up.dtype, up.shape, "storing")
+
+    def _allocate_rows(self, name: str, up: Upload, what: str) -> Storage:
+        """Storage for rows to append to `name`: refused before any byte is stored when
+        their dtype or trailing shape do not match the tensor's."""
+        if name in self.store:
+            m = self.store.get(name).meta
+            if up.dtype != m.dtype or up.shape[1:] != m.shape[1:] or not up.shape:
+                raise InvalidSelection(
+                    f"{what}: rows of dtype {str(up.dtype).removeprefix('torch.')} and "
+                    f"shape {list(up.shape)} do not match the tensor's dtype "
+                    f"{str(m.dtype).removeprefix('torch.')} and shape {list(m.shape)}"
+                )
+        return self.store.allocate(name, up.dtype, up.shape, "appending to")
+
     def put(self, chunks: Iterable[_pb.UploadChunk]) -> Entry:
         """`Put`: the uploaded file's tensor published under the first chunk's name."""
         self._writable()
@@ -418,16 +450,8 @@ class Calls:
         if first is None:
             raise InvalidSelection("put: the upload carried no message")
         name = check_name(first.name)
-        if not first.replace and name in self.store:
-            raise TensorExists(
-                f"the server already holds a tensor named {shorten(name, 80)!r}; "
-                f"put(..., replace=True) replaces it"
-            )
-
-        def allocate(up: Upload) -> object:
-            return self.store.allocate(name, up.dtype, up.shape, "storing")
-
-        _, storage = receive(_data(first, it), allocate,  # type: ignore[arg-type]
+        self._check_new(name, first.replace)
+        _, storage = receive(_data(first, it), lambda up: self._allocate_put(name, up),
                              f"put {shorten(name, 80)!r}")
         return self.store.put(name, storage, first.dim_names, replace=first.replace)
 
@@ -440,20 +464,51 @@ class Calls:
             raise InvalidSelection("append: the upload carried no message")
         name = check_name(first.name)
         what = f"append to {shorten(name, 80)!r}"
-
-        def allocate(up: Upload) -> object:
-            if name in self.store:  # refused before any byte is stored
-                m = self.store.get(name).meta
-                if up.dtype != m.dtype or up.shape[1:] != m.shape[1:] or not up.shape:
-                    raise InvalidSelection(
-                        f"{what}: rows of dtype {str(up.dtype).removeprefix('torch.')} and "
-                        f"shape {list(up.shape)} do not match the tensor's dtype "
-                        f"{str(m.dtype).removeprefix('torch.')} and shape {list(m.shape)}"
-                    )
-            return self.store.allocate(name, up.dtype, up.shape, "appending to")
-
-        _, rows = receive(_data(first, it), allocate, what)  # type: ignore[arg-type]
+        _, rows = receive(_data(first, it), lambda up: self._allocate_rows(name, up, what),
+                          what)
         return self.store.append(name, rows.tensor, first.dim_names)
+
+    def open_upload(self, request: _pb.OpenUploadRequest, answer: Callable[[Entry], bytes]
+                    ) -> _pb.BulkTicket:
+        """`OpenUpload`: a put or append whose data comes over the bulk data plane. Checked
+        and its storage allocated (counted in the budget) before any data moves; the
+        ticket's connection receives the data into that storage, commits it (persisted
+        where the store persists) and answers `answer(entry)`."""
+        self._writable()
+        if self.bulk is None:
+            raise FailedPrecondition(
+                "this server has no bulk data plane (serve --no-bulk): upload with Put or "
+                "Append (streaming)"
+            )
+        name = check_name(request.name)
+        if request.append:
+            what = f"append to {shorten(name, 80)!r}"
+        else:
+            what = f"put {shorten(name, 80)!r}"
+            self._check_new(name, request.replace)
+        up = _upload_header(request.header, what)
+        dim_names = tuple(request.dim_names)
+        if not (request.append and name in self.store):
+            check_dim_names(name, dim_names, len(up.shape))
+        self.bulk.check_room(0)  # a full ticket table refuses before the allocation
+        if request.append:
+            storage = self._allocate_rows(name, up, what)
+
+            def commit(filled: Storage) -> bytes:
+                try:
+                    return answer(self.store.append(name, filled.tensor, dim_names))
+                finally:
+                    filled.free()  # the rows were copied into the tensor's own storage
+        else:
+            storage = self._allocate_put(name, up)
+            replace = request.replace
+
+            def commit(filled: Storage) -> bytes:
+                return answer(self.store.put(name, filled, dim_names, replace=replace))
+
+        token = self.bulk.offer_upload(BulkUpload(storage, up.nbytes, commit, what),
+                                       up.nbytes)
+        return _pb.BulkTicket(port=self.bulk.port, token=token, nbytes=up.nbytes)
 
     def drop(self, name: str) -> int:
         """`Drop`: the version dropped."""
@@ -474,6 +529,25 @@ class Calls:
             f"result of {size} bytes is larger than the {self.config.unary_max_bytes}-byte "
             f"limit of a single response{no_bulk}; use Slice (streaming)"
         )
+
+
+def _upload_header(raw: bytes, what: str) -> Upload:
+    """The tensor an `OpenUpload`'s header declares (its 8-byte length, then the JSON)."""
+    if len(raw) < 8:
+        raise InvalidSelection(
+            f"{what}: the header of {len(raw)} bytes is shorter than its 8-byte length"
+        )
+    (hlen,) = struct.unpack_from("<Q", raw)
+    if hlen > MAX_HEADER_BYTES:
+        raise InvalidSelection(
+            f"{what}: a safetensors header of {hlen} bytes is larger than the "
+            f"{MAX_HEADER_BYTES}-byte limit of an upload"
+        )
+    if len(raw) != 8 + hlen:
+        raise InvalidSelection(
+            f"{what}: the header says its JSON is {hlen} bytes but {len(raw) - 8} follow"
+        )
+    return parse_upload_header(raw[8:], what)
 
 
 def _data(first: _pb.UploadChunk, rest: Iterator[_pb.UploadChunk]) -> Iterator[bytes]:

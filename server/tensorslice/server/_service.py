@@ -256,6 +256,11 @@ class TensorSliceService:
              ) -> _pb.DropResponse:
         return _pb.DropResponse(version=self.calls.drop(request.name))
 
+    def OpenUpload(self, request: _pb.OpenUploadRequest, context: grpc.ServicerContext
+                   ) -> _pb.BulkTicket:
+        return self.calls.open_upload(
+            request, lambda entry: tensor_info(entry).SerializeToString())
+
     def _inline(self, frame: bytes) -> bytes:
         """`frame`, counted as inline bytes when it carries data (not a bulk ticket)."""
         if self.metrics is not None:
@@ -496,6 +501,7 @@ _METHODS: dict[str, tuple[bool, bool, Any, Any]] = {
     "FetchMany": (False, True, _pb.SliceManyRequest, None),
     "SliceMany": (True, True, _pb.SliceManyRequest, None),
     "Drop": (False, True, _pb.DropRequest, _pb.DropResponse),
+    "OpenUpload": (False, True, _pb.OpenUploadRequest, _pb.BulkTicket),
 }
 # Client-streaming methods (uploads): request class, response class.
 _UPLOADS: dict[str, tuple[Any, Any]] = {
@@ -509,7 +515,7 @@ HEALTH_CHECK = (
 # One-message answers: their handlers take the request's bytes (the answer cache's key)
 # and parse them only when no answer is kept.
 _RAW_METHODS = frozenset({"Fetch", "FetchMany"})
-WRITE_METHODS = frozenset({"Put", "Append", "Drop"})
+WRITE_METHODS = frozenset({"Put", "Append", "Drop", "OpenUpload"})
 """The methods that change what the server holds."""
 
 

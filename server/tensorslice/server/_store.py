@@ -36,6 +36,7 @@ __all__ = [
     "Entry",
     "Storage",
     "TensorStore",
+    "check_dim_names",
     "check_name",
     "default_device_budget",
     "default_host_budget",
@@ -360,7 +361,7 @@ class TensorStore:
         version of `name`: on disk first where the store persists, then visible to new
         reads; readers of the version it replaces finish on that version."""
         check_name(name)
-        names = _check_dim_names(name, tuple(dim_names), storage.tensor.ndim)
+        names = check_dim_names(name, tuple(dim_names), storage.tensor.ndim)
         with self._write:
             if not replace and name in self._entries:
                 raise TensorExists(
@@ -387,7 +388,7 @@ class TensorStore:
         with self._write:
             old = self._entries.get(name)
             if old is None:
-                names = _check_dim_names(name, tuple(dim_names), rows.ndim)
+                names = check_dim_names(name, tuple(dim_names), rows.ndim)
                 storage = self.allocate(name, rows.dtype, tuple(rows.shape), "appending to")
                 storage.tensor.copy_(rows)
                 entry = self._entry(name, storage, names, "append", self._next_version())
@@ -557,7 +558,7 @@ def _check_rows(name: str, path: Path, shape: Sequence[int], rows: tuple[int, in
             f"for dimension 0 of size {shape[0]}")
 
 
-def _check_dim_names(name: str, names: tuple[str, ...], ndim: int) -> tuple[str, ...]:
+def check_dim_names(name: str, names: tuple[str, ...], ndim: int) -> tuple[str, ...]:
     if names and len(names) != ndim:
         raise InvalidSelection(
             f"tensor {shorten(name, 80)!r} has {ndim} dimensions but {len(names)} names "

@@ -24,7 +24,7 @@ from tensorslice.core.errors import InvalidSelection
 from tensorslice.server._limits import shorten
 from tensorslice.server._store import Storage
 
-__all__ = ["MAX_HEADER_BYTES", "Upload", "receive"]
+__all__ = ["MAX_HEADER_BYTES", "Upload", "parse_upload_header", "receive"]
 
 MAX_HEADER_BYTES = 1 << 20
 """Largest safetensors header an upload may carry (its JSON: names, dtype, shape)."""

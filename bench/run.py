@@ -398,7 +398,7 @@ def group_upload(cfg: Config, figs: Figures) -> list[Row]:
     with server:
         figs.values["ts_download"] = ts.slice_throughput(port, "x", rows, ROW_ELEMS, cfg.reps)
         figs.values["ts_upload"] = ts.upload_throughput(port, rows, ROW_ELEMS, cfg.reps)
-    return [Row(f"{size(cfg.stream_bytes)} put (upload, gRPC stream) → acknowledged",
+    return [Row(f"{size(cfg.stream_bytes)} put (upload, bulk data plane) → acknowledged",
                 figs.values["ts_upload"], "GB/s", "the same size downloaded (slice)",
                 figs.values["ts_download"], goal=Goal(">=", 0.8), group="service")]
 

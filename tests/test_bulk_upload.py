@@ -603,3 +603,52 @@ def test_host_tensors_are_received_in_place() -> None:
 
     receive_into(read_into, out)
     assert seen == [4096] and out.view(torch.uint8).numpy().tobytes() == data
+
+
+# ------------------------------------------------------------------ recycled host memory
+@pytest.mark.unit
+def test_host_memory_is_reused_only_once_no_tensor_reaches_it() -> None:
+    from tensorslice.server._hostmem import HostMemory
+
+    pool = HostMemory(max_kept=8 * MiB)
+    a = pool.empty((MiB,), torch.float32)
+    a.fill_(1.0)
+    view = a[10:20]  # a reader's view keeps the memory
+    addr = a.data_ptr()
+    del a
+    assert pool.kept == 0
+    b = pool.empty((MiB,), torch.float32)
+    assert b.data_ptr() != addr and pool.reused == 0  # not handed out under the view
+    assert torch.equal(view, torch.ones(10))
+    del view
+    assert pool.kept == 4 * MiB
+    c = pool.empty((2 * MiB,), torch.float16)  # the same size, another shape and dtype
+    assert c.data_ptr() == addr and pool.reused == 1 and pool.kept == 0
+    c.fill_(2)
+    assert c.shape == (2 * MiB,) and float(c[-1]) == 2.0
+    del b, c
+    assert pool.kept == 8 * MiB
+    extra = pool.empty((3, MiB), torch.uint8)
+    del extra  # beyond max_kept: unmapped, not kept
+    assert pool.kept == 8 * MiB
+    pool.trim(1)
+    assert pool.kept == 4 * MiB
+    pool.trim(1 << 40)
+    assert pool.kept == 0
+
+
+@pytest.mark.unit
+def test_kept_host_memory_gives_way_to_the_budget() -> None:
+    from tensorslice.server._store import Storage
+
+    store = TensorStore("cpu", max_memory=10 * MiB)
+    assert store.host_memory is not None
+    s: Storage | None = store.allocate("a", torch.float32, (MiB,))
+    assert store.device_memory_used == 4 * MiB
+    s = None  # noqa: F841  # the tensor is gone: its memory is kept for reuse
+    assert store.device_memory_used == 0 and store.host_memory.kept == 4 * MiB
+    big = store.allocate("b", torch.float32, (2 * MiB,))  # 8 MiB: the kept 4 must go
+    assert store.host_memory.kept == 0 and store.device_memory_used == 8 * MiB
+    with pytest.raises(ResultTooLarge, match="only 2097152 of the 10485760-byte"):
+        store.allocate("c", torch.float32, (MiB,))
+    del big

@@ -25,6 +25,7 @@ from tensorslice.core.errors import (
     TensorNotFound,
     VersionGone,
 )
+from tensorslice.server._hostmem import MIN_RECYCLED_BYTES, HostMemory
 from tensorslice.server._limits import machine_memory, shorten
 from tensorslice.server._model import TensorMeta
 
@@ -202,6 +203,11 @@ class TensorStore:
         self._used = 0  # bytes of live storages (old versions still read included)
         self.persist: Any = None
         """Where acknowledged writes go before they are published (`_persist.DataDir`)."""
+        budget, _ = self._budget()
+        self.host_memory: HostMemory | None = (
+            HostMemory(min(_GiB, budget // 2) if budget else _GiB)
+            if self.device.type == "cpu" else None)
+        """Where a CPU store's large tensors live: memory recycled between versions."""
 
     @property
     def device_memory_used(self) -> int:
@@ -287,6 +293,10 @@ class TensorStore:
         storages alive (old versions still read included) plus this would exceed it."""
         with self._lock:
             budget, what = self._budget()
+            pool = self.host_memory
+            if budget is not None and pool is not None and pool.kept:
+                # Recycled memory kept for reuse counts too: unmapped where it is in the way.
+                pool.trim(self._used + nbytes + pool.kept - budget)
             if budget is not None and self._used + nbytes > budget:
                 free = max(0, budget - self._used)
                 raise ResultTooLarge(
@@ -312,7 +322,10 @@ class TensorStore:
         nbytes = math.prod(shape) * dtype.itemsize
         self._reserve(name, nbytes, verb)
         try:
-            t = torch.empty(shape, dtype=dtype, device=self.device)
+            if self.host_memory is not None and nbytes >= MIN_RECYCLED_BYTES:
+                t = self.host_memory.empty(shape, dtype)
+            else:
+                t = torch.empty(shape, dtype=dtype, device=self.device)
         except BaseException:
             self._unreserve(nbytes)
             raise

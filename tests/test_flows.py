@@ -150,3 +150,77 @@ def test_a_deadline_already_past_makes_no_step(clock: Clock) -> None:
         _start(_slice_flow(client, timeout=-1.0))
     with pytest.raises(DeadlineExceeded):
         _start(client._flow(client._op_describe("x"), 0.0))
+
+
+# ---------------------------------------------------------------------------- uploads
+BIG = torch.arange(1 << 18, dtype=torch.float32)  # 1 MiB: the bulk plane's threshold
+
+
+def _put_flow(client: Client, t: torch.Tensor, timeout: float | None = 7.0) -> Flow[Any]:
+    return client._flow(client._op_put("x", t, ["N"], True), timeout)
+
+
+def test_large_upload_opens_then_sends_over_the_bulk_plane(clock: Clock) -> None:
+    from tensorslice.client._base import SendBulk
+
+    client = Client("[::1]:50051")
+    flow = _put_flow(client, BIG)
+    step = _start(flow)
+    assert isinstance(step, CallUnary)
+    assert step.path == "/tensorslice.v1.TensorSlice/OpenUpload" and step.timeout == 7.0
+    req = step.request
+    assert (req.name, req.replace, list(req.dim_names), req.append) == ("x", True, ["N"], False)
+    assert req.header == _header(BIG)
+    clock.now += 3
+    step = flow.send(pb.BulkTicket(port=4242, token=b"t" * 16, nbytes=1 << 20))
+    assert isinstance(step, SendBulk)
+    assert (step.host, step.port, step.token, step.nbytes) == ("::1", 4242, b"t" * 16, 1 << 20)
+    assert step.timeout == 4.0 and step.connect_timeout == 4.0  # one deadline for the call
+    assert b"".join(bytes(p) for p in step.data) == BIG.numpy().tobytes()
+    info = _finish(flow, pb.TensorInfo(name="x", shape=[1 << 18], dtype="float32", version=3))
+    assert info.version == 3 and client.uploads == {"bulk": 1, "stream": 0}
+
+
+def _header(t: torch.Tensor) -> bytes:
+    from tensorslice.core.codec import safetensors_header
+
+    header, _ = safetensors_header([("values", t.dtype, tuple(t.shape))])
+    return header
+
+
+def test_small_upload_streams_and_a_server_without_bulk_is_remembered() -> None:
+    from tensorslice.client._base import CallUpload
+
+    client = Client("127.0.0.1:1")
+    step = _start(_put_flow(client, torch.ones(4)))
+    assert isinstance(step, CallUpload) and step.path.endswith("/Put")
+    flow = _put_flow(client, BIG)
+    _start(flow)
+    step = flow.throw(FailedPrecondition("no bulk data plane"))
+    assert isinstance(step, CallUpload)
+    assert client._bulk_uploads is False
+    assert isinstance(_start(_put_flow(client, BIG)), CallUpload)  # not asked again
+
+
+def test_unreachable_bulk_port_streams_the_upload() -> None:
+    from tensorslice.client._base import CallUpload
+
+    client = Client("127.0.0.1:1")
+    flow = client._flow(client._op_append("r", BIG.reshape(4, -1), None), 7.0)
+    assert _start(flow).request.append is True
+    flow.send(pb.BulkTicket(port=4242, token=b"t" * 16, nbytes=1 << 20))
+    step = flow.throw(BulkUnreachable("no route"))
+    assert isinstance(step, CallUpload) and step.path.endswith("/Append")
+    assert client._bulk_ok is False
+    _finish(flow, pb.TensorInfo(name="r", shape=[4, 1 << 16], dtype="float32"))
+    assert client.uploads == {"bulk": 0, "stream": 1}
+
+
+def test_an_upload_ticket_of_another_size_is_refused() -> None:
+    from tensorslice.core.errors import TensorSliceError
+
+    client = Client("127.0.0.1:1")
+    flow = _put_flow(client, BIG)
+    _start(flow)
+    with pytest.raises(TensorSliceError, match="ticket is for 5 bytes, the upload has 1048576"):
+        flow.send(pb.BulkTicket(port=4242, token=b"t" * 16, nbytes=5))

@@ -165,7 +165,11 @@ class BulkUpload:
                 taken, self.storage = self.storage, None
             if taken is None:  # released meanwhile (the server stopping)
                 raise ServerUnavailable("the server is shutting down; nothing was stored")
-            answer = self.commit(taken)
+            try:
+                answer = self.commit(taken)
+            except BaseException:
+                taken.free()  # not published: nothing references it
+                raise
         except TensorSliceError as exc:
             self.release()
             _answer(sock, exc.status, exc.message.encode("utf-8", "replace")[:_MAX_ERROR_BYTES])

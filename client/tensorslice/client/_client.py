@@ -49,6 +49,7 @@ from tensorslice.core.errors import (
     DeadlineExceeded,
     ServerUnavailable,
     Status,
+    TensorSliceError,
     error_from_status,
 )
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult

@@ -745,11 +745,11 @@ class BaseClient:
                 connect = (_BULK_CONNECT_SECONDS if left is None
                            else min(left, _BULK_CONNECT_SECONDS))
                 host = ticket.host or self._bulk_host
-                if not host:
-                    raise BulkUnreachable(
-                        "an upload ticket names no host and this client's replicas are on "
-                        "several: run them with serve --advertise-host")
                 try:
+                    if not host:
+                        raise BulkUnreachable(
+                            "an upload ticket names no host and this client's replicas are "
+                            "on several: run them with serve --advertise-host")
                     response = yield SendBulk(host, ticket.port,
                                               ticket.token, op.nbytes, op.data(),
                                               op.response_cls, left, connect)

@@ -508,7 +508,8 @@ class Calls:
 
         token = self.bulk.offer_upload(BulkUpload(storage, up.nbytes, commit, what),
                                        up.nbytes)
-        return _pb.BulkTicket(port=self.bulk.port, token=token, nbytes=up.nbytes)
+        return _pb.BulkTicket(port=self.bulk.port, token=token, nbytes=up.nbytes,
+                              host=self.bulk.advertised_host)
 
     def drop(self, name: str) -> int:
         """`Drop`: the version dropped."""

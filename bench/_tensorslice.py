@@ -35,31 +35,31 @@ class TensorSpec:
         return n
 
 
-def _build_server(tensors: dict[str, torch.Tensor],
-                  tls: tuple[str, str] | None = None) -> tuple[Any, int]:
+def _build_server(tensors: dict[str, torch.Tensor], tls: tuple[str, str] | None = None,
+                  max_result_bytes: int | None = None) -> tuple[Any, int]:
     """Create and start a tensorslice server on 127.0.0.1, any free port: (server, port).
-
-    GUESS until the factory is final: ``TensorStore().add(name, tensor)`` and
-    ``create_server(store, "127.0.0.1:0") -> (server, port)``. Fix this one function.
-    """
+    Default settings, except `max_result_bytes` where given (the 4 GiB row: the default
+    limit is an eighth of the machine's memory)."""
     from tensorslice.server import ServerConfig, TensorStore, TlsFiles, create_server
 
     store = TensorStore()
     for name, tensor in tensors.items():
         store.add(name, tensor)
-    config = ServerConfig(tls=None if tls is None else TlsFiles(*tls))
+    config = ServerConfig(tls=None if tls is None else TlsFiles(*tls),
+                          max_result_bytes=max_result_bytes)
     server, port = create_server(store, f"{HOST}:0", config)
     server.start()
     return server, int(port)
 
 
 def _server_main(ctrl: multiprocessing.connection.Connection, specs: dict[str, TensorSpec],
-                 tls: tuple[str, str] | None = None) -> None:
+                 tls: tuple[str, str] | None = None,
+                 max_result_bytes: int | None = None) -> None:
     try:
         tensors = {
             name: pattern_tensor(s.shape, getattr(torch, s.dtype)) for name, s in specs.items()
         }
-        server, port = _build_server(tensors, tls)
+        server, port = _build_server(tensors, tls, max_result_bytes)
     except Exception as e:
         ctrl.send(RuntimeError(f"{e!r}\n{traceback.format_exc()}"))
         return
@@ -69,12 +69,13 @@ def _server_main(ctrl: multiprocessing.connection.Connection, specs: dict[str, T
 
 
 def start_tensorslice_server(
-    specs: dict[str, TensorSpec], tls: tuple[str, str] | None = None
+    specs: dict[str, TensorSpec], tls: tuple[str, str] | None = None,
+    max_result_bytes: int | None = None,
 ) -> tuple[Child, int]:
     """Start a server process serving ``specs`` (over TLS with ``tls``, a certificate and
     key file); returns (process handle, port). The handle answers ``("rss_reset",)`` /
     ``("rss_peak",)`` and stops on close."""
-    child = Child(_server_main, specs, tls)
+    child = Child(_server_main, specs, tls, max_result_bytes)
     return child, int(child.ready)
 
 

@@ -307,7 +307,8 @@ def group_tensorslice(cfg: Config, figs: Figures) -> list[Row]:
 
     def huge_figure() -> None:
         rows = cfg.huge_bytes // ts.ROW_BYTES
-        server, port = ts.start_tensorslice_server({"x": ts.TensorSpec((rows, ROW_ELEMS))})
+        server, port = ts.start_tensorslice_server({"x": ts.TensorSpec((rows, ROW_ELEMS))},
+                                                   max_result_bytes=2 * cfg.huge_bytes)
         with server:
             ok, note = ts.huge_slice_works(port, "x", rows)
         figs.values["ts_huge"] = float(ok)

@@ -127,7 +127,7 @@ def test_serve_subprocess_demo_and_sigterm(tmp_path: Path) -> None:
         with Client(address, timeout=10) as c:
             assert torch.equal(c.tensor("x")[5:9], x[5:9])
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=120) == 0  # the grace period, on a loaded machine
     finally:
         if proc.poll() is None:
             proc.kill()

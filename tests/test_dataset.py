@@ -38,7 +38,7 @@ from tensorslice.client import (
 pytestmark = pytest.mark.e2e
 
 N, D = 1000, 6  # 1000 rows: batches of 64 leave a partial last batch
-LOADER_TIMEOUT = 30  # seconds a loader waits for a batch: a stuck worker fails, never hangs
+LOADER_TIMEOUT = 120  # seconds a loader waits for a batch: a stuck worker fails, never hangs
 
 _SERVER = """
 import sys, torch

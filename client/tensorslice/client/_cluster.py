@@ -41,8 +41,8 @@ from tensorslice.core.errors import (
     TensorNotFound,
 )
 from tensorslice.core.results import SlicePlan, TensorInfo, WhereResult
-from tensorslice.core.selection import Combine, Full, Indices, Selection, Threshold
-from tensorslice.core.shards import ClusterSpec, Piece, Split, bind, merge, split
+from tensorslice.core.selection import Combine, Full, Indices, Selection, Threshold, bind
+from tensorslice.core.shards import ClusterSpec, Piece, Split, merge, split
 
 __all__ = [
     "AsyncClusterClient",

@@ -39,6 +39,8 @@ __all__ = [
     "Selection",
     "Selector",
     "Threshold",
+    "bind",
+    "consumed",
     "selection_from_proto",
     "selection_to_proto",
     "selectors_from_index",
@@ -584,3 +586,66 @@ def selection_from_proto(req: _pb.SliceRequest) -> Selection:
         dtype=req.dtype or None,
         max_bytes=req.max_bytes,
     )
+
+
+# ---------------------------------------------------------------------------- binding
+
+
+def consumed(sel: Selector) -> int:
+    """The dimensions of the tensor a selector consumes (a mask: its own dimensions)."""
+    if isinstance(sel, (NewAxis, Ellipsis_)):
+        return 0
+    if isinstance(sel, Mask):
+        return sel.values.ndim
+    return 1
+
+
+def _counted(sel: Selector) -> int:
+    """The dimensions a selector counts for when ``...`` is expanded (PyTorch's count)."""
+    if isinstance(sel, Mask) and sel.counts_as_one:
+        return 1
+    return consumed(sel)
+
+
+def _whole_slice(sel: Selector) -> bool:
+    return isinstance(sel, Full) or (
+        isinstance(sel, Range) and sel.start in (None, 0) and sel.stop is None
+        and sel.step in (None, 1))
+
+
+def bind(name: str, ndim: int, selectors: Sequence[Selector]
+         ) -> list[tuple[Selector, int | None]]:
+    """Each selector with its first dimension (None for those that consume none), the
+    ellipses expanded into ``:``. As in PyTorch, each ``...`` stands for the dimensions the
+    other selectors leave; a second one then covers dimensions past the last, so
+    ``x[..., ...]`` is ``x`` and ``x[..., 0, ...]`` is ``x[..., 0]`` on a 2-D tensor; past
+    the last dimension only ``:`` is accepted (and does nothing). The server's planner and
+    the sharded client both bind this way."""
+    used = sum(_counted(s) for s in selectors)
+    if used > ndim:
+        raise InvalidIndex(
+            f"too many indices for tensor '{name}' of {ndim} dimensions: "
+            f"{used} dimensions indexed")
+    out: list[tuple[Selector, int | None]] = []
+    d = 0
+    for s in selectors:
+        k = consumed(s)
+        if isinstance(s, Ellipsis_):
+            for _ in range(ndim - used):
+                if d < ndim:
+                    out.append((Full(), d))
+                d += 1
+        elif k == 0 and d <= ndim:
+            out.append((s, None))
+        elif k and d >= ndim and _whole_slice(s):
+            d += 1
+        elif d + k > ndim:
+            raise InvalidIndex(
+                f"too many indices for tensor '{name}' of {ndim} dimensions: "
+                f"{d + k} dimensions indexed (with several '...', each stands for "
+                f"{ndim - used})")
+        else:
+            out.append((s, d))
+            d += k
+    out.extend((Full(), x) for x in range(d, ndim))
+    return out

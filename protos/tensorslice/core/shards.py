@@ -34,16 +34,16 @@ from tensorslice.core.errors import (
 )
 from tensorslice.core.selection import (
     Combine,
-    Ellipsis_,
     Full,
     Index,
     Indices,
     Mask,
-    NewAxis,
     Range,
     Selection,
     Selector,
     Threshold,
+    bind,
+    consumed,
 )
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
     "Part",
     "Piece",
     "Split",
-    "bind",
     "merge",
     "split",
 ]
@@ -185,63 +184,6 @@ def _pieces(tensor: str, raw: object, shards: Mapping[str, object]) -> tuple[Pie
         if p.rows:
             prev = p
     return tuple(out)
-
-
-# ---------------------------------------------------------------------------- binding
-
-
-def _consumed(sel: Selector) -> int:
-    if isinstance(sel, (NewAxis, Ellipsis_)):
-        return 0
-    if isinstance(sel, Mask):
-        return sel.values.ndim
-    return 1
-
-
-def _counted(sel: Selector) -> int:
-    if isinstance(sel, Mask) and sel.counts_as_one:
-        return 1
-    return _consumed(sel)
-
-
-def _whole_slice(sel: Selector) -> bool:
-    return isinstance(sel, Full) or (
-        isinstance(sel, Range) and sel.start in (None, 0) and sel.stop is None
-        and sel.step in (None, 1))
-
-
-def bind(name: str, ndim: int, selectors: Sequence[Selector]
-         ) -> list[tuple[Selector, int | None]]:
-    """Each selector with its first dimension (None for those that consume none), the
-    ellipses expanded into ``:``: the server's own binding (PyTorch's reading of ``...``)."""
-    used = sum(_counted(s) for s in selectors)
-    if used > ndim:
-        raise InvalidIndex(
-            f"too many indices for tensor '{name}' of {ndim} dimensions: "
-            f"{used} dimensions indexed")
-    out: list[tuple[Selector, int | None]] = []
-    d = 0
-    for s in selectors:
-        k = _consumed(s)
-        if isinstance(s, Ellipsis_):
-            for _ in range(ndim - used):
-                if d < ndim:
-                    out.append((Full(), d))
-                d += 1
-        elif k == 0 and d <= ndim:
-            out.append((s, None))
-        elif k and d >= ndim and _whole_slice(s):
-            d += 1
-        elif d + k > ndim:
-            raise InvalidIndex(
-                f"too many indices for tensor '{name}' of {ndim} dimensions: "
-                f"{d + k} dimensions indexed (with several '...', each stands for "
-                f"{ndim - used})")
-        else:
-            out.append((s, d))
-            d += k
-    out.extend((Full(), x) for x in range(d, ndim))
-    return out
 
 
 # ---------------------------------------------------------------------------- split
@@ -388,7 +330,7 @@ def _kinds(pairs: Sequence[tuple[Selector, int | None]], combine: Combine) -> li
         elif isinstance(s, Index):
             out.append("int")
         elif isinstance(s, (Indices, Mask)) and combine is Combine.VECTORIZED:
-            out.extend(["adv"] * max(_consumed(s), 1))
+            out.extend(["adv"] * max(consumed(s), 1))
         else:
             out.append("basic")
     return out
@@ -459,7 +401,7 @@ def split(
         k = int(_owner(torch.tensor([i]), pieces)[0])
         return Split((Part(k, with_first([Index(i - pieces[k].start)])),))
     kinds = _kinds(pairs, combine)
-    target = sum(max(_consumed(s), 1) if vectorized and isinstance(s, Mask)
+    target = sum(max(consumed(s), 1) if vectorized and isinstance(s, Mask)
                  and s.values.ndim else 1 for s, _ in pairs[:i0])
     if isinstance(sel0, (Full, Range)):
         start, stop, step = (0, n, 1) if isinstance(sel0, Full) else slice(

@@ -25,16 +25,15 @@ from tensorslice.core.errors import (
 )
 from tensorslice.core.selection import (
     Combine,
-    Ellipsis_,
     Full,
     Index,
     Indices,
     Mask,
-    NewAxis,
     Range,
     Selection,
     Selector,
     Threshold,
+    bind,
 )
 from tensorslice.server import _threshold
 from tensorslice.server._model import (
@@ -57,70 +56,6 @@ from tensorslice.server._model import (
 )
 
 __all__ = ["choose_mode", "combined_limit", "plan", "plan_region"]
-
-
-# ---------------------------------------------------------------------------- binding
-
-
-def _consumed(sel: Selector) -> int:
-    if isinstance(sel, (NewAxis, Ellipsis_)):
-        return 0
-    if isinstance(sel, Mask):
-        return sel.values.ndim
-    return 1
-
-
-def _counted(sel: Selector) -> int:
-    """The dimensions a selector counts for when ``...`` is expanded (PyTorch's count)."""
-    if isinstance(sel, Mask) and sel.counts_as_one:
-        return 1
-    return _consumed(sel)
-
-
-def _whole_slice(sel: Selector) -> bool:
-    return isinstance(sel, Full) or (
-        isinstance(sel, Range) and sel.start in (None, 0) and sel.stop is None
-        and sel.step in (None, 1)
-    )
-
-
-def _bind(meta: TensorMeta, selection: Selection) -> list[tuple[Selector, int | None]]:
-    """Expand the ellipses and give each selector its first source dimension (None for
-    those that consume none). As in PyTorch, each ``...`` stands for the dimensions the
-    other selectors leave; a second one then covers dimensions past the last, so
-    ``x[..., ...]`` is ``x`` and ``x[..., 0, ...]`` is ``x[..., 0]`` on a 2-D tensor; past
-    the last dimension only ``:`` is accepted (and does nothing)."""
-    sels = list(selection.selectors)
-    used = sum(_counted(s) for s in sels)
-    ndim = len(meta.shape)
-    if used > ndim:
-        raise InvalidIndex(
-            f"too many indices for tensor '{meta.name}' of {ndim} dimensions: "
-            f"{used} dimensions indexed"
-        )
-    out: list[tuple[Selector, int | None]] = []
-    d = 0
-    for s in sels:
-        k = _consumed(s)
-        if isinstance(s, Ellipsis_):
-            for _ in range(ndim - used):
-                if d < ndim:
-                    out.append((Full(), d))
-                d += 1
-        elif k == 0 and d <= ndim:
-            out.append((s, None))
-        elif k and d >= ndim and _whole_slice(s):
-            d += 1
-        elif d + k > ndim:
-            raise InvalidIndex(
-                f"too many indices for tensor '{meta.name}' of {ndim} dimensions: "
-                f"{d + k} dimensions indexed (with several '...', each stands for {ndim - used})"
-            )
-        else:
-            out.append((s, d))
-            d += k
-    out.extend((Full(), x) for x in range(d, ndim))
-    return out
 
 
 def _check_indices(meta: TensorMeta, d: int, values: torch.Tensor) -> torch.Tensor:
@@ -233,7 +168,7 @@ def plan(meta: TensorMeta, selection: Selection, *, limit: int = 0) -> Plan:
     """Validate a selection against a tensor and plan it. Raises InvalidSelection,
     SelectionOutOfRange or ResultTooLarge with a message naming dimension, value and size."""
     out_dtype = dtype_from_name(selection.dtype) if selection.dtype else meta.dtype
-    pairs = _bind(meta, selection)
+    pairs = bind(meta.name, len(meta.shape), selection.selectors)
     if selection.combine is Combine.VECTORIZED:
         # Like PyTorch, report a bad integer or slice before a bad index list or mask;
         # OUTER reports the first bad selector, left to right.

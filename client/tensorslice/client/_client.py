@@ -339,18 +339,7 @@ def receive_bulk(step: ReceiveBulk, tls: ssl.SSLContext | None = None,
                                step.connect_timeout)
         if got is not None:
             return "shared_memory" if got else "bulk"
-    try:
-        sock = socket.create_connection((step.host, step.port), timeout=step.connect_timeout)
-    except OSError as exc:
-        raise BulkUnreachable(f"bulk port {step.host}:{step.port} unreachable: {exc}") from None
-    if tls is not None:
-        try:
-            sock = tls.wrap_socket(sock, server_hostname=server_name or step.host)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            sock.close()
-            raise ServerUnavailable(
-                f"TLS handshake with the bulk port {step.host}:{step.port} failed: {exc}"
-            ) from None
+    sock = _connect_bulk(step, tls, server_name)
     deadline = None if step.timeout is None else time.monotonic() + step.timeout
     try:
         with sock:
@@ -369,12 +358,10 @@ def receive_bulk(step: ReceiveBulk, tls: ssl.SSLContext | None = None,
     return "bulk"
 
 
-def send_bulk(step: SendBulk, tls: ssl.SSLContext | None = None,
-              server_name: str | None = None) -> Any:
-    """Perform a `SendBulk` step: connect to the bulk data plane (TLS with `tls`, verifying
-    the certificate for `server_name` or the host), send the token, the data straight from
-    its memory and the end marker, and read the answer; the response, or the error the
-    server answered. (Blocking; `AsyncClient` runs it in a thread.)"""
+def _connect_bulk(step: ReceiveBulk | SendBulk, tls: ssl.SSLContext | None,
+                  server_name: str | None) -> socket.socket:
+    """A connection to the ticket's bulk port (TLS with `tls`, verifying the certificate for
+    `server_name` or the host)."""
     where = f"{step.host}:{step.port}"
     try:
         sock = socket.create_connection((step.host, step.port), timeout=step.connect_timeout)
@@ -387,6 +374,17 @@ def send_bulk(step: SendBulk, tls: ssl.SSLContext | None = None,
             sock.close()
             raise ServerUnavailable(
                 f"TLS handshake with the bulk port {where} failed: {exc}") from None
+    return sock
+
+
+def send_bulk(step: SendBulk, tls: ssl.SSLContext | None = None,
+              server_name: str | None = None) -> Any:
+    """Perform a `SendBulk` step: connect to the bulk data plane (TLS with `tls`, verifying
+    the certificate for `server_name` or the host), send the token, the data straight from
+    its memory and the end marker, and read the answer; the response, or the error the
+    server answered. (Blocking; `AsyncClient` runs it in a thread.)"""
+    where = f"{step.host}:{step.port}"
+    sock = _connect_bulk(step, tls, server_name)
     deadline = None if step.timeout is None else time.monotonic() + step.timeout
     try:
         with sock:

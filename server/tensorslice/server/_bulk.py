@@ -546,11 +546,7 @@ class BulkServer:
         except Exception:
             log.exception("bulk transfer failed")
         finally:
-            transfer.release()
-            with self._lock:
-                self._sending.discard(sock)
-                self._senders.discard(threading.current_thread())
-            self._wake()
+            self._done(sock, transfer)
 
     def _receive(self, sock: socket.socket, transfer: _Transfer, upload: UploadReceiver
                  ) -> None:
@@ -564,11 +560,15 @@ class BulkServer:
         except Exception:
             log.exception("bulk upload failed")
         finally:
-            transfer.release()
-            with self._lock:
-                self._sending.discard(sock)
-                self._senders.discard(threading.current_thread())
-            self._wake()
+            self._done(sock, transfer)
+
+    def _done(self, sock: socket.socket, transfer: _Transfer) -> None:
+        """A transfer's connection is finished, either way: its memory and slot come back."""
+        transfer.release()
+        with self._lock:
+            self._sending.discard(sock)
+            self._senders.discard(threading.current_thread())
+        self._wake()
 
     def _send_pieces(self, sock: socket.socket, pieces: Pieces, nbytes: int) -> None:
         # The timeout bounds each `sendall` of at most _SEND_STEP bytes: a reader that

@@ -325,6 +325,8 @@ class CallDirect:
     request: Any
     sink: Assembler | None
     timeout: float | None
+    shm: Sessions | None = None
+    """Make the call over a same-host session first (see `tensorslice.client._shm`)."""
 
 
 
@@ -566,14 +568,15 @@ class BaseClient:
                 "workers with spawn or forkserver"
             )
         family, sockaddr = self._data_addr
+        shm = self._shm if self._shm is not None and self._shm.available else None
         if isinstance(op, Unary):
             # Another service's method (the health check) is named with its service.
             method = op.method if op.service == SERVICE else f"{op.service}/{op.method}"
             data = yield CallDirect(family, sockaddr, method, op.request, None,
-                                    deadline.left())
+                                    deadline.left(), shm)
             return op.finish(op.response_cls.FromString(data))
         asm = op.assembler()
-        yield CallDirect(family, sockaddr, op.method, op.request, asm, deadline.left())
+        yield CallDirect(family, sockaddr, op.method, op.request, asm, deadline.left(), shm)
         return op.finish(asm)
 
     # ------------------------------------------------------------------ operations

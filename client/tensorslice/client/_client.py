@@ -358,13 +358,21 @@ def call_direct(step: CallDirect, metadata: tuple[tuple[str, str], ...] | None =
                 tls: ssl.SSLContext | None = None, server_name: str | None = None) -> bytes:
     """Perform a `CallDirect` step: one whole call over the data plane (see
     `tensorslice.server._bulk`), no gRPC and no name resolution; the call's token (from
-    `metadata`) travels with it, over TLS with `tls`. Every read waits at most until the
-    call's deadline; a server that goes away raises ServerUnavailable, never a short
-    result. (Blocking; `AsyncClient` runs it in a thread.)"""
+    `metadata`) travels with it, over TLS with `tls`; over a same-host session first where
+    the step has one (see `_shm`: the result comes in a shared segment). Every read waits
+    at most until the call's deadline; a server that goes away raises ServerUnavailable,
+    never a short result. (Blocking; `AsyncClient` runs it in a thread.)"""
     where = f"data plane {step.sockaddr[0]}:{step.sockaddr[1]}"
     deadline = None if step.timeout is None else time.monotonic() + step.timeout
     connect = (_CONNECT_SECONDS if step.timeout is None
                else min(step.timeout, _CONNECT_SECONDS))
+    auth = dict(metadata or ()).get("authorization", "").encode()
+    request = step.request.SerializeToString()
+    if step.shm is not None and tls is None:
+        got = step.shm.call(step.sockaddr[1], auth, step.method, request, step.sink,
+                            step.timeout, connect)
+        if got is not None:
+            return got
     sock = socket.socket(step.family, socket.SOCK_STREAM)
     try:
         sock.settimeout(connect)
@@ -374,9 +382,7 @@ def call_direct(step: CallDirect, metadata: tuple[tuple[str, str], ...] | None =
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         sock.close()
         raise ServerUnavailable(f"{where} unreachable: {exc}") from None
-    auth = dict(metadata or ()).get("authorization", "").encode()
     name = step.method.encode()
-    request = step.request.SerializeToString()
     try:
         with sock:
             sock.settimeout(step.timeout)

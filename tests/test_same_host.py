@@ -366,3 +366,55 @@ def test_a_forked_child_never_releases_its_parents_loans() -> None:
     _shm._released(q, 2, 1, epoch + 1)
     assert q.get_nowait() == (2, 1) and q.empty()
     assert struct.calcsize("<IQ") == SHM_RELEASE.size
+
+
+def _forked_worker(address: str, port: int, same_host: bool, token: str | None,
+                   out: object) -> None:
+    from tensorslice.client._fork import forked_from_grpc
+
+    torch.set_num_threads(1)
+    c = Client(address, timeout=30, same_host=same_host, token=token)
+    c._data_addr = (socket.AF_INET, ("127.0.0.1", port))
+    results: list[object] = [forked_from_grpc()]
+    try:
+        results.append([t.name for t in c.list_tensors()])
+        results.append(all(c.tensor("x")[i : i + 40].equal(X[i : i + 40]) for i in range(4)))
+        got = c.slice_many({"a": ("x", (slice(0, 20),))}, share_memory=True)["a"]
+        results.append(got.equal(X[0:20]) and got.is_shared())
+        c.describe("nope")
+    except TensorSliceError as exc:
+        results.append(f"{type(exc).__name__}: {exc}")
+    out.put(results)  # type: ignore[attr-defined]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("same_host", [True, False])
+def test_a_forked_client_calls_over_a_session(same_host: bool) -> None:
+    import multiprocessing
+
+    srv, address = _server(token="s3cret")
+    shm = srv.bulk.shm  # type: ignore[attr-defined]
+    try:
+        with Client(address, timeout=30, token="s3cret") as parent:
+            parent.list_tensors()  # gRPC used: a forked child must not
+            port = parent._data_port
+        assert port is not None
+        ctx = multiprocessing.get_context("fork")
+        out = ctx.Queue()
+        child = ctx.Process(target=_forked_worker,
+                            args=(address, port, same_host, "s3cret", out))
+        child.start()
+        got = out.get(timeout=60)
+        child.join(timeout=30)
+        assert got == [True, ["x"], True, True,
+                       "TensorNotFound: no tensor named 'nope'; the server holds: x"]
+        # every call went over the session (the segments reused), or none did
+        assert (shm.lent >= 7 and shm.segments <= 2) if same_host else shm.lent == 0
+        assert _until(lambda: shm.sessions == 0 and shm.segments == 0)  # the child exited
+        child = ctx.Process(target=_forked_worker, args=(address, port, True, "wrong", out))
+        child.start()
+        got = out.get(timeout=60)
+        child.join(timeout=30)
+        assert got[0] is True and str(got[1]).startswith("Unauthenticated")
+    finally:
+        srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]

@@ -387,6 +387,8 @@ class CallDirect:
     sink: Assembler | None
     timeout: float | None
     host: str = ""
+    shm: Sessions | None = None
+    """Make the call over a same-host session first (see `tensorslice.client._shm`)."""
 
 
 
@@ -799,12 +801,13 @@ class BaseClient:
         # Another service's method (the health check) is named with its service.
         method = (op.method if isinstance(op, Stream) or op.service == SERVICE
                   else f"{op.service}/{op.method}")
+        shm = self._shm if self._shm is not None and self._shm.available else None
         for i in range(len(planes)):
             host, _, family, sockaddr = planes[(first + i) % len(planes)]
             asm = None if isinstance(op, Unary) else op.assembler()
             try:
                 data = yield CallDirect(family, sockaddr, method, op.request, asm,
-                                        deadline.left(), host)
+                                        deadline.left(), host, shm)
             except ServerUnavailable:
                 if i + 1 == len(planes):
                     raise

@@ -544,17 +544,25 @@ def call_direct(step: CallDirect, metadata: tuple[tuple[str, str], ...] | None =
                 lines: DirectLines | None = None) -> bytes:
     """Perform a `CallDirect` step: one whole call over the data plane (see
     `tensorslice.server._bulk`), no gRPC and no name resolution; the call's token (from
-    `metadata`) travels with it, over TLS with `tls`. Every read waits at most until the
-    call's deadline; a server that goes away raises ServerUnavailable, never a short
-    result. With `lines`, a connection kept from an earlier call carries it (and is kept
-    again once the answer is read whole); one the server closed meanwhile is replaced
-    by a new one, and the call sent again (direct calls only read). (Blocking;
+    `metadata`) travels with it, over TLS with `tls`; over a same-host session first where
+    the step has one (see `_shm`: the result comes in a shared segment). Every read waits
+    at most until the call's deadline; a server that goes away raises ServerUnavailable,
+    never a short result. With `lines`, a connection kept from an earlier call carries it
+    (and is kept again once the answer is read whole); one the server closed meanwhile is
+    replaced by a new one, and the call sent again (direct calls only read). (Blocking;
     `AsyncClient` runs it in a thread.)"""
     where = f"data plane {step.sockaddr[0]}:{step.sockaddr[1]}"
     deadline = None if step.timeout is None else time.monotonic() + step.timeout
     auth = dict(metadata or ()).get("authorization", "").encode()
     name = step.method.encode()
     request = step.request.SerializeToString()
+    if step.shm is not None and tls is None:
+        connect = (_CONNECT_SECONDS if step.timeout is None
+                   else min(step.timeout, _CONNECT_SECONDS))
+        got = step.shm.call(step.sockaddr[1], auth, step.method, request, step.sink,
+                            step.timeout, connect)
+        if got is not None:
+            return got
     message = (DIRECT_MAGIC + struct.pack("<H", len(auth)) + auth
                + struct.pack("<H", len(name)) + name
                + struct.pack("<Q", len(request)) + request)

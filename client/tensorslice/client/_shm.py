@@ -68,7 +68,7 @@ __all__ = ["Session", "Sessions"]
 
 _MAX_IDLE = 4  # idle sessions kept per port
 _MAX_FORGOTTEN = 1 << 16
-_OP_REDEEM = 1
+_OP_REDEEM, _OP_CALL = 1, 2
 _fork_epoch = [0]  # bumped before every fork: releases of older loans are dropped
 
 
@@ -179,13 +179,29 @@ class Session:
         the socket; None where the session was found closed before the request was sent
         (the ticket is untouched). Raises on a bad reply, or a session that closes once
         the request is sent (the ticket may be spent): the session is then closed."""
+        got = self._exchange(_OP_REDEEM, token, nbytes, sink, deadline)
+        return None if got is None else got[0]
+
+    def call(self, auth: bytes, method: str, request: bytes, sink: Assembler | None,
+             deadline: float | None) -> bytes | None:
+        """A whole call (see `tensorslice.server._shm.ShmSession`): the response's bytes,
+        or b"" where the result file went into `sink`; None where the session was found
+        closed before the request was sent."""
+        name = method.encode()
+        body = (struct.pack("<H", len(auth)) + auth + struct.pack("<H", len(name)) + name
+                + struct.pack("<Q", len(request)) + request)
+        got = self._exchange(_OP_CALL, body, None, sink, deadline)
+        return None if got is None else got[1]
+
+    def _exchange(self, op: int, body: bytes, nbytes: int | None, sink: Assembler | None,
+                  deadline: float | None) -> tuple[bool, bytes] | None:
         sock = self.sock
         if not self._alive():
             self.close()
             return None
         releases = self._releases()
-        request = (SHM_REQUEST.pack(_OP_REDEEM, len(releases) // SHM_RELEASE.size)
-                   + releases + token)
+        request = (SHM_REQUEST.pack(op, len(releases) // SHM_RELEASE.size)
+                   + releases + body)
         try:
             _settle(sock, deadline)
             sock.sendall(request)
@@ -193,8 +209,7 @@ class Session:
             msg, fds, _, _ = socket.recv_fds(sock, SHM_REPLY.size, 1)
         except TimeoutError:
             self.close()
-            raise DeadlineExceeded(
-                f"same-host transfer of {nbytes} bytes did not finish in time") from None
+            raise DeadlineExceeded("same-host transfer did not finish in time") from None
         except OSError as exc:
             self.close()
             raise ServerUnavailable(f"same-host session failed: {exc}") from None
@@ -204,11 +219,10 @@ class Session:
                                     "transfer")
         fd = fds[0] if fds else None
         try:
-            return self._answer(msg, fd, nbytes, sink, deadline)
+            got = self._answer(msg, fd, nbytes, sink, deadline)
         except TimeoutError:
             self.close()
-            raise DeadlineExceeded(
-                f"same-host transfer of {nbytes} bytes did not finish in time") from None
+            raise DeadlineExceeded("same-host transfer did not finish in time") from None
         except OSError as exc:
             self.close()
             raise ServerUnavailable(f"same-host transfer failed: {exc}") from None
@@ -218,9 +232,13 @@ class Session:
         finally:
             if fd is not None:
                 os.close(fd)
+        if isinstance(got, TensorSliceError):  # the server's answer: the session goes on
+            raise got
+        return got
 
-    def _answer(self, msg: bytes, fd: int | None, nbytes: int, sink: Assembler,
-                deadline: float | None) -> bool:
+    def _answer(self, msg: bytes, fd: int | None, nbytes: int | None,
+                sink: Assembler | None, deadline: float | None
+                ) -> tuple[bool, bytes] | TensorSliceError:
         sock = self.sock
         if len(msg) < SHM_REPLY.size:
             msg += _recv_exact(sock, SHM_REPLY.size - len(msg), deadline)
@@ -231,18 +249,23 @@ class Session:
             self.maps.pop(seg_id, None)
             self.lent.discard(seg_id)
         if kind == SHM_ERROR:
-            text = _recv_exact(sock, min(length, 1 << 16), deadline).decode("utf-8", "replace")
+            if fd is not None or length > 1 << 16:
+                raise TensorSliceError("same-host error reply malformed: refused")
+            text = _recv_exact(sock, length, deadline).decode("utf-8", "replace")
             known = {s.value for s in Status}
-            raise error_from_status(Status(a) if a in known else Status.UNKNOWN, text)
-        if length != nbytes:
+            return error_from_status(Status(a) if a in known else Status.UNKNOWN, text)
+        if nbytes is not None and length != nbytes:
             raise TensorSliceError(
                 f"same-host reply announces {length} bytes, the ticket {nbytes}: refused")
+        nbytes = length
         if kind == SHM_BYTES:
             if fd is not None:
                 raise TensorSliceError("same-host reply passes a descriptor it does not "
                                        "use: refused")
+            if sink is None:
+                return False, _recv_exact(sock, nbytes, deadline)
             sink.receive(sock, nbytes, deadline)
-            return False
+            return False, b""
         if kind != SHM_SEGMENT:
             raise TensorSliceError(f"same-host reply of unknown kind {kind}: refused")
         if nbytes > size:
@@ -272,8 +295,11 @@ class Session:
                 f"stale here (generation {m.gen}, {m.size} bytes): refused")
         m.gen = gen
         self.lent.add(a)
-        sink.adopt(_result_view(m, a, gen, nbytes, self.returned))
-        return True
+        view = _result_view(m, a, gen, nbytes, self.returned)
+        if sink is None:
+            return True, bytes(view)  # the view goes: the segment is released
+        sink.adopt(view)
+        return True, b""
 
 
 def _result_view(m: _Mapping, seg_id: int, gen: int, nbytes: int,
@@ -341,6 +367,31 @@ class Sessions:
                     return None
             try:
                 got = session.redeem(token, nbytes, sink, deadline)
+            finally:
+                self._put(port, session)
+            if got is not None:
+                return got
+            if fresh:
+                break
+        return None
+
+    def call(self, port: int, auth: bytes, method: str, request: bytes,
+             sink: Assembler | None, timeout: float | None, connect_timeout: float
+             ) -> bytes | None:
+        """A whole call over a session with the plane on `port` (what a process forked
+        from a gRPC user makes): as `Session.call`; None where no session is possible."""
+        self._check_pid()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for _ in range(2):
+            session = self._take(port)
+            fresh = session is None
+            if session is None:
+                session = Session.open(port, connect_timeout)
+                if session is None:
+                    self.available = False
+                    return None
+            try:
+                got = session.call(auth, method, request, sink, deadline)
             finally:
                 self._put(port, session)
             if got is not None:

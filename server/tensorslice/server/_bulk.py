@@ -629,7 +629,8 @@ class BulkServer:
                 sock.settimeout(self.handshake_timeout)
                 sock.sendall(SHM_HELLO)
                 ShmSession(sock, budget, self._redeem, busy, self._count_sent,
-                           self.handshake_timeout, self.send_timeout).run()
+                           self.handshake_timeout, self.send_timeout,
+                           call=self._session_call if self.direct is not None else None).run()
         except (OSError, ConnectionError) as exc:
             log.info("same-host session closed: %s", exc)
         except Exception:
@@ -641,6 +642,14 @@ class BulkServer:
                 self._sending.discard(sock)
                 self._senders.discard(threading.current_thread())
             self._wake()
+
+    def _session_call(self, method: str, auth: bytes, request: bytes) -> Redeemed:
+        """A whole call over a session (a forked client's), as a direct request's."""
+        with self._lock:
+            stopping = self._stopping
+        if stopping or self.direct is None:
+            raise ServerUnavailable("the server is shutting down; retry shortly")
+        return self.direct(method, auth, request)
 
     def _redeem(self, token: bytes) -> Redeemed | None:
         transfer = self._take(token)

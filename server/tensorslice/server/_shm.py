@@ -55,17 +55,20 @@ from tensorslice.core.codec import (
     SHM_REQUEST,
     SHM_SEGMENT,
 )
-from tensorslice.core.errors import Status
+from tensorslice.core.errors import InvalidSelection, Status, TensorSliceError
 
-__all__ = ["MAX_RELEASES", "SegmentPool", "ShmBudget", "ShmSession", "default_shm_bytes",
-           "peer_uid"]
+__all__ = ["MAX_CALL_BYTES", "MAX_RELEASES", "Caller", "SegmentPool", "ShmBudget",
+           "ShmSession", "default_shm_bytes", "peer_uid"]
 
 log = logging.getLogger("tensorslice.server")
 
 MAX_RELEASES = 4096
 """Most releases one request may carry (a client never has more segments lent)."""
 _GRAIN = 64 << 10  # segment sizes are multiples of this
-_OP_REDEEM = 1
+_OP_REDEEM, _OP_CALL = 1, 2
+MAX_CALL_BYTES = 256 << 20
+"""Largest serialized request of a call over a session (as a direct request's)."""
+_CALL_BYTES_PER_SECOND = 64 << 20  # request bytes a call's deadline grants
 _SEND_STEP = 1 << 20
 _TOKEN_BYTES = 16
 
@@ -78,7 +81,11 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 Pieces = Iterable[bytes | memoryview]
 Redeemed = tuple[Pieces, int, Callable[[], None]]
-"""A redeemed ticket: its pieces, their size, and what to call once written (or not)."""
+"""A redeemed ticket (or a call's answer): its pieces, their size, and what to call once
+written (or not)."""
+Caller = Callable[[str, bytes, bytes], Redeemed]
+"""Runs a whole call: (method, authorization value, serialized request) -> its answer;
+raises `TensorSliceError` to answer with its status (the bulk plane's direct handler)."""
 
 
 def default_shm_bytes(memory: int) -> int:
@@ -250,15 +257,20 @@ class SegmentPool:
 class ShmSession:
     """One same-host session: reads requests from `sock` until it closes, is idle for the
     budget's `idle_timeout`, or breaks the protocol; redeems each request's token with
-    `redeem` (None: unknown or expired), and answers (see `tensorslice.core.codec`).
+    `redeem` (None: unknown or expired), or runs a whole call with `call` (what a client in
+    a process forked from a gRPC user sends: op 2, then the ``authorization`` value (``<H``
+    length), the method (``<H``, ASCII) and the request (``<Q``, at most `MAX_CALL_BYTES`)),
+    and answers (see `tensorslice.core.codec`).
     `busy` is called with True before a request is served and False after; `sent` with the
     file's size and whether it went in a segment."""
 
     def __init__(self, sock: socket.socket, budget: ShmBudget,
                  redeem: Callable[[bytes], Redeemed | None],
                  busy: Callable[[bool], None], sent: Callable[[int, bool], None],
-                 request_timeout: float, send_timeout: float) -> None:
+                 request_timeout: float, send_timeout: float,
+                 call: Caller | None = None) -> None:
         self.sock = sock
+        self._call = call
         self.pool = SegmentPool(budget)
         self._redeem = redeem
         self._busy = busy
@@ -286,13 +298,16 @@ class ShmSession:
         deadline = time.monotonic() + self._request_timeout
         op, count = SHM_REQUEST.unpack(first + _recv_exact(sock, SHM_REQUEST.size - len(first),
                                                            deadline))
-        if op != _OP_REDEEM or count > MAX_RELEASES:
+        if op not in (_OP_REDEEM, _OP_CALL) or count > MAX_RELEASES or (
+                op == _OP_CALL and self._call is None):
             log.info("same-host session closed: bad request (op %d, %d releases)", op, count)
             return False
         releases = _recv_exact(sock, count * SHM_RELEASE.size, deadline)
-        token = _recv_exact(sock, _TOKEN_BYTES, deadline)
         for seg_id, gen in SHM_RELEASE.iter_unpack(releases):
             self.pool.release(seg_id, gen)
+        if op == _OP_CALL:
+            return self._serve_call(deadline)
+        token = _recv_exact(sock, _TOKEN_BYTES, deadline)
         self._busy(True)
         try:
             redeemed = self._redeem(token)
@@ -309,6 +324,44 @@ class ShmSession:
         finally:
             self._busy(False)
         return True
+
+    def _serve_call(self, deadline: float) -> bool:
+        sock = self.sock
+        (n,) = struct.unpack("<H", _recv_exact(sock, 2, deadline))
+        auth = _recv_exact(sock, n, deadline)
+        (n,) = struct.unpack("<H", _recv_exact(sock, 2, deadline))
+        method = _recv_exact(sock, n, deadline).decode("ascii", "replace")
+        (n,) = struct.unpack("<Q", _recv_exact(sock, 8, deadline))
+        if n > MAX_CALL_BYTES:
+            self._error(InvalidSelection(
+                f"request of {n} bytes exceeds the limit of {MAX_CALL_BYTES} bytes"))
+            return False  # the request's bytes are not read: the session cannot go on
+        request = _recv_exact(sock, n, deadline + n / _CALL_BYTES_PER_SECOND)
+        assert self._call is not None
+        self._busy(True)
+        try:
+            try:
+                pieces, nbytes, done = self._call(method, auth, request)
+            except TensorSliceError as exc:
+                self._error(exc)
+                return True
+            except Exception:
+                log.exception("internal error while serving a call over a same-host session")
+                self._error(TensorSliceError("internal error; the server log has the details"),
+                            Status.INTERNAL)
+                return True
+            try:
+                self._deliver(pieces, nbytes)
+            finally:
+                done()
+        finally:
+            self._busy(False)
+        return True
+
+    def _error(self, exc: TensorSliceError, status: Status | None = None) -> None:
+        self.sock.settimeout(self._send_timeout or None)
+        self._reply(SHM_ERROR, (status or exc.status).value, 0, 0,
+                    exc.message.encode("utf-8", "replace")[:4096])
 
     def _deliver(self, pieces: Pieces, nbytes: int) -> None:
         found = self.pool.find(nbytes)

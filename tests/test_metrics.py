@@ -59,7 +59,8 @@ def _calls(m: dict[Any, float], method: str, code: str) -> float:
 def test_metrics_count_calls_bytes_and_state(served: tuple[Any, str]) -> None:
     srv, address = served
     before = _scrape(srv)
-    with Client(address, timeout=10, token=TOKEN) as c:
+    # over gRPC and TCP (a same-host session's calls: tests/test_same_host_calls.py)
+    with Client(address, timeout=10, token=TOKEN, same_host=False) as c:
         x = c.tensor("x")
         x[0:1]  # 32 KiB: inline
         x[0:1]  # the same request: an answer-cache hit

@@ -84,8 +84,8 @@ def test_segments_are_pooled_and_reused_only_once_released(
     assert shm is not None
     with Client(address, timeout=30) as c:  # on by default
         a = c.tensor("x")[0:40]
-        b = c.tensor("x")[[5, 1, 9, 9], :, 3]
-        assert a.equal(X[0:40]) and b.equal(X[[5, 1, 9, 9], :, 3])
+        b = c.tensor("x")[[5, 1, 9, 9]]  # 128 KiB: over the session's inline bound
+        assert a.equal(X[0:40]) and b.equal(X[[5, 1, 9, 9]])
         assert c.last_transport == "shared_memory"
         assert c.transports["shared_memory"] == 2 and c.transports["bulk"] == 0
         assert shm.segments == 2 and srv.bulk.sessions == 1  # type: ignore[attr-defined]
@@ -141,8 +141,8 @@ def test_a_full_budget_sends_on_the_socket_instead() -> None:
     srv, address = _server(shm_max_bytes=1 << 20)  # below one 2 MiB result
     try:
         with Client(address, timeout=30) as c:
-            assert c.tensor("x")[:].equal(X)
-            assert c.transports["bulk"] == 1 and c.transports["shared_memory"] == 0
+            assert c.tensor("x")[:].equal(X)  # a call over the session: the answer on it
+            assert c.transports["session"] == 1 and c.transports["shared_memory"] == 0
         shm = srv.bulk.shm  # type: ignore[attr-defined]
         assert shm.fallbacks == 1 and shm.lent == 0 and shm.segments == 0
     finally:
@@ -185,7 +185,7 @@ def _session(port: int) -> socket.socket:
     sock.settimeout(30)
     sock.connect(same_host_socket(port))
     sock.sendall(SESSION_MAGIC)
-    assert sock.recv(len(SHM_HELLO), socket.MSG_WAITALL) == SHM_HELLO
+    assert sock.recv(len(SHM_HELLO) + 16, socket.MSG_WAITALL)[:len(SHM_HELLO)] == SHM_HELLO
     return sock
 
 
@@ -238,8 +238,10 @@ def test_a_segment_is_written_only_after_its_exact_release(
         assert b"unknown or expired" in sock.recv(nbytes4, socket.MSG_WAITALL)
 
 
-def _impostor(name: bytes, answer: str) -> tuple[socket.socket, threading.Thread]:
-    """A listener at the same-host name that refuses, or answers with a bad segment."""
+def _impostor(name: bytes, answer: str, instance: bytes
+              ) -> tuple[socket.socket, threading.Thread]:
+    """A listener at the same-host name that refuses, or greets as the server of
+    `instance` and answers with a bad segment."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(name)
     listener.listen(1)
@@ -255,7 +257,7 @@ def _impostor(name: bytes, answer: str) -> tuple[socket.socket, threading.Thread
             conn.recv(16, socket.MSG_WAITALL)
             if answer == "close":
                 return
-            conn.sendall(SHM_HELLO)
+            conn.sendall(SHM_HELLO + instance)
             head = conn.recv(SHM_REQUEST.size, socket.MSG_WAITALL)
             _, count = SHM_REQUEST.unpack(head)
             conn.recv(count * SHM_RELEASE.size + 16, socket.MSG_WAITALL)
@@ -285,7 +287,7 @@ def _impostor(name: bytes, answer: str) -> tuple[socket.socket, threading.Thread
 def test_a_foreign_socket_at_the_name_never_gives_wrong_data(answer: str) -> None:
     srv, address = _server(same_host=False)
     bulk = srv.bulk  # type: ignore[attr-defined]
-    listener, thread = _impostor(same_host_socket(bulk.port), answer)
+    listener, thread = _impostor(same_host_socket(bulk.port), answer, bulk.instance)
     try:
         with Client(address, timeout=30) as c:
             if answer == "close":  # no session: the ticket is redeemed over TCP
@@ -368,13 +370,14 @@ def test_a_forked_child_never_releases_its_parents_loans() -> None:
     assert struct.calcsize("<IQ") == SHM_RELEASE.size
 
 
-def _forked_worker(address: str, port: int, same_host: bool, token: str | None,
-                   out: object) -> None:
+def _forked_worker(address: str, port: int, instance: bytes, same_host: bool,
+                   token: str | None, out: object) -> None:
     from tensorslice.client._fork import forked_from_grpc
 
     torch.set_num_threads(1)
     c = Client(address, timeout=30, same_host=same_host, token=token)
-    c._data_addr = (socket.AF_INET, ("127.0.0.1", port))
+    c._data_planes = [("127.0.0.1", port, socket.AF_INET, ("127.0.0.1", port))]
+    c._announced = {("127.0.0.1", port): instance}
     results: list[object] = [forked_from_grpc()]
     try:
         results.append([t.name for t in c.list_tensors()])
@@ -398,20 +401,24 @@ def test_a_forked_client_calls_over_a_session(same_host: bool) -> None:
         with Client(address, timeout=30, token="s3cret") as parent:
             parent.list_tensors()  # gRPC used: a forked child must not
             port = parent._data_port
-        assert port is not None
+            instance = parent._announced[("127.0.0.1", port)]
+        assert port is not None and instance == srv.bulk.instance  # type: ignore[attr-defined]
         ctx = multiprocessing.get_context("fork")
         out = ctx.Queue()
         child = ctx.Process(target=_forked_worker,
-                            args=(address, port, same_host, "s3cret", out))
+                            args=(address, port, instance, same_host, "s3cret", out))
         child.start()
         got = out.get(timeout=60)
         child.join(timeout=30)
         assert got == [True, ["x"], True, True,
                        "TensorNotFound: no tensor named 'nope'; the server holds: x"]
-        # every call went over the session (the segments reused), or none did
-        assert (shm.lent >= 7 and shm.segments <= 2) if same_host else shm.lent == 0
+        # every call went over the session (the small answers on its socket, the results
+        # in segments, reused), or none did
+        assert ((shm.lent >= 5 and shm.inline >= 2 and shm.segments <= 2) if same_host
+                else shm.lent == 0)
         assert _until(lambda: shm.sessions == 0 and shm.segments == 0)  # the child exited
-        child = ctx.Process(target=_forked_worker, args=(address, port, True, "wrong", out))
+        child = ctx.Process(target=_forked_worker,
+                            args=(address, port, instance, True, "wrong", out))
         child.start()
         got = out.get(timeout=60)
         child.join(timeout=30)

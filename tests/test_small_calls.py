@@ -25,7 +25,8 @@ def served() -> Iterator[tuple[TensorSliceServer, Client]]:
     srv, port = create_server(store, "127.0.0.1:0", ServerConfig(unary_max_bytes=4096))
     srv.start()
     try:
-        with Client(f"127.0.0.1:{port}", timeout=30) as c:
+        # the gRPC path (a same-host session's calls: tests/test_same_host_calls.py)
+        with Client(f"127.0.0.1:{port}", timeout=30, same_host=False) as c:
             yield srv, c
     finally:
         srv.stop(grace=None)

@@ -27,6 +27,7 @@ from tensorslice.client._base import (
     BaseClient,
     BaseRemoteTensor,
     CallDirect,
+    CallSession,
     CallUnary,
     CallUpload,
     Explainer,
@@ -43,6 +44,7 @@ from tensorslice.client._base import (
 )
 from tensorslice.client._client import (
     call_direct,
+    call_session,
     channel_target,
     receive_bulk,
     resolve_data_plane,
@@ -137,6 +139,8 @@ class AsyncClient(BaseClient):
             # The socket part blocks: run it off the event loop.
             return await asyncio.to_thread(receive_bulk, step, self._credentials.ssl_context(),
                                            self._server_name() or self._bulk_host)
+        if isinstance(step, CallSession):
+            return await asyncio.to_thread(call_session, step, self._metadata)
         if isinstance(step, SendBulk):
             return await asyncio.to_thread(send_bulk, step, self._credentials.ssl_context(),
                                            self._server_name() or step.host)

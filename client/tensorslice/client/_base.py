@@ -33,6 +33,7 @@ from tensorslice.core.codec import (
     DATA_HOST_KEY,
     DATA_PORT_KEY,
     DTYPE_NAMES,
+    INSTANCE_KEY,
     UPLOAD_END,
     dtype_name,
     encode_upload_data,
@@ -79,11 +80,13 @@ __all__ = [
     "DEFAULT",
     "MAX_RETRIES",
     "SERVICE",
+    "SESSION_METHODS",
     "TRANSPORTS",
     "BaseClient",
     "BaseRemoteTensor",
     "BulkUnreachable",
     "CallDirect",
+    "CallSession",
     "CallStream",
     "CallUnary",
     "CallUpload",
@@ -294,10 +297,6 @@ def bulk_host(address: str) -> str | None:
     return "127.0.0.1" if address.startswith(("unix:", "unix-abstract:")) else None
 
 
-def _loopback(host: str) -> bool:
-    return host == "localhost" or host.startswith("127.") or host == "::1"
-
-
 class BulkUnreachable(Exception):
     """The bulk port could not be reached (a firewall, a proxy): the clients then stream
     that result over gRPC and stop asking for bulk transfers."""
@@ -369,6 +368,9 @@ class ReceiveBulk:
     shm: Sessions | None = None
     """Try a same-host session first (see `tensorslice.client._shm`). The outcome is the
     transport that carried the file: "shared_memory" or "bulk"."""
+    instance: bytes = b""
+    """The issuing server's instance id (`BulkTicket.instance`): a session is used only
+    with the server that greets with it."""
 
 
 @dataclass(frozen=True)
@@ -389,7 +391,26 @@ class CallDirect:
     host: str = ""
     shm: Sessions | None = None
     """Make the call over a same-host session first (see `tensorslice.client._shm`)."""
+    instance: bytes = b""
+    """The data plane's instance id, as announced (a session only with that server)."""
 
+
+
+@dataclass(frozen=True)
+class CallSession:
+    """A whole call over a same-host session with the data plane on `port` whose greeting
+    names `instance` (see `tensorslice.client._shm`): `request` (a message or its bytes)
+    to `method`, a result file received into `sink` (None: the response's bytes). The
+    outcome is None where no session could be had (nothing was sent: the flow calls over
+    gRPC), else (whether the answer came in a segment, the response's bytes or b"")."""
+
+    port: int
+    instance: bytes
+    method: str
+    request: Any
+    sink: Assembler | None
+    timeout: float | None
+    shm: Sessions
 
 
 @dataclass(frozen=True)
@@ -422,11 +443,15 @@ class SendBulk:
     end: bytes = UPLOAD_END
 
 
-Step = CallUnary | CallStream | ReceiveBulk | CallDirect | CallUpload | SendBulk
+Step = CallUnary | CallStream | ReceiveBulk | CallDirect | CallSession | CallUpload | SendBulk
 
-TRANSPORTS = ("inline", "bulk", "shared_memory", "stream")
+TRANSPORTS = ("inline", "bulk", "shared_memory", "session", "stream")
 """What can carry a result: inline in the `Fetch` answer, the bulk data plane over TCP, a
-same-host shared segment, the gRPC stream."""
+same-host shared segment, a same-host session's socket (a small result of a call made
+over the session), the gRPC stream."""
+SESSION_METHODS = frozenset({"ListTensors", "DescribeTensor", "Explain"})
+"""The unary methods a client calls over a same-host session once it has one (besides
+every read of a result); the others (writes, the health check) always go over gRPC."""
 _COUNT_LOCK = threading.Lock()
 os.register_at_fork(after_in_child=lambda: globals().update(_COUNT_LOCK=threading.Lock()))
 Flow = Generator[Step, Any, R]
@@ -542,8 +567,9 @@ class BaseClient:
         gRPC stream, for this client."""
         self._closed = False  # true once closed: a closed client makes no more calls
         self._data_port: int | None = None  # the server's data plane, once announced
-        # every data plane announced (host, port), and as resolved: (host, family, sockaddr)
-        self._announced: dict[tuple[str, int], None] = {}
+        # every data plane announced (host, port) with its instance id (b"": none), and as
+        # resolved: (host, port, family, sockaddr)
+        self._announced: dict[tuple[str, int], bytes] = {}
         self._data_planes: list[tuple[str, int, int, Any]] = []
         self._discovered = 0  # the process whose client asked every replica for its plane
         self._direct_next = 0  # the data plane a forked client tries first
@@ -654,9 +680,51 @@ class BaseClient:
             return self._upload_flow(op, deadline)
         if forked_from_grpc():
             return self._direct_flow(op, deadline)
+        plane = self._session_plane()
+        if plane is not None and (isinstance(op, Stream) or (
+                op.service == SERVICE and op.method in SESSION_METHODS)):
+            return self._session_flow(op, deadline, *plane)
         if isinstance(op, Unary):
             return unary_flow(op, deadline)
         return self._fetch_flow(op, deadline)
+
+    def _session_plane(self) -> tuple[int, bytes] | None:
+        """The data plane (port, instance id) this client calls over same-host sessions:
+        the one its server announced, where it has one server, sessions are on, and the
+        plane did not prove to have none for it; else None (gRPC)."""
+        shm = self._shm
+        if (shm is None or len(self._announced) != 1 or len(self.replicas) != 1
+                or self.balanced):
+            return None
+        ((_, port), instance), = self._announced.items()
+        return (port, instance) if shm.usable(port, instance) else None
+
+    def _session_flow(self, op: Unary[R] | Stream[R], deadline: Deadline, port: int,
+                      instance: bytes) -> Flow[R]:
+        """A call over a same-host session with the server's data plane (the answer on
+        the session's socket, or a large result in a segment); over gRPC where no session
+        can be had, or the session broke during the call (a read: made again)."""
+        assert self._shm is not None
+        if isinstance(op, Unary):
+            method, request, asm = op.method, op.request, None
+        else:
+            method = op.method.replace("Slice", "Fetch")  # counted as the gRPC call would be
+            request, asm = op.fetch_request or op.request, op.assembler()
+        try:
+            got = yield CallSession(port, instance, method, request, asm, deadline.left(),
+                                    self._shm)
+        except ServerUnavailable:
+            got = None  # the session broke (a restarted server): over gRPC, same deadline
+        if got is None:
+            if isinstance(op, Unary):
+                return (yield from unary_flow(op, deadline))
+            return (yield from self._fetch_flow(op, deadline))
+        in_segment, data = got
+        if isinstance(op, Unary):
+            return op.finish(op.response_cls.FromString(data))
+        assert asm is not None
+        self._carried("shared_memory" if in_segment else "session")
+        return op.finish(asm)
 
     def _carried(self, transport: str) -> None:
         with _COUNT_LOCK:
@@ -694,13 +762,14 @@ class BaseClient:
                 left = deadline.left()
                 connect = (_BULK_CONNECT_SECONDS if left is None
                            else min(left, _BULK_CONNECT_SECONDS))
-                # Same-host sessions are named by port alone: try one only where every
-                # replica is on one host, or the ticket's is this host's loopback.
-                shm = (self._shm if self._shm is not None and self._shm.available
-                       and (self._bulk_host is not None or _loopback(host)) else None)
+                # A same-host session only with the server that issued the ticket: the
+                # session's greeting must name the ticket's instance.
+                shm = (self._shm if self._shm is not None
+                       and self._shm.usable(ticket.port, ticket.instance) else None)
                 try:
                     carried = yield ReceiveBulk(host, ticket.port, ticket.token,
-                                                ticket.nbytes, asm, left, connect, shm)
+                                                ticket.nbytes, asm, left, connect, shm,
+                                                ticket.instance)
                 except ServerUnavailable:
                     # The replica that holds the result went away: the read is idempotent,
                     # and the next Fetch goes to another replica.
@@ -775,13 +844,18 @@ class BaseClient:
         if DATA_PORT_KEY not in fields:
             return
         port = int(fields[DATA_PORT_KEY])
+        try:
+            instance = bytes.fromhex(fields.get(INSTANCE_KEY, ""))
+        except ValueError:
+            instance = b""  # no session with it
         host = fields.get(DATA_HOST_KEY) or fallback_host or self._bulk_host
         if host is None:
             return  # several hosts, none advertised: unknown which replica answered
         self._data_port = port
         if len(self.replicas) == 1 and not self.balanced:
-            self._announced.clear()  # one server: a new port replaces the old one
-        self._announced.setdefault((host, port))  # resolved by `resolve_data_plane`
+            if (host, port) not in self._announced:
+                self._announced.clear()  # one server: a new port replaces the old one
+        self._announced[(host, port)] = instance  # resolved by `resolve_data_plane`
 
     def _direct_flow(self, op: Unary[R] | Stream[R], deadline: Deadline) -> Flow[R]:
         """In a process forked from a gRPC user: the call over the data plane, never gRPC
@@ -801,13 +875,14 @@ class BaseClient:
         # Another service's method (the health check) is named with its service.
         method = (op.method if isinstance(op, Stream) or op.service == SERVICE
                   else f"{op.service}/{op.method}")
-        shm = self._shm if self._shm is not None and self._shm.available else None
+        shm = self._shm
         for i in range(len(planes)):
-            host, _, family, sockaddr = planes[(first + i) % len(planes)]
+            host, port, family, sockaddr = planes[(first + i) % len(planes)]
             asm = None if isinstance(op, Unary) else op.assembler()
             try:
                 data = yield CallDirect(family, sockaddr, method, op.request, asm,
-                                        deadline.left(), host, shm)
+                                        deadline.left(), host, shm,
+                                        self._announced.get((host, port), b""))
             except ServerUnavailable:
                 if i + 1 == len(planes):
                     raise

@@ -25,6 +25,7 @@ from tensorslice.client._base import (
     BaseRemoteTensor,
     BulkUnreachable,
     CallDirect,
+    CallSession,
     CallUnary,
     CallUpload,
     Explainer,
@@ -39,6 +40,7 @@ from tensorslice.client._base import (
     Upload,
     bulk_host,
     channel_options,
+    serialize,
     where_result,
 )
 from tensorslice.client._errors import map_rpc_errors, rpc_error
@@ -57,7 +59,8 @@ from tensorslice.core.selection import Combine
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
 __all__ = ["CHANNEL_OPTIONS", "Client", "DirectLines", "RemoteTensor", "call_direct",
-           "channel_target", "receive_bulk", "resolve_data_plane", "send_bulk"]
+           "call_session", "channel_target", "receive_bulk", "resolve_data_plane",
+           "send_bulk"]
 
 CHANNEL_OPTIONS = channel_options(3)
 """The options of a client's channel with the default settings."""
@@ -147,6 +150,8 @@ class Client(BaseClient):
             return call_direct(step, self._metadata, self._credentials.ssl_context(),
                                self._server_name() or step.host or self._bulk_host,
                                self._lines)
+        if isinstance(step, CallSession):
+            return call_session(step, self._metadata)
         if isinstance(step, SendBulk):
             return send_bulk(step, self._credentials.ssl_context(),
                              self._server_name() or step.host)
@@ -335,8 +340,8 @@ def receive_bulk(step: ReceiveBulk, tls: ssl.SSLContext | None = None,
     sent, the file read straight into the step's buffer. The transport that carried it.
     (Blocking; `AsyncClient` runs it in a thread.)"""
     if step.shm is not None:
-        got = step.shm.receive(step.port, step.token, step.nbytes, step.sink, step.timeout,
-                               step.connect_timeout)
+        got = step.shm.receive(step.port, step.instance, step.token, step.nbytes, step.sink,
+                               step.timeout, step.connect_timeout)
         if got is not None:
             return "shared_memory" if got else "bulk"
     sock = _connect_bulk(step, tls, server_name)
@@ -559,10 +564,10 @@ def call_direct(step: CallDirect, metadata: tuple[tuple[str, str], ...] | None =
     if step.shm is not None and tls is None:
         connect = (_CONNECT_SECONDS if step.timeout is None
                    else min(step.timeout, _CONNECT_SECONDS))
-        got = step.shm.call(step.sockaddr[1], auth, step.method, request, step.sink,
-                            step.timeout, connect)
+        got = step.shm.call(step.sockaddr[1], step.instance, auth, step.method, request,
+                            step.sink, step.timeout, connect)
         if got is not None:
-            return got
+            return got[1]
     message = (DIRECT_MAGIC + struct.pack("<H", len(auth)) + auth
                + struct.pack("<H", len(name)) + name
                + struct.pack("<Q", len(request)) + request)
@@ -605,6 +610,21 @@ def call_direct(step: CallDirect, metadata: tuple[tuple[str, str], ...] | None =
         ) from None
     except OSError as exc:
         raise ServerUnavailable(f"{step.method} over the {where} failed: {exc}") from None
+
+
+def call_session(step: CallSession, metadata: tuple[tuple[str, str], ...] | None = None
+                 ) -> tuple[bool, bytes] | None:
+    """Perform a `CallSession` step: the call, with its token (from `metadata`), over a
+    same-host session (see `_shm`); None where no session could be had. (Blocking;
+    `AsyncClient` runs it in a thread.)"""
+    auth = b""
+    for key, value in metadata or ():
+        if key == "authorization":
+            auth = value.encode()
+    connect = (_CONNECT_SECONDS if step.timeout is None
+               else min(step.timeout, _CONNECT_SECONDS))
+    return step.shm.call(step.port, step.instance, auth, step.method,
+                         serialize(step.request), step.sink, step.timeout, connect)
 
 
 def _keep(lines: DirectLines | None, step: CallDirect, sock: socket.socket,

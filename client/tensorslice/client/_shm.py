@@ -39,9 +39,11 @@ import struct
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from tensorslice.core.codec import (
+    INSTANCE_BYTES,
     SEGMENT_SEALS,
     SESSION_MAGIC,
     SHM_BYTES,
@@ -64,9 +66,14 @@ from tensorslice.core.errors import (
 if TYPE_CHECKING:
     from tensorslice.client._receive import Assembler
 
-__all__ = ["Session", "Sessions"]
+__all__ = ["MAX_SESSIONS", "RETRY_SECONDS", "Session", "Sessions"]
 
-_MAX_IDLE = 4  # idle sessions kept per port
+MAX_SESSIONS = 8
+"""Sessions a client keeps open with one data plane at most (one per thread calling at
+once; a thread that finds them all busy makes its call over TCP)."""
+RETRY_SECONDS = 1.0
+"""How long a client waits before it tries again a plane that refused it a session."""
+_T = TypeVar("_T")
 _MAX_FORGOTTEN = 1 << 16
 _OP_REDEEM, _OP_CALL = 1, 2
 _fork_epoch = [0]  # bumped before every fork: releases of older loans are dropped
@@ -120,26 +127,33 @@ class Session:
         self.broken = False
 
     @classmethod
-    def open(cls, port: int, timeout: float | None) -> Session | None:
-        """A new session, or None where no server on this host accepts one at `port`."""
+    def open(cls, port: int, instance: bytes, timeout: float | None) -> Session | str:
+        """A new session with the server of `instance` at `port`, or why there is none:
+        "absent" (no socket at the name: another host, another network namespace),
+        "foreign" (the greeting is not this version's, or names another instance: another
+        server holds the name) or "refused" (closed or silent before its greeting: the
+        server's bound on sessions, or a peer of another user)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
             sock.connect(same_host_socket(port))
-            sock.sendall(SESSION_MAGIC)
-            hello = b""
-            while len(hello) < len(SHM_HELLO):
-                part = sock.recv(len(SHM_HELLO) - len(hello))
-                if not part:
-                    break
-                hello += part
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+            return "absent"
         except OSError:
             sock.close()
-            return None
-        if hello != SHM_HELLO:
-            sock.close()
-            return None
-        return cls(sock)
+            return "refused"
+        try:
+            sock.sendall(SESSION_MAGIC)
+            hello = _recv_upto(sock, len(SHM_HELLO))
+            if hello == SHM_HELLO:
+                hello += _recv_upto(sock, INSTANCE_BYTES)
+        except OSError:
+            hello = b""
+        if hello == SHM_HELLO + instance:
+            return cls(sock)
+        sock.close()
+        return "foreign" if hello else "refused"
 
     def _alive(self) -> bool:
         """Whether the session is open: between requests nothing may be readable on it
@@ -183,15 +197,15 @@ class Session:
         return None if got is None else got[0]
 
     def call(self, auth: bytes, method: str, request: bytes, sink: Assembler | None,
-             deadline: float | None) -> bytes | None:
-        """A whole call (see `tensorslice.server._shm.ShmSession`): the response's bytes,
-        or b"" where the result file went into `sink`; None where the session was found
-        closed before the request was sent."""
+             deadline: float | None) -> tuple[bool, bytes] | None:
+        """A whole call (see `tensorslice.server._shm.ShmSession`): whether the answer
+        came in a segment (else on the socket), and the response's bytes, or b"" where the
+        result file went into `sink`; None where the session was found closed before the
+        request was sent."""
         name = method.encode()
         body = (struct.pack("<H", len(auth)) + auth + struct.pack("<H", len(name)) + name
                 + struct.pack("<Q", len(request)) + request)
-        got = self._exchange(_OP_CALL, body, None, sink, deadline)
-        return None if got is None else got[1]
+        return self._exchange(_OP_CALL, body, None, sink, deadline)
 
     def _exchange(self, op: int, body: bytes, nbytes: int | None, sink: Assembler | None,
                   deadline: float | None) -> tuple[bool, bytes] | None:
@@ -249,11 +263,14 @@ class Session:
             self.maps.pop(seg_id, None)
             self.lent.discard(seg_id)
         if kind == SHM_ERROR:
-            if fd is not None or length > 1 << 16:
+            if fd is not None or length > 1 << 16 or size > length:
                 raise TensorSliceError("same-host error reply malformed: refused")
-            text = _recv_exact(sock, length, deadline).decode("utf-8", "replace")
+            body = _recv_exact(sock, length, deadline)
+            name = body[:size].decode("ascii", "replace")  # the error's class, where refined
+            text = body[size:].decode("utf-8", "replace")
             known = {s.value for s in Status}
-            return error_from_status(Status(a) if a in known else Status.UNKNOWN, text)
+            return error_from_status(Status(a) if a in known else Status.UNKNOWN, text,
+                                     name or None)
         if nbytes is not None and length != nbytes:
             raise TensorSliceError(
                 f"same-host reply announces {length} bytes, the ticket {nbytes}: refused")
@@ -313,99 +330,130 @@ def _result_view(m: _Mapping, seg_id: int, gen: int, nbytes: int,
 
 
 class Sessions:
-    """A client's same-host sessions, per data plane port; `available` turns False once a
-    session could not be opened (the server is not on this host: TCP from then on)."""
+    """A client's same-host sessions, per data plane (port and instance id): at most
+    `MAX_SESSIONS` open per plane, each used by one thread at a time, the idle ones kept
+    (reused last-in first-out). A plane whose name has no socket (another host, another
+    network namespace) or another server's (a greeting of another version or instance) is
+    never tried again; one that refused a session (the server's bound, another user) is
+    tried again after `RETRY_SECONDS`."""
 
     def __init__(self) -> None:
-        self.available = True
+        self._dead: set[tuple[int, bytes]] = set()
         self._reset()
 
     def _reset(self) -> None:
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._idle: dict[int, list[Session]] = {}
+        self._idle: dict[tuple[int, bytes], list[Session]] = {}
+        self._open: dict[tuple[int, bytes], int] = {}
+        self._retry_at: dict[tuple[int, bytes], float] = {}
+        self._closed = False
+
+    @property
+    def available(self) -> bool:
+        """False once a plane proved to have no session for this client (see the class)."""
+        return not self._dead
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():  # forked: the parent's sessions are not ours
             self._reset()
 
     def __getstate__(self) -> dict[str, object]:
-        return {"available": self.available}
+        return {"_dead": set(self._dead)}
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        self.available = bool(state["available"])
+        dead = state["_dead"]
+        assert isinstance(dead, set)
+        self._dead = dead
         self._reset()
 
-    def _take(self, port: int) -> Session | None:
-        with self._lock:
-            idle = self._idle.get(port)
-            return idle.pop() if idle else None
+    def usable(self, port: int, instance: bytes) -> bool:
+        """Whether a session with the plane of `instance` at `port` may be tried."""
+        if not instance:
+            return False  # a server that names no instance: never a session
+        key = (port, instance)
+        if key in self._dead:
+            return False
+        at = self._retry_at.get(key)
+        return at is None or time.monotonic() >= at
 
-    def _put(self, port: int, session: Session) -> None:
-        if session.broken:
-            return
-        with self._lock:
-            idle = self._idle.setdefault(port, [])
-            if len(idle) < _MAX_IDLE:
-                idle.append(session)
-                return
-        session.close()
-
-    def receive(self, port: int, token: bytes, nbytes: int, sink: Assembler,
-                timeout: float | None, connect_timeout: float) -> bool | None:
-        """Redeem a ticket of the plane on `port` over a session: True (in a segment),
-        False (on the socket), or None where no session is possible (ticket untouched)."""
+    def _take(self, key: tuple[int, bytes], timeout: float) -> Session | None:
+        """An idle session, or a new one where the plane's bound leaves room; None where
+        every session is busy or none can be opened (the caller then uses TCP)."""
         self._check_pid()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for _ in range(2):
-            session = self._take(port)
-            fresh = session is None
-            if session is None:
-                session = Session.open(port, connect_timeout)
-                if session is None:
-                    self.available = False
-                    return None
-            try:
-                got = session.redeem(token, nbytes, sink, deadline)
-            finally:
-                self._put(port, session)
-            if got is not None:
-                return got
-            if fresh:
-                break
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                return idle.pop()
+            if self._open.get(key, 0) >= MAX_SESSIONS or self._closed:
+                return None
+            self._open[key] = self._open.get(key, 0) + 1
+        opened = Session.open(key[0], key[1], timeout)
+        if isinstance(opened, Session):
+            return opened
+        with self._lock:
+            self._open[key] -= 1
+            if opened == "refused":
+                self._retry_at[key] = time.monotonic() + RETRY_SECONDS
+            else:
+                self._dead.add(key)
         return None
 
-    def call(self, port: int, auth: bytes, method: str, request: bytes,
-             sink: Assembler | None, timeout: float | None, connect_timeout: float
-             ) -> bytes | None:
-        """A whole call over a session with the plane on `port` (what a process forked
-        from a gRPC user makes): as `Session.call`; None where no session is possible."""
-        self._check_pid()
+    def _put(self, key: tuple[int, bytes], session: Session) -> None:
+        with self._lock:
+            if not session.broken and not self._closed and self._pid == os.getpid():
+                self._idle.setdefault(key, []).append(session)
+                return
+            if self._pid == os.getpid():
+                self._open[key] -= 1
+        session.close()
+
+    def receive(self, port: int, instance: bytes, token: bytes, nbytes: int, sink: Assembler,
+                timeout: float | None, connect_timeout: float) -> bool | None:
+        """Redeem a ticket of the plane of `instance` on `port` over a session: True (in a
+        segment), False (on the socket), or None where no session is possible (ticket
+        untouched)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        return self._run(port, instance, connect_timeout,
+                         lambda s: s.redeem(token, nbytes, sink, deadline))
+
+    def call(self, port: int, instance: bytes, auth: bytes, method: str, request: bytes,
+             sink: Assembler | None, timeout: float | None, connect_timeout: float
+             ) -> tuple[bool, bytes] | None:
+        """A whole call over a session with the plane of `instance` on `port`: as
+        `Session.call`; None where no session is possible (nothing was sent)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._run(port, instance, connect_timeout,
+                         lambda s: s.call(auth, method, request, sink, deadline))
+
+    def _run(self, port: int, instance: bytes, connect_timeout: float,
+             act: Callable[[Session], _T | None]) -> _T | None:
+        """`act` on a session of the plane; once more on a new one where the session was
+        found closed before anything was sent (a restarted server, an idle one)."""
+        if not self.usable(port, instance):
+            return None
+        key = (port, instance)
         for _ in range(2):
-            session = self._take(port)
-            fresh = session is None
+            session = self._take(key, connect_timeout)
             if session is None:
-                session = Session.open(port, connect_timeout)
-                if session is None:
-                    self.available = False
-                    return None
+                return None
             try:
-                got = session.call(auth, method, request, sink, deadline)
+                got = act(session)
             finally:
-                self._put(port, session)
+                self._put(key, session)
             if got is not None:
                 return got
-            if fresh:
-                break
         return None
 
     def close(self) -> None:
         """Close every idle session (the server frees their segments; results built on
-        them stay valid)."""
+        them stay valid); sessions in use are closed when their call ends."""
         self._check_pid()
         with self._lock:
+            self._closed = True
             idle = [s for group in self._idle.values() for s in group]
+            for key, group in self._idle.items():
+                self._open[key] -= len(group)
             self._idle.clear()
         for s in idle:
             s.close()
@@ -419,6 +467,17 @@ def _settle(sock: socket.socket, deadline: float | None) -> None:
     if left <= 0:
         raise TimeoutError("deadline passed")
     sock.settimeout(left)
+
+
+def _recv_upto(sock: socket.socket, n: int) -> bytes:
+    """Up to `n` bytes: fewer only where the peer closed first."""
+    out = b""
+    while len(out) < n:
+        part = sock.recv(n - len(out))
+        if not part:
+            break
+        out += part
+    return out
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:

@@ -24,6 +24,8 @@ __all__ = [
     "DATA_PORT_KEY",
     "DIRECT_MAGIC",
     "DTYPE_NAMES",
+    "INSTANCE_BYTES",
+    "INSTANCE_KEY",
     "SEGMENT_SEALS",
     "SESSION_MAGIC",
     "SHM_BYTES",
@@ -58,11 +60,20 @@ past its end) or change its seals; it stays writable, for reuse."""
 
 SESSION_MAGIC = b"tensorslice/shm\x01"
 """The first 16 bytes of a same-host session on the data plane's Unix socket (in place of
-a ticket's token); the server answers `SHM_HELLO` where it accepts the session."""
-SHM_HELLO = b"tensorslice/ok\x00\x01"
+a ticket's token); the server answers `SHM_HELLO` and its instance id where it accepts the
+session."""
+SHM_HELLO = b"tensorslice/ok\x00\x02"
+"""A server's greeting on a same-host session (version 2), followed by its instance id
+(`INSTANCE_BYTES`): a client uses the session only where that id is the one the server it
+calls announced (`INSTANCE_KEY`, `BulkTicket.instance`)."""
+INSTANCE_BYTES = 16
+"""Size of a server's instance id: random, made when its data plane starts."""
+INSTANCE_KEY = "tensorslice-instance"
+"""Trailing metadata beside `DATA_PORT_KEY`: the data plane's instance id, in hex."""
 SHM_REQUEST = struct.Struct("<BI")
-"""A session's request: op (1: redeem), the count of releases that follow (`SHM_RELEASE`
-each), then the ticket's 16-byte token."""
+"""A session's request: op (1: redeem a ticket; 2: a whole call), the count of releases
+that follow (`SHM_RELEASE` each), then the ticket's 16-byte token, or the call (see
+`tensorslice.server._shm`)."""
 SHM_RELEASE = struct.Struct("<IQ")
 """A segment the client no longer uses: its id and the generation it was lent at."""
 SHM_REPLY = struct.Struct("<BIQQQI")
@@ -70,7 +81,10 @@ SHM_REPLY = struct.Struct("<BIQQQI")
 then that many `<I` ids of segments the server dropped (the client forgets them)."""
 SHM_SEGMENT, SHM_BYTES, SHM_ERROR = 0, 1, 2
 """Reply kinds: the file is in the segment (its descriptor attached the first time); the
-file follows on the socket (no segment free); an error, its UTF-8 message follows."""
+file follows on the socket (a small one, or no segment free); an error: the status in the
+id's place, the length of the error's class name in the segment size's place (0: none; see
+`tensorslice.core.errors.error_class_name`), then the class name and the UTF-8 message,
+together as long as the file size says."""
 
 DIRECT_MAGIC = b"tensorslice/req\x01"
 """The first 16 bytes of a direct request on the data plane (in place of a ticket's token):

@@ -255,16 +255,18 @@ class SliceChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., ticket: _Optional[_Union[BulkTicket, _Mapping]] = ...) -> None: ...
 
 class BulkTicket(_message.Message):
-    __slots__ = ("port", "token", "nbytes", "host")
+    __slots__ = ("port", "token", "nbytes", "host", "instance")
     PORT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     port: int
     token: bytes
     nbytes: int
     host: str
-    def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ..., nbytes: _Optional[int] = ..., host: _Optional[str] = ...) -> None: ...
+    instance: bytes
+    def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ..., nbytes: _Optional[int] = ..., host: _Optional[str] = ..., instance: _Optional[bytes] = ...) -> None: ...
 
 class PlanStep(_message.Message):
     __slots__ = ("kind", "dim", "detail", "bytes_moved", "order")

@@ -28,8 +28,9 @@ Guarantees:
 
 Same-host sessions: on Linux without TLS the plane also listens on the abstract Unix
 socket `same_host_socket(port)`, where a connection must present `SESSION_MAGIC` in place
-of a token; it then becomes a session of its own thread (see `_shm`), which redeems
-tickets into pooled shared-memory segments. Sessions are bounded by `max_connections`
+of a token; the server answers `SHM_HELLO` and its `instance` id, and the connection
+becomes a session of its own thread (see `_shm`), which redeems tickets into pooled
+shared-memory segments and answers whole calls. Sessions are bounded by `max_connections`
 apart from the connections above, and count as sending while they serve a request.
 
 Direct requests: a connection that presents `DIRECT_MAGIC` in place of a token carries
@@ -68,7 +69,13 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from tensorslice.core.codec import DIRECT_MAGIC, SESSION_MAGIC, SHM_HELLO, same_host_socket
+from tensorslice.core.codec import (
+    DIRECT_MAGIC,
+    INSTANCE_BYTES,
+    SESSION_MAGIC,
+    SHM_HELLO,
+    same_host_socket,
+)
 from tensorslice.core.errors import InvalidSelection, ServerUnavailable, Status, TensorSliceError
 from tensorslice.server._limits import Hold, machine_memory
 from tensorslice.server._shm import Redeemed, ShmBudget, ShmSession, default_shm_bytes, peer_uid
@@ -145,6 +152,11 @@ class BulkServer:
                                               backlog=128)
         self._listener.setblocking(False)
         self.port: int = self._listener.getsockname()[1]
+        self.instance = secrets.token_bytes(INSTANCE_BYTES)
+        """This plane's instance id (random, made once): announced beside its port and in
+        its tickets, and sent in every same-host session's greeting, so that a client uses
+        a session only with the server it calls (another server's socket at the same name,
+        on this host or in its network namespace, gets no call of it)."""
         self.ticket_timeout = ticket_timeout
         self.max_tickets = max_tickets
         self.max_ticket_bytes = max_ticket_bytes
@@ -627,7 +639,7 @@ class BulkServer:
             with sock:
                 sock.setblocking(True)
                 sock.settimeout(self.handshake_timeout)
-                sock.sendall(SHM_HELLO)
+                sock.sendall(SHM_HELLO + self.instance)
                 ShmSession(sock, budget, self._redeem, busy, self._count_sent,
                            self.handshake_timeout, self.send_timeout,
                            call=self._session_call if self.direct is not None else None).run()

@@ -390,7 +390,8 @@ class Calls:
                 token = self.bulk.offer(_holding(itertools.chain((header,), body), planned),
                                         size, hold.move())
                 ticket = _pb.BulkTicket(port=self.bulk.port, token=token, nbytes=size,
-                                        host=self.bulk.advertised_host)
+                                        host=self.bulk.advertised_host,
+                                        instance=self.bulk.instance)
                 return _pb.SliceChunk(ticket=ticket).SerializeToString()
             raise self._refusal(size, bulk_requested)
         finally:

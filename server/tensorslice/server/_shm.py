@@ -55,14 +55,18 @@ from tensorslice.core.codec import (
     SHM_REQUEST,
     SHM_SEGMENT,
 )
-from tensorslice.core.errors import InvalidSelection, Status, TensorSliceError
+from tensorslice.core.errors import InvalidSelection, Status, TensorSliceError, error_class_name
 
-__all__ = ["MAX_CALL_BYTES", "MAX_RELEASES", "Caller", "SegmentPool", "ShmBudget",
-           "ShmSession", "default_shm_bytes", "peer_uid"]
+__all__ = ["INLINE_BYTES", "MAX_CALL_BYTES", "MAX_RELEASES", "Caller", "SegmentPool",
+           "ShmBudget", "ShmSession", "default_shm_bytes", "peer_uid"]
 
 log = logging.getLogger("tensorslice.server")
 
 MAX_RELEASES = 4096
+INLINE_BYTES = 64 << 10
+"""Answers up to this size go on the session's socket, in the reply's own write, not into
+a segment: for a small result a segment's bookkeeping (a descriptor's first pass, a
+mapping, a release later) costs more than copying the bytes twice."""
 """Most releases one request may carry (a client never has more segments lent)."""
 _GRAIN = 64 << 10  # segment sizes are multiples of this
 _OP_REDEEM, _OP_CALL = 1, 2
@@ -117,6 +121,7 @@ class ShmBudget:
         self.sessions = 0
         self.lent = 0  # results delivered in segments
         self.fallbacks = 0  # results sent on the socket: no segment free and no room
+        self.inline = 0  # small answers sent on the socket (`INLINE_BYTES`)
         self.stale = 0  # releases of a segment not lent at that generation
 
     def take(self, n: int) -> bool:
@@ -360,10 +365,20 @@ class ShmSession:
 
     def _error(self, exc: TensorSliceError, status: Status | None = None) -> None:
         self.sock.settimeout(self._send_timeout or None)
-        self._reply(SHM_ERROR, (status or exc.status).value, 0, 0,
-                    exc.message.encode("utf-8", "replace")[:4096])
+        name = ((error_class_name(exc) or "") if status is None else "").encode()
+        self._reply(SHM_ERROR, (status or exc.status).value, 0, len(name),
+                    name + exc.message.encode("utf-8", "replace")[:4096])
 
     def _deliver(self, pieces: Pieces, nbytes: int) -> None:
+        if nbytes <= INLINE_BYTES:
+            # Each piece copied as it comes (a piece may be a view of a reused buffer).
+            body = b"".join([bytes(p) for p in pieces])
+            if len(body) != nbytes:
+                raise RuntimeError(f"made {len(body)} of {nbytes} bytes")
+            self.pool.budget.count("inline")
+            self._reply(SHM_BYTES, 0, 0, 0, body)
+            self._sent(nbytes, False)
+            return
         found = self.pool.find(nbytes)
         if found is None:
             self.pool.budget.count("fallbacks")

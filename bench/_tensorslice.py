@@ -211,22 +211,30 @@ def small_slice_figures(
 ) -> dict[str, float]:
     """Medians over `rounds` of: the p50 seconds and the QPS (``threads`` threads sharing
     one client) of 4 KiB ``t[1:2]``, the same read again and again (the server's answer
-    cache and the handle's kept request serve it); the p50 of ``t[i:i+1]``, a different
-    row each call (neither helps: the tensor has more 4 KiB rows than the calls read);
-    and the p50 and QPS of `peer` (the raw unary call), measured in the same rounds,
-    interleaved, so that both see the same machine."""
+    cache and the handle's kept request serve it), over TCP (``p50``, ``qps``) and from
+    a client on the same host with same-host sessions on (``same_p50``, ``same_qps``:
+    checked to be carried by a session); the p50 of ``t[i:i+1]``, a different row each
+    call (neither helps: the tensor has more 4 KiB rows than the calls read); and the p50
+    and QPS of `peer` (the raw unary call over TCP), measured in the same rounds,
+    interleaved, so that all see the same machine."""
     import itertools
     import statistics
 
     from bench._grpc_raw import latency_p50, qps
 
     c = connect(port)
+    near = connect(port, same_host=True)
     try:
         t = c.tensor(name)
         y = t[1:2]
         if y.numel() * y.element_size() != 4096:
             raise AssertionError(f"t[1:2] is {y.numel() * y.element_size()} bytes, not 4096")
         check_pattern(y, flat_start=y.numel())
+        t_near = near.tensor(name)
+        check_pattern(t_near[1:2], flat_start=y.numel())
+        if near.last_transport != "session" or c.last_transport != "inline":
+            raise AssertionError(f"4 KiB carried {near.last_transport!r} on the same-host "
+                                 f"client, {c.last_transport!r} over TCP")
         rows = itertools.count(2)
         if len(t) < rounds * (count + 60):
             raise AssertionError(f"{name} has {len(t)} rows: too few for the fresh reads")
@@ -234,20 +242,28 @@ def small_slice_figures(
         def call() -> object:
             return t[1:2]
 
+        def call_near() -> object:
+            return t_near[1:2]
+
         def fresh() -> object:
             i = next(rows)
             return t[i : i + 1]
 
-        out: dict[str, list[float]] = {k: [] for k in
-                                       ("peer_p50", "p50", "fresh_p50", "peer_qps", "qps")}
+        out: dict[str, list[float]] = {k: [] for k in (
+            "peer_p50", "p50", "same_p50", "fresh_p50", "peer_qps", "qps", "same_qps")}
         for _ in range(rounds):
             out["peer_p50"].append(latency_p50(peer, count, max_seconds))
             out["p50"].append(latency_p50(call, count, max_seconds))
+            out["same_p50"].append(latency_p50(call_near, count, max_seconds))
             out["fresh_p50"].append(latency_p50(fresh, count, max_seconds))
             out["peer_qps"].append(qps(peer, threads, count * 4, max_seconds))
             out["qps"].append(qps(call, threads, count * 4, max_seconds))
+            out["same_qps"].append(qps(call_near, threads, count * 4, max_seconds))
+        if near.transports["inline"] or not near.transports["session"]:
+            raise AssertionError(f"the same-host client's results: {near.transports}")
     finally:
         disconnect(c)
+        disconnect(near)
     return {k: statistics.median(v) for k, v in out.items()}
 
 

@@ -1,9 +1,12 @@
 """Same-host results: a client's sessions with the server's pooled segments.
 
 See `tensorslice.server._shm` for the protocol. The client keeps its sessions per data
-plane port (a few idle ones, reused last-in first-out, so a sequential caller always uses
-the same one and its segments stay mapped and warm), maps each segment once, shared, and
-builds every result on a view of the mapping.
+plane, named by port and instance id (at most `MAX_SESSIONS` open, the idle ones reused
+last-in first-out, so a sequential caller always uses the same one and its segments stay
+mapped and warm), maps each segment once, shared, and builds every result on a view of the
+mapping. A session is used only where the server's greeting names the instance id the
+client was told (by the server it calls, over gRPC, or in its ticket): a socket at the
+port's name that belongs to another server, or to anything else, never gets a request.
 
 Guarantees:
 
@@ -22,9 +25,9 @@ Guarantees:
   could know when the other is done with them): they stay the session's until it closes.
   A forked child starts with no sessions.
 - A session that breaks (the server restarted or closed it as idle) is dropped, and the
-  request made again once on a new session where the ticket was not sent yet; a session
-  that cannot be opened (no socket at the name: another host, another network namespace;
-  or refused) answers None, and the caller redeems the ticket over TCP.
+  request made again once on a new session where it was not sent yet; a session that
+  cannot be opened (no socket at the name: another host, another network namespace;
+  another instance's greeting; or refused) answers None, and the caller goes over TCP.
 """
 
 from __future__ import annotations

@@ -107,7 +107,8 @@ class TensorSliceService:
         self.watchdog = StreamWatchdog(self.config.send_timeout)
         self.metrics: Metrics | None = None
         """Where result bytes are counted, when the server has a metrics endpoint."""
-        self._auth = None if self.config.token is None else TokenAuth(self.config.token)
+        self._auth = (None if self.config.token is None
+                      else TokenAuth(self.config.token, write_token=self.config.write_token))
         self.health: Any = None
         """The server's health servicer (`grpc_health`), which direct health checks ask."""
 

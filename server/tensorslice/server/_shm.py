@@ -1,12 +1,14 @@
 """Same-host results: pooled shared-memory segments, lent to a client session and reused.
 
 A client on the server's host opens a session on the bulk data plane's abstract Unix
-socket (`same_host_socket`): it sends `SESSION_MAGIC`, the server answers `SHM_HELLO`.
-Each request then carries the segments the client released since its last request and a
-bulk ticket's token; the server writes the ticket's file into a segment of the session's
-pool and answers with the segment's id, generation and the file's size, passing the
-segment's descriptor (`SCM_RIGHTS`) the first time only. The client maps each segment once
-(shared) and builds its tensors on the mapping.
+socket (`same_host_socket`): it sends `SESSION_MAGIC`, the server answers `SHM_HELLO` and
+its instance id (the client goes on only where that is the id of the server it calls).
+Each request then carries the segments the client released since its last request and
+either a bulk ticket's token (op 1) or a whole call (op 2). An answer of up to
+`INLINE_BYTES` follows the reply on the socket; a larger one is written into a segment of
+the session's pool, and the reply carries the segment's id, generation and the file's
+size, passing the segment's descriptor (`SCM_RIGHTS`) the first time only. The client maps
+each segment once (shared) and builds its tensors on the mapping.
 
 Guarantees:
 

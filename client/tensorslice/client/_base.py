@@ -692,11 +692,10 @@ class BaseClient:
         """The data plane (port, instance id) this client calls over same-host sessions:
         the one its server announced, where it has one server, sessions are on, and the
         plane did not prove to have none for it; else None (gRPC)."""
-        shm = self._shm
-        if (shm is None or len(self._announced) != 1 or len(self.replicas) != 1
-                or self.balanced):
+        shm, announced = self._shm, self._announced
+        if shm is None or len(announced) != 1 or len(self.replicas) != 1 or self.balanced:
             return None
-        ((_, port), instance), = self._announced.items()
+        ((_, port), instance), = announced.items()
         return (port, instance) if shm.usable(port, instance) else None
 
     def _session_flow(self, op: Unary[R] | Stream[R], deadline: Deadline, port: int,
@@ -852,10 +851,14 @@ class BaseClient:
         if host is None:
             return  # several hosts, none advertised: unknown which replica answered
         self._data_port = port
+        # resolved by `resolve_data_plane`
         if len(self.replicas) == 1 and not self.balanced:
-            if (host, port) not in self._announced:
-                self._announced.clear()  # one server: a new port replaces the old one
-        self._announced[(host, port)] = instance  # resolved by `resolve_data_plane`
+            if self._announced.get((host, port)) != instance:
+                # one server: a new plane replaces the old one (a new dict: a thread that
+                # reads the old one sees it whole)
+                self._announced = {(host, port): instance}
+        else:
+            self._announced[(host, port)] = instance
 
     def _direct_flow(self, op: Unary[R] | Stream[R], deadline: Deadline) -> Flow[R]:
         """In a process forked from a gRPC user: the call over the data plane, never gRPC

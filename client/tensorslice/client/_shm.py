@@ -79,6 +79,7 @@ RETRY_SECONDS = 1.0
 _T = TypeVar("_T")
 _MAX_FORGOTTEN = 1 << 16
 _OP_REDEEM, _OP_CALL = 1, 2
+_FIRST_READ = 64 << 10  # bytes of a call's answer its reply's read takes at most
 _fork_epoch = [0]  # bumped before every fork: releases of older loans are dropped
 
 
@@ -223,7 +224,10 @@ class Session:
             _settle(sock, deadline)
             sock.sendall(request)
             _settle(sock, deadline)
-            msg, fds, _, _ = socket.recv_fds(sock, SHM_REPLY.size, 1)
+            # A call's small answer comes whole with its reply in one read; a ticket's file
+            # (large) is read straight into its buffer after the reply.
+            first = SHM_REPLY.size + (_FIRST_READ if op == _OP_CALL else 0)
+            msg, fds, _, _ = socket.recv_fds(sock, first, 1)
         except TimeoutError:
             self.close()
             raise DeadlineExceeded("same-host transfer did not finish in time") from None
@@ -257,18 +261,17 @@ class Session:
                 sink: Assembler | None, deadline: float | None
                 ) -> tuple[bool, bytes] | TensorSliceError:
         sock = self.sock
-        if len(msg) < SHM_REPLY.size:
-            msg += _recv_exact(sock, SHM_REPLY.size - len(msg), deadline)
-        kind, a, gen, size, length, nforget = SHM_REPLY.unpack(msg)
+        reader = _Reader(sock, msg, deadline)
+        kind, a, gen, size, length, nforget = SHM_REPLY.unpack(reader.take(SHM_REPLY.size))
         if nforget > _MAX_FORGOTTEN:
             raise TensorSliceError(f"same-host reply forgets {nforget} segments: refused")
-        for seg_id in struct.unpack(f"<{nforget}I", _recv_exact(sock, 4 * nforget, deadline)):
+        for seg_id in struct.unpack(f"<{nforget}I", reader.take(4 * nforget)):
             self.maps.pop(seg_id, None)
             self.lent.discard(seg_id)
         if kind == SHM_ERROR:
             if fd is not None or length > 1 << 16 or size > length:
                 raise TensorSliceError("same-host error reply malformed: refused")
-            body = _recv_exact(sock, length, deadline)
+            body = reader.take(length)
             name = body[:size].decode("ascii", "replace")  # the error's class, where refined
             text = body[size:].decode("utf-8", "replace")
             known = {s.value for s in Status}
@@ -283,8 +286,15 @@ class Session:
                 raise TensorSliceError("same-host reply passes a descriptor it does not "
                                        "use: refused")
             if sink is None:
-                return False, _recv_exact(sock, nbytes, deadline)
-            sink.receive(sock, nbytes, deadline)
+                return False, reader.take(nbytes)
+            if reader.pos == len(reader.buf):  # nothing read yet: straight into the buffer
+                sink.receive(sock, nbytes, deadline)
+                return False, b""
+            got = 0
+            while got < nbytes:  # a large file after a small read: copied in as it comes
+                part = reader.take(min(nbytes - got, 1 << 20)) if got else reader.rest()[:nbytes]
+                sink.feed(part)
+                got += len(part)
             return False, b""
         if kind != SHM_SEGMENT:
             raise TensorSliceError(f"same-host reply of unknown kind {kind}: refused")
@@ -470,6 +480,33 @@ def _settle(sock: socket.socket, deadline: float | None) -> None:
     if left <= 0:
         raise TimeoutError("deadline passed")
     sock.settimeout(left)
+
+
+class _Reader:
+    """A reply's bytes: those its first read brought, then the socket's."""
+
+    __slots__ = ("buf", "deadline", "pos", "sock")
+
+    def __init__(self, sock: socket.socket, first: bytes, deadline: float | None) -> None:
+        self.sock = sock
+        self.buf = first
+        self.pos = 0
+        self.deadline = deadline
+
+    def rest(self) -> bytes:
+        """What the first read brought and nobody took yet."""
+        out = self.buf[self.pos :]
+        self.pos = len(self.buf)
+        return out
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end <= len(self.buf):
+            out = self.buf[self.pos : end]
+            self.pos = end
+            return out
+        out = self.rest()
+        return out + _recv_exact(self.sock, n - len(out), self.deadline)
 
 
 def _recv_upto(sock: socket.socket, n: int) -> bytes:

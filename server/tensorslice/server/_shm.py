@@ -77,6 +77,7 @@ MAX_CALL_BYTES = 256 << 20
 _CALL_BYTES_PER_SECOND = 64 << 20  # request bytes a call's deadline grants
 _SEND_STEP = 1 << 20
 _TOKEN_BYTES = 16
+_FIRST_READ = 64 << 10  # bytes a request's first read takes at most
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -296,25 +297,27 @@ class ShmSession:
         sock = self.sock
         sock.settimeout(self.pool.budget.idle_timeout or None)
         try:
-            first = sock.recv(SHM_REQUEST.size)
+            # A small request comes whole in this one read: a client sends its next request
+            # only once it has read the answer to this one, so nothing past it is read.
+            first = sock.recv(_FIRST_READ)
         except TimeoutError:
             log.debug("same-host session idle for %ss: closed", self.pool.budget.idle_timeout)
             return False
         if not first:
             return False
         deadline = time.monotonic() + self._request_timeout
-        op, count = SHM_REQUEST.unpack(first + _recv_exact(sock, SHM_REQUEST.size - len(first),
-                                                           deadline))
+        reader = _Reader(sock, first, deadline)
+        op, count = SHM_REQUEST.unpack(reader.take(SHM_REQUEST.size))
         if op not in (_OP_REDEEM, _OP_CALL) or count > MAX_RELEASES or (
                 op == _OP_CALL and self._call is None):
             log.info("same-host session closed: bad request (op %d, %d releases)", op, count)
             return False
-        releases = _recv_exact(sock, count * SHM_RELEASE.size, deadline)
+        releases = reader.take(count * SHM_RELEASE.size)
         for seg_id, gen in SHM_RELEASE.iter_unpack(releases):
             self.pool.release(seg_id, gen)
         if op == _OP_CALL:
-            return self._serve_call(deadline)
-        token = _recv_exact(sock, _TOKEN_BYTES, deadline)
+            return self._serve_call(reader)
+        token = reader.take(_TOKEN_BYTES)
         self._busy(True)
         try:
             redeemed = self._redeem(token)
@@ -332,18 +335,17 @@ class ShmSession:
             self._busy(False)
         return True
 
-    def _serve_call(self, deadline: float) -> bool:
-        sock = self.sock
-        (n,) = struct.unpack("<H", _recv_exact(sock, 2, deadline))
-        auth = _recv_exact(sock, n, deadline)
-        (n,) = struct.unpack("<H", _recv_exact(sock, 2, deadline))
-        method = _recv_exact(sock, n, deadline).decode("ascii", "replace")
-        (n,) = struct.unpack("<Q", _recv_exact(sock, 8, deadline))
+    def _serve_call(self, reader: _Reader) -> bool:
+        (n,) = struct.unpack("<H", reader.take(2))
+        auth = reader.take(n)
+        (n,) = struct.unpack("<H", reader.take(2))
+        method = reader.take(n).decode("ascii", "replace")
+        (n,) = struct.unpack("<Q", reader.take(8))
         if n > MAX_CALL_BYTES:
             self._error(InvalidSelection(
                 f"request of {n} bytes exceeds the limit of {MAX_CALL_BYTES} bytes"))
             return False  # the request's bytes are not read: the session cannot go on
-        request = _recv_exact(sock, n, deadline + n / _CALL_BYTES_PER_SECOND)
+        request = reader.take(n, reader.deadline + n / _CALL_BYTES_PER_SECOND)
         assert self._call is not None
         self._busy(True)
         try:
@@ -424,6 +426,30 @@ class ShmSession:
         done = socket.send_fds(self.sock, [head], [fd])
         if done < len(head):
             self.sock.sendall(head[done:])
+
+
+class _Reader:
+    """One request's bytes: those its first read brought, then the socket's, every read
+    before the request's deadline."""
+
+    __slots__ = ("buf", "deadline", "pos", "sock")
+
+    def __init__(self, sock: socket.socket, first: bytes, deadline: float) -> None:
+        self.sock = sock
+        self.buf = first
+        self.pos = 0
+        self.deadline = deadline
+
+    def take(self, n: int, deadline: float | None = None) -> bytes:
+        end = self.pos + n
+        if end <= len(self.buf):
+            out = self.buf[self.pos : end]
+            self.pos = end
+            return out
+        out = self.buf[self.pos :]
+        self.pos = len(self.buf)
+        return out + _recv_exact(self.sock, n - len(out),
+                                 self.deadline if deadline is None else deadline)
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:

@@ -4,7 +4,8 @@
 
 Groups: memcpy, socket, grpc, flight, gather, rss, tensorslice, small, tls, upload,
 dataloader, recording, scaling (aliases: peers = the first six, service = the last seven;
-small: the 4 KiB figures, each round against the raw unary call in the same stretch).
+small: the 4 KiB figures over TCP and from a same-host client, each round against the raw
+unary call in the same stretch).
 Servers run in
 spawned children on 127.0.0.1.
 """

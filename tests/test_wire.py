@@ -4,6 +4,7 @@ any split of the stream and refuses a short one."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import struct
@@ -220,6 +221,27 @@ def test_assembler_header_split_across_chunks(cut: int, as_bytes: bool) -> None:
     assert asm.file_bytes() == data
     if as_bytes:
         assert type(asm.file_bytes()) is bytes
+
+
+@pytest.mark.unit
+def test_a_small_result_in_one_payload_is_its_own() -> None:
+    # An inline answer comes whole: its tensors (NumPy's dtypes shaped by NumPy, bfloat16
+    # by torch) live on a buffer of their own, writable, that outlives the assembler.
+    tensors = {"values": torch.arange(12.0).reshape(1, 3, 4), "bf": torch.ones(2, 2).bfloat16(),
+               "scalar": torch.tensor(7, dtype=torch.int16)}
+    data, _ = _file_of([ContiguousPayload(k, v) for k, v in tensors.items()])
+    outs = []
+    for _ in range(3):
+        asm = Assembler()
+        asm.feed(memoryview(data))
+        outs.append(asm.tensors())
+        del asm
+    gc.collect()
+    for out in outs:
+        for k, v in tensors.items():
+            assert out[k].dtype == v.dtype and torch.equal(out[k], v)
+    outs[0]["values"][0, 0, 0] = -1.0  # each result on its own memory
+    assert outs[1]["values"][0, 0, 0] == 0.0 and outs[2]["values"][0, 0, 0] == 0.0
 
 
 @pytest.mark.unit

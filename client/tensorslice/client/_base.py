@@ -542,6 +542,7 @@ class BaseClient:
         self.replicas = replicas_of(address)
         """The servers this client's channel spreads calls over (`balanced`), or the one
         address it calls."""
+        self._spread = len(self.replicas) > 1 or balanced(address)  # over several servers
         self.timeout = timeout
         self.retries = retries
         self._credentials = Credentials(resolve_token(token), resolve_tls(tls))
@@ -742,7 +743,7 @@ class BaseClient:
             request.CopyFrom(op.request)
             request.bulk = False
             first = request
-        attempts = 1 + (self.retries if len(self.replicas) > 1 or self.balanced else 0)
+        attempts = 1 + (self.retries if self._spread else 0)
         try:
             for attempt in range(attempts):
                 frame = yield CallUnary(op.fetch_path, first, None, deadline.left())
@@ -859,6 +860,13 @@ class BaseClient:
                 self._announced = {(host, port): instance}
         else:
             self._announced[(host, port)] = instance
+
+    def _planes_pending(self) -> bool:
+        """Whether the data planes known need resolving (`resolve_data_plane`): replicas
+        not yet asked in this process, or a plane announced and not resolved. A call whose
+        trailing metadata announces nothing otherwise leaves them as they are."""
+        return ((len(self.replicas) > 1 and self._discovered != os.getpid())
+                or len(self._data_planes) != len(self._announced))
 
     def _direct_flow(self, op: Unary[R] | Stream[R], deadline: Deadline) -> Flow[R]:
         """In a process forked from a gRPC user: the call over the data plane, never gRPC
@@ -1162,9 +1170,11 @@ _READS_KEPT = 64  # indexes whose operations a handle keeps
 def _key_item(item: object) -> object:
     if item is None or item is Ellipsis or type(item) is int:
         return item
-    if type(item) is slice and all(v is None or type(v) is int
-                                   for v in (item.start, item.stop, item.step)):
-        return ("slice", item.start, item.stop, item.step)
+    if type(item) is slice:
+        start, stop, step = item.start, item.stop, item.step
+        if ((start is None or type(start) is int) and (stop is None or type(stop) is int)
+                and (step is None or type(step) is int)):
+            return ("slice", start, stop, step)
     return _NO_KEY
 
 

@@ -143,6 +143,18 @@ class Client(BaseClient):
                 error = exc
 
     def _perform(self, step: Step) -> Any:
+        if isinstance(step, CallUnary):  # first: every small read is one
+            call = self._stub("unary_unary", step.path, step.response_cls)
+            try:
+                response, done = call.with_call(step.request, timeout=step.timeout,
+                                                metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise rpc_error(exc, self._connect_hint()) from None
+            trailing = done.trailing_metadata()
+            if trailing or self._planes_pending():
+                self._note_port(trailing)
+                resolve_data_plane(self)
+            return response
         if isinstance(step, ReceiveBulk):
             return receive_bulk(step, self._credentials.ssl_context(),
                                 self._server_name() or self._bulk_host)
@@ -161,16 +173,6 @@ class Client(BaseClient):
                 response_deserializer=step.response_cls.FromString)
             with map_rpc_errors():
                 return upload(step.messages, timeout=step.timeout, metadata=self._metadata)
-        if isinstance(step, CallUnary):
-            call = self._stub("unary_unary", step.path, step.response_cls)
-            try:
-                response, done = call.with_call(step.request, timeout=step.timeout,
-                                                metadata=self._metadata)
-            except grpc.RpcError as exc:
-                raise rpc_error(exc, self._connect_hint()) from None
-            self._note_port(done.trailing_metadata())
-            resolve_data_plane(self)
-            return response
         stream = self._stub("unary_stream", step.path, None)
         with map_rpc_errors(self._connect_hint()):
             for chunk in stream(step.request, timeout=step.timeout, metadata=self._metadata):

@@ -21,6 +21,7 @@ Guarantees:
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import queue
 import socket
@@ -28,10 +29,12 @@ import struct
 import threading
 import time
 import weakref
+from typing import Any
 
+import numpy as np
 import torch
 
-from tensorslice.core.codec import TensorEntry, parse_header
+from tensorslice.core.codec import DTYPE_NAMES, TensorEntry, parse_header
 from tensorslice.core.errors import ServerUnavailable, TensorSliceError
 
 __all__ = ["RECYCLE_MAX_BYTES", "Assembler", "BufferPool"]
@@ -104,7 +107,9 @@ class BufferPool:
 
     def take(self, n: int) -> memoryview:
         """A writable view of n bytes that no other live view shares. From `min_bytes` up,
-        a free buffer of n to 2n bytes is reused when the pool has one."""
+        a free buffer of n to 2n bytes is reused when the pool has one, and the buffer goes
+        back when the view is collected; below, the view is of a new buffer of its own,
+        which never goes back."""
         if n < self.min_bytes:
             return memoryview(bytearray(n))
         buf: bytearray | None = None
@@ -134,6 +139,28 @@ def _give_back(pool_ref: weakref.ref[BufferPool], buf: bytearray) -> None:
     if pool is not None:
         pool._returned.put(buf)
 
+
+@functools.lru_cache(maxsize=256)
+def _layout(raw: bytes) -> tuple[tuple[TensorEntry, ...], tuple[tuple[str, str], ...], int]:
+    """A safetensors JSON header's entries, metadata and data size (the end of the last
+    entry); the same header seen again (the same request, repeated) is read once."""
+    entries, metadata = parse_header(raw)
+    return entries, metadata, max((e.end for e in entries), default=0)
+
+
+def _numpy_dtypes() -> dict[torch.dtype, np.dtype[Any]]:
+    """The torch dtypes of the wire that NumPy has too (not bfloat16 or float8), with
+    NumPy's."""
+    out: dict[torch.dtype, np.dtype[Any]] = {}
+    for dtype in DTYPE_NAMES.values():
+        try:
+            out[dtype] = torch.empty(0, dtype=dtype).numpy().dtype
+        except TypeError:
+            continue
+    return out
+
+
+_NUMPY_DTYPES = _numpy_dtypes()
 
 DEFAULT_POOL = BufferPool()
 """The pool every `Assembler` uses unless given its own."""
@@ -195,19 +222,24 @@ class Assembler:
         self._as_bytes = as_bytes
         self._pool = DEFAULT_POOL if pool is None else pool
         self._shared: torch.Tensor | None = None
+        self._own = False  # the buffer is this result's alone: no pool takes it back
         self._share_memory = share_memory
         self._head = bytearray()
         self._buf: memoryview | bytes | None = None
         self._view: memoryview | None = None
         self._pos = 0
         self._data_start = 0
-        self.entries: list[TensorEntry] = []
-        self.metadata: dict[str, str] = {}
+        self.entries: tuple[TensorEntry, ...] = ()
+        self._metadata: tuple[tuple[str, str], ...] = ()
 
     def feed(self, payload: bytes | memoryview) -> None:
         if self._view is None:
-            self._head += payload
-            self._try_header()
+            if self._head:  # the header came split: gathered here until whole
+                self._head += payload
+                if self._open(self._head):
+                    self._head = bytearray()
+            elif not self._open(payload):
+                self._head += payload
             return
         n = len(payload)
         if self._pos + n > len(self._view):
@@ -217,18 +249,20 @@ class Assembler:
         self._view[self._pos : self._pos + n] = payload
         self._pos += n
 
-    def _try_header(self) -> None:
-        if len(self._head) < 8:
-            return
-        (hlen,) = struct.unpack_from("<Q", self._head)
-        if len(self._head) < 8 + hlen:
-            return
-        entries, metadata = parse_header(bytes(self._head[8 : 8 + hlen]))
-        self.entries = list(entries)
-        self.metadata = dict(metadata)
-        total_data = max((e.end for e in entries), default=0)
+    def _open(self, first: bytes | bytearray | memoryview) -> bool:
+        """Read the header from `first` (the file's first bytes), make the buffer and copy
+        `first` into it; False where `first` does not hold the whole header yet. A small
+        answer comes whole in one payload: it is copied once, straight from the frame."""
+        if len(first) < 8:
+            return False
+        (hlen,) = struct.unpack_from("<Q", first)
+        if len(first) < 8 + hlen:
+            return False
+        self.entries, self._metadata, total_data = _layout(bytes(first[8 : 8 + hlen]))
         self._data_start = 8 + hlen
         total = self._data_start + total_data
+        if len(first) > total:
+            raise TensorSliceError(f"stream holds more bytes than its header announces ({total})")
         if self._as_bytes:
             self._buf, self._view = _fresh_bytes(total)
         elif self._share_memory:
@@ -239,10 +273,10 @@ class Assembler:
             self._buf = self._view = self._shared.numpy().data.cast("B")
         else:
             self._buf = self._view = self._pool.take(total)
-        head = bytes(self._head)
-        self._head = bytearray()
-        self._view[: len(head)] = head
-        self._pos = len(head)
+            self._own = total < self._pool.min_bytes
+        self._view[: len(first)] = first
+        self._pos = len(first)
+        return True
 
     def receive(self, sock: socket.socket, nbytes: int, deadline: float | None = None
                 ) -> None:
@@ -282,16 +316,19 @@ class Assembler:
         if 8 + hlen > len(file):
             raise TensorSliceError(
                 f"segment header of {hlen} bytes exceeds the {len(file)}-byte segment")
-        entries, metadata = parse_header(bytes(file[8 : 8 + hlen]))
-        total = 8 + hlen + max((e.end for e in entries), default=0)
+        self.entries, self._metadata, total_data = _layout(bytes(file[8 : 8 + hlen]))
+        total = 8 + hlen + total_data
         if total != len(file):
             raise TensorSliceError(
                 f"segment of {len(file)} bytes, its header announces {total}")
-        self.entries = list(entries)
-        self.metadata = dict(metadata)
         self._data_start = 8 + hlen
         self._buf = self._view = file
         self._pos = total
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The file's ``__metadata__``."""
+        return dict(self._metadata)
 
     @property
     def complete(self) -> bool:
@@ -321,8 +358,13 @@ class Assembler:
             elif self._shared is not None and start % e.dtype.itemsize == 0:
                 nbytes = count * e.dtype.itemsize
                 out[e.name] = self._shared[start : start + nbytes].view(e.dtype).view(e.shape)
+            elif self._own and start % e.dtype.itemsize == 0 and e.dtype in _NUMPY_DTYPES:
+                # A buffer of its own (no pool takes it back when a view goes): shaped by
+                # NumPy, then one torch call (a small result's cost is the calls). NumPy
+                # keeps the buffer alive, not the view.
+                array = np.frombuffer(view, _NUMPY_DTYPES[e.dtype], count, start)
+                out[e.name] = torch.from_numpy(array.reshape(e.shape))
             else:
-                # On the receive view itself: the tensors keep it (and its buffer) alive.
                 flat = torch.frombuffer(view, dtype=e.dtype, count=count, offset=start)
                 out[e.name] = flat.view(e.shape) if start % e.dtype.itemsize == 0 else (
                     flat.clone().view(e.shape))

@@ -233,10 +233,14 @@ def split_chunk(frame: bytes) -> tuple[memoryview, memoryview | None]:
     """The `data` of a serialized `SliceChunk` and its serialized `ticket` (a `BulkTicket`),
     or None when it has none; views of `frame` (no copy)."""
     view = memoryview(frame)
+    end = len(frame)
+    if end and frame[0] == _TAG_DATA:  # an inline answer: `data` alone, the common case
+        size, pos = _read_varint(frame, 1)
+        if pos + size == end:
+            return view[pos:], None
     data = view[0:0]
     ticket: memoryview | None = None
     pos = 0
-    end = len(frame)
     while pos < end:
         key, pos = _read_varint(frame, pos)
         field, wire = key >> 3, key & 7

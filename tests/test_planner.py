@@ -329,3 +329,84 @@ def test_flags_place_their_dimension_as_torch_does(x: torch.Tensor) -> None:
         p = plan_of(index)
         assert p.result_shape == tuple(x[index].shape), index
         assert torch.equal(_run_one(p, x), x[index])
+
+
+def _general_plan(meta: TensorMeta, selection: Selection, limit: int = 0) -> Plan:
+    """The plan `plan_region` makes, without the one-pass plan of ints and slices."""
+    from tensorslice.core.selection import bind
+    from tensorslice.server._plan import _check_limit, _normalize, combined_limit, plan_region
+
+    out_dtype = getattr(torch, selection.dtype) if selection.dtype else meta.dtype
+    pairs = bind(meta.name, len(meta.shape), selection.selectors)
+    bound = [_normalize(meta, s, d) for s, d in pairs]
+    p = plan_region(meta, bound, selection.combine, out_dtype,
+                    combined_limit(selection.max_bytes, limit))
+    _check_limit(p, p.limit)
+    return p
+
+
+def _basic_index(g: torch.Generator, shape: tuple[int, ...]) -> tuple[object, ...]:
+    def pick(n: int) -> object:
+        r = int(torch.randint(0, 6, (1,), generator=g))
+        a, b = (int(x) for x in torch.randint(-n - 2, n + 3, (2,), generator=g))
+        step = int(torch.randint(1, 4, (1,), generator=g))
+        return [slice(None), slice(a, b), slice(a, None, step), slice(None, b, step),
+                a if -n <= a < n else 0, None][r]
+
+    items = [pick(n) for n in shape[: int(torch.randint(0, len(shape) + 1, (1,),
+                                                       generator=g))]]
+    if int(torch.randint(0, 4, (1,), generator=g)) == 0:
+        items.insert(int(torch.randint(0, len(items) + 1, (1,), generator=g)), ...)
+    return tuple(items)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("seed", range(8))
+def test_ints_and_slices_plan_in_one_pass_as_the_general_planner_does(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for shape in [(7,), (5, 6), (3, 4, 5), (2, 0, 3), (4, 1, 2, 3)]:
+        meta = TensorMeta("x", shape, torch.float32)
+        for _ in range(60):
+            index = _basic_index(g, shape)
+            for combine in (Combine.VECTORIZED, Combine.OUTER):
+                for dtype, max_bytes in ((None, 0), ("float16", 0), (None, 8)):
+                    sel = Selection(selectors_from_index(index), combine, dtype, max_bytes)
+                    try:
+                        want: Any = _general_plan(meta, sel, limit=64)
+                    except Exception as exc:
+                        want = (type(exc), str(exc))
+                    try:
+                        got: Any = plan(meta, sel, limit=64)
+                    except Exception as exc:
+                        got = (type(exc), str(exc))
+                    assert got == want, (index, combine, dtype, max_bytes)
+                    if isinstance(got, Plan):
+                        assert got.summary() == want.summary()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("seed", range(4))
+def test_a_zero_copy_view_is_read_where_it_lies(seed: int) -> None:
+    from tensorslice.server._execute import view_bytes
+
+    g = torch.Generator().manual_seed(seed)
+    base = torch.arange(400, dtype=torch.float64)
+    seen = 0
+    for shape in [(7,), (5, 6), (3, 4, 5), (2, 0, 3), (4, 1, 2, 3)]:
+        n = math.prod(shape)
+        x = base[3 : 3 + n].view(shape)  # a storage offset, as a slice of a larger one has
+        meta = TensorMeta("x", shape, x.dtype)
+        for _ in range(40):
+            index = _basic_index(g, shape)
+            try:
+                p = plan(meta, Selection(selectors_from_index(index), Combine.VECTORIZED))
+            except Exception:
+                continue
+            data = view_bytes(p, x)
+            assert (data is not None) == p.zero_copy, index
+            if data is not None:
+                seen += 1
+                want = x[index].contiguous()
+                assert bytes(data) == want.numpy().tobytes(), index
+                assert tuple(want.shape) == p.result_shape
+    assert seen > 50

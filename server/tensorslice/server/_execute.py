@@ -5,6 +5,7 @@ row gather writes straight into reused buffers.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Sequence
 from typing import Protocol
@@ -35,7 +36,7 @@ from tensorslice.server._payload import (
     StridedPayload,
 )
 
-__all__ = ["Reserve", "execute", "materialized_bytes"]
+__all__ = ["Reserve", "execute", "materialized_bytes", "view_bytes"]
 
 # The modes as module globals: an enum member lookup (`Mode.VIEW`) costs a descriptor call
 # per use in Python 3.11, and every call passes here.
@@ -69,6 +70,31 @@ def execute(p: Plan, tensor: torch.Tensor, reserve: Reserve | None = None,
         return _execute_threshold(p, tensor, reserve)
     reserve.add(materialized_bytes(p, slab_bytes), f"the result of {p.meta.name!r}")
     return [_payload(p, tensor)]
+
+
+def view_bytes(p: Plan, tensor: torch.Tensor) -> memoryview | None:
+    """The result of a zero-copy view of a contiguous CPU tensor as the bytes it is: a view
+    of the source's memory where they lie, no tensor made (valid while `tensor` lives);
+    None for any other plan. A small read's cost is its calls: this is one."""
+    if (p.mode is not _VIEW or not p.zero_copy or tensor.device.type != "cpu"
+            or not tensor.is_contiguous()):
+        return None
+    nbytes = p.result_nbytes
+    if nbytes == 0:
+        return memoryview(b"")
+    stride = p.meta.dtype.itemsize
+    strides = [0] * len(p.meta.shape)
+    for d in range(len(strides) - 1, -1, -1):  # a contiguous source's, in bytes
+        strides[d] = stride
+        stride *= p.meta.shape[d]
+    offset = 0
+    for b in p.bound:
+        if type(b) is BoundRange:
+            offset += b.start * strides[b.dim]
+        elif type(b) is BoundIndex:
+            offset += b.index * strides[b.dim]
+    block = (ctypes.c_char * nbytes).from_address(tensor.data_ptr() + offset)
+    return memoryview(block).cast("B")
 
 
 def materialized_bytes(p: Plan, slab_bytes: int = 0) -> int:

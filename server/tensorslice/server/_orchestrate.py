@@ -32,7 +32,7 @@ from tensorslice.core.selection import selection_from_proto
 from tensorslice.server._bulk import BulkServer
 from tensorslice.server._bulk_upload import BulkUpload
 from tensorslice.server._config import ServerConfig
-from tensorslice.server._execute import execute, materialized_bytes
+from tensorslice.server._execute import execute, materialized_bytes, view_bytes
 from tensorslice.server._limits import ByteBudget, Hold, shorten
 from tensorslice.server._model import Mode, Plan
 from tensorslice.server._payload import Payload
@@ -45,7 +45,7 @@ from tensorslice.server._store import (
     check_dim_names,
     check_name,
 )
-from tensorslice.server._stream import file_nbytes, frames, pieces
+from tensorslice.server._stream import file_header, file_nbytes, frames, pieces
 from tensorslice.server._upload import MAX_HEADER_BYTES, Upload, parse_upload_header, receive
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
@@ -260,11 +260,12 @@ class Calls:
         self.plan_misses = 0  # plans made afresh
 
     # ------------------------------------------------------------------ planning
-    def plan(self, request: _pb.SliceRequest, seen: dict[str, Entry] | None = None
-             ) -> tuple[Entry, Plan]:
+    def plan(self, request: _pb.SliceRequest, seen: dict[str, Entry] | None = None,
+             raw: bytes | None = None) -> tuple[Entry, Plan]:
         """The tensor a request names (the version it pins, else the newest; the one in
         `seen` where a call has read that tensor already) and the plan of its selection
-        (cached)."""
+        (cached, by `raw`, the bytes the request was parsed from, where the call has them:
+        the same bytes parse to the same request; else by its serialization)."""
         if len(request.tensor) > MAX_NAME_CHARS:
             raise InvalidSelection(
                 f"tensor name of {len(request.tensor)} characters is longer than any the "
@@ -279,7 +280,7 @@ class Calls:
             entry = self.store.get(request.tensor, request.version)
             if seen is not None and not request.version:
                 seen[request.tensor] = entry
-        key = request.SerializeToString(deterministic=True)
+        key = raw if raw is not None else request.SerializeToString(deterministic=True)
         if len(key) > _PLAN_CACHE_KEY_BYTES:
             return entry, self._plan_fresh(entry, request)
         with self._plans_lock:
@@ -301,8 +302,8 @@ class Calls:
         selection = selection_from_proto(request)
         return plan(entry.meta, selection, limit=self.config.max_result_bytes)
 
-    def planned(self, request: _pb.SliceRequest) -> Planned:
-        entry, p = self.plan(request)
+    def planned(self, request: _pb.SliceRequest, raw: bytes | None = None) -> Planned:
+        entry, p = self.plan(request, raw=raw)
         metadata = {
             "tensorslice.tensor": entry.meta.name,
             "tensorslice.version": str(entry.version),
@@ -370,6 +371,17 @@ class Calls:
         elif large:
             # Bound for a ticket: refused from the plan if tickets are full, before any work.
             self.bulk.check_room(planned.materialized_bytes(self.config.slab_bytes))
+        if not (planned.many or large):
+            # A zero-copy view of a CPU tensor (what most small reads are): its bytes read
+            # where they lie, framed with the header, nothing executed or held.
+            item = planned.items[0]
+            data = view_bytes(item.plan, item.entry.tensor)
+            if data is not None:
+                head = file_header(
+                    (("values", item.plan.result_dtype, item.plan.result_shape),),
+                    planned.metadata)
+                if self._transport(len(head) + len(data), bulk_requested) is _INLINE:
+                    return encode_chunk(head, data)
         hold = self.budget.hold()
         payloads = planned.execute(hold, self.config.slab_bytes)
         try:

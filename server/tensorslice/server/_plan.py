@@ -29,6 +29,7 @@ from tensorslice.core.selection import (
     Index,
     Indices,
     Mask,
+    NewAxis,
     Range,
     Selection,
     Selector,
@@ -169,6 +170,12 @@ def plan(meta: TensorMeta, selection: Selection, *, limit: int = 0) -> Plan:
     SelectionOutOfRange or ResultTooLarge with a message naming dimension, value and size."""
     out_dtype = dtype_from_name(selection.dtype) if selection.dtype else meta.dtype
     pairs = bind(meta.name, len(meta.shape), selection.selectors)
+    if all(type(s) in _BASIC for s, _ in pairs):
+        p = _plan_basic(meta, pairs, selection.combine, out_dtype,
+                        combined_limit(selection.max_bytes, limit))
+        if p is not None:
+            _check_limit(p, limit=p.limit)
+            return p
     if selection.combine is Combine.VECTORIZED:
         # Like PyTorch, report a bad integer or slice before a bad index list or mask;
         # OUTER reports the first bad selector, left to right.
@@ -195,6 +202,44 @@ def plan(meta: TensorMeta, selection: Selection, *, limit: int = 0) -> Plan:
         raise deferred[0]
     _check_limit(p, limit)
     return p
+
+
+_BASIC = frozenset({Full, Range, Index, NewAxis})  # after `bind`: no ``...`` is left
+
+
+def _plan_basic(meta: TensorMeta, pairs: Sequence[tuple[Selector, int | None]],
+                combine: Combine, out_dtype: torch.dtype, limit: int) -> Plan | None:
+    """The plan of ints, slices and new axes (what most reads are), in one pass: the plan
+    `plan_region` makes of them, a view, with no index list or mask to consider; None
+    where a slice has a negative step (a flip: `plan_region`'s)."""
+    bound: list[Bound] = []
+    steps: list[Step] = []
+    out_shape: list[int] = []
+    for s, d in pairs:
+        b = _normalize(meta, s, d)  # the first bad selector raises, left to right
+        if type(b) is BoundRange:
+            if b.step < 0:
+                return None
+            out_shape.append(b.length)
+            if not (b.start == 0 and b.length == meta.shape[b.dim] and b.step == 1):
+                steps.append(Step("view", b.dim, f"narrow {b.start}:{b.stop}:{b.step}", 0,
+                                  len(steps)))
+        elif type(b) is BoundIndex:
+            steps.append(Step("view", b.dim, f"select {b.index}", 0, len(steps)))
+        else:  # a new axis
+            out_shape.append(1)
+        bound.append(b)
+    shape = tuple(out_shape)
+    elems = math.prod(shape)
+    zero_copy = _view_is_contiguous(meta, bound) and out_dtype == meta.dtype
+    if not zero_copy:
+        steps.append(Step("copy", -1, "strided view copied slab by slab",
+                          2 * elems * out_dtype.itemsize, len(steps)))
+    if out_dtype != meta.dtype:
+        steps.append(Step("cast", -1, f"{dtype_name(meta.dtype)} -> {dtype_name(out_dtype)}",
+                          elems * (meta.dtype.itemsize + out_dtype.itemsize), len(steps)))
+    return Plan(meta, tuple(steps), shape, out_dtype, zero_copy, tuple(bound), Mode.VIEW,
+                combine, limit)
 
 
 def combined_limit(max_bytes: int, server_limit: int) -> int:

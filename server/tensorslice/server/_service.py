@@ -263,7 +263,7 @@ class TensorSliceService:
             request, release = _unwrap(self._raw_parsers[method](raw))
             try:
                 planned = (calls.planned_many(request) if method == "FetchMany"
-                           else calls.planned(request))
+                           else calls.planned(request, raw))
                 frame = calls.one_message(planned, request.bulk)
             finally:
                 release()

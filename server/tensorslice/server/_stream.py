@@ -13,7 +13,7 @@ from tensorslice.core.codec import encode_chunk, safetensors_header
 from tensorslice.server._payload import DEFAULT_POOL, BufferPool, Payload
 from tensorslice.server._staging import host_chunks
 
-__all__ = ["CHUNK_BYTES", "SLAB_BYTES", "file_nbytes", "frames", "pieces"]
+__all__ = ["CHUNK_BYTES", "SLAB_BYTES", "file_header", "file_nbytes", "frames", "pieces"]
 
 CHUNK_BYTES = 2 << 20
 """Payload bytes per `SliceChunk` (see README, "Transport")."""
@@ -42,13 +42,21 @@ def _cached_header(
     return header
 
 
+def file_header(
+    tensors: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]
+) -> bytes:
+    """The header `pieces` starts the file of tensors of these names, dtypes and shapes
+    with."""
+    ordered = sorted(tensors, key=lambda t: -t[1].itemsize)
+    return _cached_header(tuple(ordered), tuple(metadata.items()))
+
+
 def file_nbytes(
     tensors: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]
 ) -> int:
     """The size of the file `pieces` makes of tensors of these names, dtypes and shapes:
     known from a plan, before any data moves."""
-    ordered = sorted(tensors, key=lambda t: -t[1].itemsize)
-    header = _cached_header(tuple(ordered), tuple(metadata.items()))
+    header = file_header(tensors, metadata)
     return len(header) + sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in tensors)
 
 

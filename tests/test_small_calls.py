@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tensorslice.client import Client, TensorNotFound, VersionGone
 from tensorslice.client._base import index_key
@@ -141,3 +143,37 @@ def test_handle_copies_keep_reads_of_their_own(
     c.put("x", -X, replace=True)
     assert torch.equal(t[1:3], -X[1:3])
     assert torch.equal(half[1:3], -X[1:3].half())
+
+
+_ints = st.one_of(st.integers(-40, 40), st.integers(-(1 << 70), 1 << 70))
+_plain_items = st.one_of(
+    _ints, st.none(), st.just(Ellipsis),
+    st.builds(slice, st.one_of(st.none(), _ints), st.one_of(st.none(), _ints),
+              st.one_of(st.none(), _ints)),
+)
+
+
+def _read_as(index: object, tensor: tuple[str, int] | None, plain: bool) -> object:
+    from tensorslice.core import selection
+
+    try:
+        if plain:
+            return selection.selectors_from_index(index, tensor)
+        saved = selection._plain
+        selection._plain = lambda index, tensor: None  # type: ignore[assignment]
+        try:
+            return selection.selectors_from_index(index, tensor)
+        finally:
+            selection._plain = saved  # type: ignore[assignment]
+    except Exception as exc:
+        return (type(exc), str(exc))
+
+
+@pytest.mark.unit
+@settings(max_examples=400, deadline=None)
+@given(index=st.one_of(_plain_items, st.lists(_plain_items, max_size=5).map(tuple)),
+       ndim=st.one_of(st.none(), st.integers(0, 4)))
+def test_ints_and_slices_read_straight_as_the_general_reading_does(index: object,
+                                                                    ndim: int | None) -> None:
+    tensor = None if ndim is None else ("x", ndim)
+    assert _read_as(index, tensor, True) == _read_as(index, tensor, False)

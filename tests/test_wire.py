@@ -228,7 +228,8 @@ def test_a_small_result_in_one_payload_is_its_own() -> None:
     # An inline answer comes whole: its tensors (NumPy's dtypes shaped by NumPy, bfloat16
     # by torch) live on a buffer of their own, writable, that outlives the assembler.
     tensors = {"values": torch.arange(12.0).reshape(1, 3, 4), "bf": torch.ones(2, 2).bfloat16(),
-               "scalar": torch.tensor(7, dtype=torch.int16)}
+               "scalar": torch.tensor(7, dtype=torch.int16),
+               "deep": torch.ones((1,) * 65)}  # more dimensions than NumPy takes
     data, _ = _file_of([ContiguousPayload(k, v) for k, v in tensors.items()])
     outs = []
     for _ in range(3):

@@ -13,7 +13,6 @@ return the same results.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import enum
 import json
 import math
@@ -491,7 +490,8 @@ def make_selection(
     reported before the items are read, as PyTorch does."""
     if isinstance(index, Selection):
         return index
-    combine = Combine(combine)
+    if type(combine) is not Combine:
+        combine = Combine(combine)
     sels = (outer_selectors(index) if combine is Combine.OUTER
             else selectors_from_index(index, tensor))
     return Selection(sels, combine, dtype, max_bytes)
@@ -931,11 +931,14 @@ class BaseClient:
                      _pb.SlicePlan, SlicePlan.from_proto)
 
     @staticmethod
-    def _op_slice(name: str, selection: object, version: int = 0
+    def _op_slice(name: str, selection: object, version: int = 0, kept: bool = False
                   ) -> Stream[dict[str, torch.Tensor]]:
+        """`Slice` (and `Fetch`); `kept`: an operation run again as it is, its request
+        serialized once, here (see `Stream.fetch_request`)."""
         request = _bulk(selection_to_proto(name, make_selection(selection)))
         request.version = version
-        return Stream("Slice", request, _tensors)
+        return Stream("Slice", request, _tensors,
+                      fetch_request=request.SerializeToString() if kept else b"")
 
     @staticmethod
     def _op_put(name: str, tensor: torch.Tensor, dim_names: Sequence[str] | None,
@@ -1087,9 +1090,8 @@ class BaseRemoteTensor(Generic[C]):
         op = None if key is None else self._reads.get(key)
         if op is None:
             sel = self._sel(index, Combine.VECTORIZED)
-            op = BaseClient._op_slice(self.name, sel, self._pinned)
+            op = BaseClient._op_slice(self.name, sel, self._pinned, kept=key is not None)
             if key is not None:
-                op = dataclasses.replace(op, fetch_request=op.request.SerializeToString())
                 if len(self._reads) >= _READS_KEPT:
                     self._reads.clear()
                 self._reads[key] = op

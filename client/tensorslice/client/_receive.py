@@ -161,6 +161,7 @@ def _numpy_dtypes() -> dict[torch.dtype, np.dtype[Any]]:
 
 
 _NUMPY_DTYPES = _numpy_dtypes()
+_NUMPY_MAX_DIMS = 32  # NumPy 1's limit (2's is 64); torch takes more
 
 DEFAULT_POOL = BufferPool()
 """The pool every `Assembler` uses unless given its own."""
@@ -358,7 +359,8 @@ class Assembler:
             elif self._shared is not None and start % e.dtype.itemsize == 0:
                 nbytes = count * e.dtype.itemsize
                 out[e.name] = self._shared[start : start + nbytes].view(e.dtype).view(e.shape)
-            elif self._own and start % e.dtype.itemsize == 0 and e.dtype in _NUMPY_DTYPES:
+            elif (self._own and start % e.dtype.itemsize == 0 and e.dtype in _NUMPY_DTYPES
+                  and len(e.shape) <= _NUMPY_MAX_DIMS):
                 # A buffer of its own (no pool takes it back when a view goes): shaped by
                 # NumPy, then one torch call (a small result's cost is the calls). NumPy
                 # keeps the buffer alive, not the view.

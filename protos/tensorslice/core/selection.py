@@ -358,6 +358,9 @@ def selectors_from_index(
     """Turn a Python index (what ``x[...]`` receives) into selectors, as PyTorch reads it.
     With `tensor` (its name and number of dimensions), too many indices are reported first,
     before any item is read, as PyTorch does (the server checks again in any case)."""
+    plain = _plain(index, tensor)
+    if plain is not None:
+        return plain
     items = _as_tuple(index)
     single = not isinstance(index, tuple) and (
         index is None or index is Ellipsis or isinstance(index, (bool, slice)) or _is_int(index)
@@ -371,6 +374,48 @@ def selectors_from_index(
                 f"{count} dimensions indexed"
             )
     return tuple(_one(item) for item in items)
+
+
+def _is_plain(item: object) -> bool:
+    """An int (not a bool), a slice of ints and None, None or ``...``."""
+    t = type(item)
+    if t is slice:
+        return all(v is None or type(v) is int
+                   for v in (item.start, item.stop, item.step))  # type: ignore[attr-defined]
+    return t is int or item is None or item is Ellipsis
+
+
+def _plain(index: object, tensor: tuple[str, int] | None) -> tuple[Selector, ...] | None:
+    """The selectors of an index of ints, slices of ints, None and ``...`` (alone or in a
+    tuple: what most reads are), read straight, as `selectors_from_index` reads them (too
+    many indices in a tuple reported first); None for any other index."""
+    if type(index) is tuple:
+        if not all(_is_plain(item) for item in index):
+            return None
+        if tensor is not None:
+            name, ndim = tensor
+            count = sum(1 for item in index if item is not None and item is not Ellipsis)
+            if count > ndim:
+                raise InvalidIndex(
+                    f"too many indices for tensor '{name}' of {ndim} dimensions: "
+                    f"{count} dimensions indexed"
+                )
+        items: tuple[object, ...] = index
+    elif _is_plain(index):
+        items = (index,)
+    else:
+        return None
+    out: list[Selector] = []
+    for item in items:
+        if type(item) is int:
+            out.append(Index(_int64(item, "index")))
+        elif type(item) is slice:
+            start, stop, step = (None if v is None else min(max(v, -_INT64_MAX), _INT64_MAX)
+                                 for v in (item.start, item.stop, item.step))
+            out.append(Range(start, stop, step))
+        else:
+            out.append(NewAxis() if item is None else Ellipsis_())
+    return tuple(out)
 
 
 def outer_selectors(index: object) -> tuple[Selector, ...]:

@@ -382,7 +382,7 @@ def test_fetch_refuses_from_the_plan_before_any_work(monkeypatch: pytest.MonkeyP
     its plan's size: nothing is executed (the client then streams it, computed once)."""
     import tensorslice.server._orchestrate as orchestrate
     from tensorslice.core.errors import FailedPrecondition as Refused
-    from tensorslice.core.selection import Index, Selection, selection_to_proto
+    from tensorslice.core.selection import Index, Indices, Selection, selection_to_proto
     from tensorslice.server._model import Plan
     from tensorslice.server._payload import Payload
 
@@ -401,11 +401,17 @@ def test_fetch_refuses_from_the_plan_before_any_work(monkeypatch: pytest.MonkeyP
     with pytest.raises(Refused, match=r"limit of a single response and the server has no bulk"):
         calls.one_message(calls.planned(request), True)
     assert executed == []
+    # A small view is framed from the tensor's memory: nothing executed either.
     small = selection_to_proto("x", Selection((Index(0), Index(1), Index(2))))
     frame = calls.one_message(calls.planned(small), True)
-    assert len(executed) == 1
+    assert executed == []
     assert torch.equal(safetensors.torch.load(pb.SliceChunk.FromString(frame).data)["values"],
                        X[0, 1, 2])
+    gather = selection_to_proto("x", Selection((Index(0), Indices([1, 0]), Index(2))))
+    frame = calls.one_message(calls.planned(gather), True)
+    assert len(executed) == 1  # computed once
+    assert torch.equal(safetensors.torch.load(pb.SliceChunk.FromString(frame).data)["values"],
+                       X[0, [1, 0], 2])
 
 
 # ------------------------------------------------------------------ direct requests (no gRPC)

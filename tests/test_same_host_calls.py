@@ -6,6 +6,7 @@ inline on the session's socket, large ones in segments, with gRPC's errors and d
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -371,3 +372,48 @@ def test_session_calls_are_counted_in_the_metrics(served: tuple[Any, str]) -> No
     while fetched() - before < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert fetched() - before == 3
+
+
+@pytest.mark.e2e
+def test_a_plane_that_refuses_a_session_is_tried_again_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plane that closes before its greeting (its bound of sessions, another user) is
+    not tried again for `RETRY_SECONDS`, then is; one with no socket at the name (another
+    host) or greeting as another instance is never tried again."""
+    from tensorslice.client import _shm
+
+    now = [1000.0]
+    monkeypatch.setattr(_shm, "_clock", lambda: now[0])
+    name_port = 1 + (os.getpid() % 20000) + 40000  # a name nobody else binds in this test
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(same_host_socket(name_port))
+    listener.listen(8)
+    try:
+        sessions = _shm.Sessions()
+        instance = b"\x07" * INSTANCE_BYTES
+        closer = threading.Thread(target=lambda: listener.accept()[0].close(), daemon=True)
+        closer.start()
+        assert sessions.call(name_port, instance, b"", "ListTensors", b"", None, 5, 5) is None
+        closer.join(timeout=30)
+        assert not sessions.usable(name_port, instance) and sessions.available
+        now[0] += _shm.RETRY_SECONDS
+        assert sessions.usable(name_port, instance)  # tried again: it may have room now
+        assert not sessions.usable(name_port, b"")  # a plane that names no instance: never
+    finally:
+        listener.close()
+    # no socket at the name any more: as on another host, never tried again
+    assert sessions.call(name_port, instance, b"", "ListTensors", b"", None, 5, 5) is None
+    now[0] += 10 * _shm.RETRY_SECONDS
+    assert not sessions.usable(name_port, instance) and not sessions.available
+
+
+@pytest.mark.unit
+def test_an_announced_instance_that_is_not_hex_gives_no_session() -> None:
+    c = Client("127.0.0.1:1", timeout=1)
+    c._note_port((("tensorslice-data-port", "4242"), (INSTANCE_KEY, "not hex")))
+    assert c._announced == {("127.0.0.1", 4242): b""}
+    assert c._session_plane() is None
+    c._note_port((("tensorslice-data-port", "4242"), (INSTANCE_KEY, "ab" * 16)))
+    assert c._session_plane() == (4242, b"\xab" * 16)
+    c.close()

@@ -77,6 +77,7 @@ once; a thread that finds them all busy makes its call over TCP)."""
 RETRY_SECONDS = 1.0
 """How long a client waits before it tries again a plane that refused it a session."""
 _T = TypeVar("_T")
+_clock = time.monotonic  # when a refusing plane is tried again (tests drive a clock of their own)
 _MAX_FORGOTTEN = 1 << 16
 _OP_REDEEM, _OP_CALL = 1, 2
 _FIRST_READ = 64 << 10  # bytes of a call's answer its reply's read takes at most
@@ -388,7 +389,7 @@ class Sessions:
         if key in self._dead:
             return False
         at = self._retry_at.get(key)
-        return at is None or time.monotonic() >= at
+        return at is None or _clock() >= at
 
     def _take(self, key: tuple[int, bytes], timeout: float) -> Session | None:
         """An idle session, or a new one where the plane's bound leaves room; None where
@@ -407,7 +408,7 @@ class Sessions:
         with self._lock:
             self._open[key] -= 1
             if opened == "refused":
-                self._retry_at[key] = time.monotonic() + RETRY_SECONDS
+                self._retry_at[key] = _clock() + RETRY_SECONDS
             else:
                 self._dead.add(key)
         return None

@@ -413,15 +413,109 @@ def test_a_forked_client_calls_over_a_session(same_host: bool) -> None:
         assert got == [True, ["x"], True, True,
                        "TensorNotFound: no tensor named 'nope'; the server holds: x"]
         # every call went over the session (the small answers on its socket, the results
-        # in segments, reused), or none did
-        assert ((shm.lent >= 5 and shm.inline >= 2 and shm.segments <= 2) if same_host
-                else shm.lent == 0)
-        assert _until(lambda: shm.sessions == 0 and shm.segments == 0)  # the child exited
+        # in segments, reused), or none did; the result asked for in shared memory came in
+        # a kept segment (counted until the child goes)
+        assert ((shm.lent >= 5 and shm.inline >= 2 and shm.kept == 1 and shm.segments <= 3)
+                if same_host else shm.lent == 0)
+        assert _until(lambda: shm.sessions == 0 and shm.segments == 0 and shm.bytes == 0)
         child = ctx.Process(target=_forked_worker,
                             args=(address, port, instance, True, "wrong", out))
         child.start()
         got = out.get(timeout=60)
         child.join(timeout=30)
         assert got[0] is True and str(got[1]).startswith("Unauthenticated")
+    finally:
+        srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]
+
+
+@pytest.mark.e2e
+def test_dataloader_batches_reach_the_main_process_in_kept_segments_without_a_copy(
+) -> None:
+    from torch.utils.data import DataLoader
+
+    from tensorslice.client import RemoteTensorDataset
+
+    srv, address = _server()
+    shm = srv.bulk.shm  # type: ignore[attr-defined]
+    try:
+        ds = RemoteTensorDataset(Client(address, timeout=60), "x")
+        loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=ds.collate,
+                            multiprocessing_context="fork", timeout=120)
+        mapped = _mapped()
+        held = list(loader)  # every batch kept in this process while the workers go on
+        assert len(held) == 16 and shm.kept == 16
+        for i, batch in enumerate(held):  # none was written again after it was handed on
+            assert batch.equal(X[4 * i : 4 * i + 4]) and batch.untyped_storage().is_shared()
+        # each batch is on its own segment's mapping: torch passed the descriptor on and
+        # copied nothing; the server keeps none of them
+        assert _mapped() == mapped + 16
+        assert _until(lambda: shm.sessions == 0 and shm.segments == 0 and shm.bytes == 0)
+        del held, loader, batch
+        gc.collect()
+        # the last mapping (and torch's descriptor) gone: the memory is the system's
+        assert _mapped() == mapped and _open_segments() == 0
+    finally:
+        srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]
+
+
+_KEEPER = """
+import sys, time
+from tensorslice.client import Client
+c = Client(sys.argv[1], timeout=30)
+held = [c.slice_many({"a": ("x", (slice(i, i + 40),))}, share_memory=True)["a"]
+        for i in range(3)]
+assert all(t.untyped_storage().is_shared() for t in held)
+print("fetched", c.transports["shared_memory"], flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.e2e
+def test_kept_segments_are_bounded_and_a_killed_client_leaves_nothing_on_the_server(
+) -> None:
+    srv, address = _server()
+    bulk = srv.bulk  # type: ignore[attr-defined]
+    shared_before = _rss_kib()
+    proc = subprocess.Popen([sys.executable, "-c", _KEEPER, address], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert OutputLines(proc).wait_for(r"fetched (\d+)") == "3"
+        # counted against the session until released, held by the client alone
+        assert bulk.shm.kept == 3 and bulk.shm.segments == 3 and bulk.sessions == 1
+        assert bulk.shm.bytes >= 3 * 40 * X[0].numel() * 4
+        assert _open_segments() == 0 and _mapped() == 0
+        assert _rss_kib() <= shared_before + 1024
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0)
+    assert bulk.shm.bytes == 0 and bulk.pending == 0 and bulk.held_bytes == 0
+    srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]
+
+
+@pytest.mark.e2e
+def test_kept_segments_beyond_the_sessions_bound_come_pooled_and_are_released() -> None:
+    srv, address = _server()
+    shm = srv.bulk.shm  # type: ignore[attr-defined]
+    shm.max_segments = 3
+    try:
+        with Client(address, timeout=30) as c:
+            def fetch(i: int) -> torch.Tensor:
+                return c.slice_many({"a": ("x", (slice(i, i + 40),))}, share_memory=True)["a"]
+
+            held = [fetch(i) for i in range(3)]
+            assert shm.kept == 3 and len(held) == 3
+            extra = fetch(3)  # no room for a 4th: on the socket, into shared memory
+            assert extra.equal(X[3:43]) and extra.untyped_storage().is_shared()
+            assert shm.kept == 3 and shm.fallbacks == 1 and shm.segments == 3
+            del held[0]
+            gc.collect()
+            again = fetch(4)  # the release went with this request: room for a kept one
+            assert again.equal(X[4:44]) and shm.kept == 4 and shm.segments == 3
+            assert all(t.equal(X[i + 1 : i + 41]) for i, t in enumerate(held))
+        assert _until(lambda: shm.segments == 0 and shm.bytes == 0)
     finally:
         srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]

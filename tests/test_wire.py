@@ -24,8 +24,14 @@ from tensorslice.core.codec import (
     safetensors_header,
 )
 from tensorslice.core.endpoint import host_of
-from tensorslice.server._payload import ContiguousPayload, Payload, StridedPayload
-from tensorslice.server._stream import frames
+from tensorslice.server._payload import (
+    BufferPool,
+    ContiguousPayload,
+    Payload,
+    RowGatherPayload,
+    StridedPayload,
+)
+from tensorslice.server._stream import WholeFile, frames
 from tensorslice.v1 import tensorslice_pb2 as pb
 
 ITEM_SIZES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
@@ -132,6 +138,40 @@ def test_strided_payload_bytes_across_small_slabs() -> None:
     assert torch.equal(load(data)["values"], view)
     cast, _ = _file_of([StridedPayload("values", view, torch.bfloat16)], slab_bytes=16)
     assert torch.equal(load(cast)["values"], view.to(torch.bfloat16))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("slab_bytes", [24, 4 << 20])
+def test_a_whole_file_written_into_memory_is_the_file_its_pieces_make(slab_bytes: int
+                                                                       ) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 6, 5, generator=g)
+    rows = torch.tensor([7, 0, 39, 7, 12])
+    src = x.view(40, 30)
+    payloads: list[Payload] = [
+        ContiguousPayload("c", x[3:9]),
+        StridedPayload("s", x[:, 1:6:2, ::2]),
+        StridedPayload("cast", x[:4, 2], torch.float16),
+        RowGatherPayload("rows", src, rows, (5, 6, 5)),
+        RowGatherPayload("rows16", src, rows, (5, 6, 5), torch.bfloat16),
+        ContiguousPayload("flag", x[0, 0] > 0),
+        ContiguousPayload("none", torch.empty(0, 3)),
+    ]
+    pool = BufferPool()
+    file = WholeFile(payloads, {"k": "v"}, chunk_bytes=64, slab_bytes=slab_bytes, pool=pool)
+    out = bytearray(b"\xee" * (file.nbytes + 100))  # more room than the file: left as it is
+    file.write_into(memoryview(out))
+    # everything went straight into `out`: only the gather with a cast took a slab buffer
+    assert pool.allocations <= 1
+    streamed = b"".join(bytes(p) for p in file)
+    assert len(streamed) == file.nbytes
+    assert bytes(out[: file.nbytes]) == streamed and out[file.nbytes :] == b"\xee" * 100
+    loaded = load(streamed)
+    assert torch.equal(loaded["rows"], x[rows]) and torch.equal(loaded["c"], x[3:9])
+    assert torch.equal(loaded["rows16"], x[rows].to(torch.bfloat16))
+    assert torch.equal(loaded["s"], x[:, 1:6:2, ::2]) and loaded["flag"].dtype == torch.bool
+    with pytest.raises(ValueError, match="cannot hold"):
+        file.write_into(memoryview(bytearray(file.nbytes - 1)))
 
 
 @pytest.mark.unit

@@ -2,7 +2,9 @@
 
 Guarantees:
 - A result is copied once, from the network into one buffer whose size the safetensors
-  header announces; tensors are built on that buffer with `torch.frombuffer`.
+  header announces; tensors are built on that buffer with `torch.frombuffer`. A result in
+  a same-host segment is not copied: its tensors are built on the segment's mapping
+  (`adopt`), or on a torch shared storage of a kept segment (`adopt_shared`).
 - A receive buffer has exactly one owner at any time: the `BufferPool` that lists it as
   free, or the one live view it handed out (and the tensors built on that view). Buffers
   are tracked by identity (``id``), never by equality; taking one removes it from the pool
@@ -233,6 +235,12 @@ class Assembler:
         self.entries: tuple[TensorEntry, ...] = ()
         self._metadata: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def share_memory(self) -> bool:
+        """Whether the result is asked for in shared memory (a torch shared storage, which
+        torch passes to another process as it is)."""
+        return self._share_memory
+
     def feed(self, payload: bytes | memoryview) -> None:
         if self._view is None:
             if self._head:  # the header came split: gathered here until whole
@@ -311,6 +319,18 @@ class Assembler:
         if self._as_bytes or self._share_memory or self._view is not None or self._head:
             self.feed(file)
             return
+        self._adopt(file)
+
+    def adopt_shared(self, storage: torch.UntypedStorage, nbytes: int) -> None:
+        """The whole file, the first `nbytes` of a torch shared storage (a kept same-host
+        segment): tensors are built on the storage itself, no copy, and torch passes them
+        to another process as they are."""
+        if self._view is not None or self._head or nbytes > storage.nbytes():
+            raise TensorSliceError(f"a {nbytes}-byte file cannot be adopted here")
+        self._shared = torch.empty(0, dtype=torch.uint8).set_(storage)
+        self._adopt(self._shared.numpy().data.cast("B")[:nbytes])
+
+    def _adopt(self, file: memoryview) -> None:
         if len(file) < 8:
             raise TensorSliceError(f"a {len(file)}-byte segment holds no safetensors header")
         (hlen,) = struct.unpack_from("<Q", file)

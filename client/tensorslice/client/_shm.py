@@ -21,6 +21,13 @@ Guarantees:
   generation; the file's size must be the ticket's. Anything else raises
   `TensorSliceError` and the session is closed (the server then frees its pool): never
   wrong data.
+- A result asked for in shared memory (`Assembler.share_memory`: a DataLoader worker's
+  batch, which goes on to the main process) asks for a kept segment: the server writes it
+  once and never again, and the result's tensors are built on a torch shared storage of
+  that segment's descriptor (`UntypedStorage._new_shared_fd_cpu`), which torch passes to
+  another process by descriptor, as it is. Its memory goes back to the system when the
+  last process unmaps it; once the storage is gone in this process, its release (which
+  only gives back the server's count) goes with the next request.
 - Segments lent when the process forks are never released (neither parent nor child
   could know when the other is done with them): they stay the session's until it closes.
   A forked child starts with no sessions.
@@ -45,6 +52,8 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+import torch
+
 from tensorslice.core.codec import (
     INSTANCE_BYTES,
     SEGMENT_SEALS,
@@ -52,6 +61,7 @@ from tensorslice.core.codec import (
     SHM_BYTES,
     SHM_ERROR,
     SHM_HELLO,
+    SHM_KEPT,
     SHM_RELEASE,
     SHM_REPLY,
     SHM_REQUEST,
@@ -81,6 +91,7 @@ _clock = time.monotonic  # when a refusing plane is tried again (tests drive a c
 _MAX_FORGOTTEN = 1 << 16
 _OP_REDEEM, _OP_CALL = 1, 2
 _FIRST_READ = 64 << 10  # bytes of a call's answer its reply's read takes at most
+_KEEP = 0x80  # in an op: the answer in a kept segment
 _fork_epoch = [0]  # bumped before every fork: releases of older loans are dropped
 
 
@@ -198,7 +209,7 @@ class Session:
         the socket; None where the session was found closed before the request was sent
         (the ticket is untouched). Raises on a bad reply, or a session that closes once
         the request is sent (the ticket may be spent): the session is then closed."""
-        got = self._exchange(_OP_REDEEM, token, nbytes, sink, deadline)
+        got = self._exchange(_OP_REDEEM | _keep(sink), token, nbytes, sink, deadline)
         return None if got is None else got[0]
 
     def call(self, auth: bytes, method: str, request: bytes, sink: Assembler | None,
@@ -210,7 +221,7 @@ class Session:
         name = method.encode()
         body = (struct.pack("<H", len(auth)) + auth + struct.pack("<H", len(name)) + name
                 + struct.pack("<Q", len(request)) + request)
-        return self._exchange(_OP_CALL, body, None, sink, deadline)
+        return self._exchange(_OP_CALL | _keep(sink), body, None, sink, deadline)
 
     def _exchange(self, op: int, body: bytes, nbytes: int | None, sink: Assembler | None,
                   deadline: float | None) -> tuple[bool, bytes] | None:
@@ -227,7 +238,7 @@ class Session:
             _settle(sock, deadline)
             # A call's small answer comes whole with its reply in one read; a ticket's file
             # (large) is read straight into its buffer after the reply.
-            first = SHM_REPLY.size + (_FIRST_READ if op == _OP_CALL else 0)
+            first = SHM_REPLY.size + (_FIRST_READ if op & ~_KEEP == _OP_CALL else 0)
             msg, fds, _, _ = socket.recv_fds(sock, first, 1)
         except TimeoutError:
             self.close()
@@ -297,6 +308,8 @@ class Session:
                 sink.feed(part)
                 got += len(part)
             return False, b""
+        if kind == SHM_KEPT:
+            return self._kept(a, gen, size, nbytes, fd, sink)
         if kind != SHM_SEGMENT:
             raise TensorSliceError(f"same-host reply of unknown kind {kind}: refused")
         if nbytes > size:
@@ -306,15 +319,7 @@ class Session:
         if fd is not None:
             if a in self.maps:
                 raise TensorSliceError(f"same-host segment {a} passed again: refused")
-            real = os.fstat(fd).st_size
-            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-            if real != size:
-                raise TensorSliceError(
-                    f"same-host segment {a} of {real} bytes announced as {size}: refused")
-            if seals & SEGMENT_SEALS != SEGMENT_SEALS:
-                raise TensorSliceError(
-                    f"same-host segment {a} not sealed against resizing (seals {seals:#x}): "
-                    f"refused")
+            _check_segment(a, fd, size)
             self.maps[a] = _Mapping(fd, size)
         m = self.maps.get(a)
         if m is None:
@@ -331,6 +336,41 @@ class Session:
             return True, bytes(view)  # the view goes: the segment is released
         sink.adopt(view)
         return True, b""
+
+    def _kept(self, a: int, gen: int, size: int, nbytes: int, fd: int | None,
+              sink: Assembler | None) -> tuple[bool, bytes]:
+        """A kept segment: the result's tensors on a torch shared storage of it."""
+        if fd is None or sink is None or not sink.share_memory:
+            raise TensorSliceError(f"same-host kept segment {a} "
+                                   f"{'without a descriptor' if fd is None else 'not asked for'}"
+                                   f": refused")
+        if a in self.maps:
+            raise TensorSliceError(f"same-host kept segment {a} is a pooled one: refused")
+        _check_segment(a, fd, size)
+        storage = torch.UntypedStorage._new_shared_fd_cpu(fd, size)  # type: ignore[attr-defined]
+        # The storage's own object lives as long as any tensor on it (torch keeps it).
+        weakref.finalize(storage, _released, self.returned, a, gen,
+                         _fork_epoch[0]).atexit = False
+        sink.adopt_shared(storage, nbytes)
+        return True, b""
+
+
+def _keep(sink: Assembler | None) -> int:
+    return _KEEP if sink is not None and sink.share_memory else 0
+
+
+def _check_segment(seg_id: int, fd: int, size: int) -> None:
+    """A passed descriptor must be a segment of the announced size, sealed against
+    resizing (no mapping of it can fault past its end)."""
+    real = os.fstat(fd).st_size
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    if real != size:
+        raise TensorSliceError(
+            f"same-host segment {seg_id} of {real} bytes announced as {size}: refused")
+    if seals & SEGMENT_SEALS != SEGMENT_SEALS:
+        raise TensorSliceError(
+            f"same-host segment {seg_id} not sealed against resizing (seals {seals:#x}): "
+            f"refused")
 
 
 def _result_view(m: _Mapping, seg_id: int, gen: int, nbytes: int,

@@ -31,6 +31,7 @@ __all__ = [
     "SHM_BYTES",
     "SHM_ERROR",
     "SHM_HELLO",
+    "SHM_KEPT",
     "SHM_RELEASE",
     "SHM_REPLY",
     "SHM_REQUEST",
@@ -71,20 +72,21 @@ INSTANCE_BYTES = 16
 INSTANCE_KEY = "tensorslice-instance"
 """Trailing metadata beside `DATA_PORT_KEY`: the data plane's instance id, in hex."""
 SHM_REQUEST = struct.Struct("<BI")
-"""A session's request: op (1: redeem a ticket; 2: a whole call), the count of releases
-that follow (`SHM_RELEASE` each), then the ticket's 16-byte token, or the call (see
-`tensorslice.server._shm`)."""
+"""A session's request: op (1: redeem a ticket; 2: a whole call; `0x80` added: the
+answer in a kept segment), the count of releases that follow (`SHM_RELEASE` each), then
+the ticket's 16-byte token, or the call (see `tensorslice.server._shm`)."""
 SHM_RELEASE = struct.Struct("<IQ")
 """A segment the client no longer uses: its id and the generation it was lent at."""
 SHM_REPLY = struct.Struct("<BIQQQI")
 """A session's answer: kind, segment id (or status), generation, segment size, file size,
 then that many `<I` ids of segments the server dropped (the client forgets them)."""
-SHM_SEGMENT, SHM_BYTES, SHM_ERROR = 0, 1, 2
+SHM_SEGMENT, SHM_BYTES, SHM_ERROR, SHM_KEPT = 0, 1, 2, 3
 """Reply kinds: the file is in the segment (its descriptor attached the first time); the
 file follows on the socket (a small one, or no segment free); an error: the status in the
 id's place, the length of the error's class name in the segment size's place (0: none; see
 `tensorslice.core.errors.error_class_name`), then the class name and the UTF-8 message,
-together as long as the file size says."""
+together as long as the file size says; the file is in a kept segment (its descriptor
+attached; the server never writes it again, see `tensorslice.server._shm`)."""
 
 DIRECT_MAGIC = b"tensorslice/req\x01"
 """The first 16 bytes of a direct request on the data plane (in place of a ticket's token):

@@ -9,14 +9,13 @@ which the service turns into status codes.
 from __future__ import annotations
 
 import enum
-import itertools
 import json
 import math
 import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
 
 from tensorslice.core.codec import encode_chunk, split_chunk
 from tensorslice.core.errors import (
@@ -45,7 +44,7 @@ from tensorslice.server._store import (
     check_dim_names,
     check_name,
 )
-from tensorslice.server._stream import file_header, file_nbytes, frames, pieces
+from tensorslice.server._stream import WholeFile, file_header, file_nbytes, frames
 from tensorslice.server._upload import MAX_HEADER_BYTES, Upload, parse_upload_header, receive
 from tensorslice.v1 import tensorslice_pb2 as _pb
 
@@ -59,15 +58,6 @@ ANSWER_CACHE_BYTES = 16 << 20
 ANSWER_MAX_BYTES = 64 << 10
 """The largest inline answer kept."""
 
-T = TypeVar("T")
-
-
-def _holding(items: Iterator[T], keep: object) -> Iterator[T]:
-    """`items`, keeping `keep` (the entries a result reads) referenced until the last one
-    is taken or the iterator is dropped: an old version's memory stays counted, and held,
-    while a reader still reads it."""
-    yield from items
-    del keep
 
 
 class Transport(enum.Enum):
@@ -387,20 +377,19 @@ class Calls:
         try:
             # One message or a socket: no framing to bound, so large pieces (fewer sendall
             # calls).
-            body = pieces(payloads, planned.metadata, chunk_bytes=_BULK_PIECE_BYTES,
-                          slab_bytes=self.config.slab_bytes)
-            header = next(body)
-            size = len(header) + sum(p.nbytes for p in payloads)
+            file = WholeFile(payloads, planned.metadata, chunk_bytes=_BULK_PIECE_BYTES,
+                             slab_bytes=self.config.slab_bytes, keep=planned)
+            size = file.nbytes
             transport = self._transport(size, bulk_requested)
             if transport is _INLINE:
                 # A piece may be a view of a reused buffer: copy each before the next is made.
-                return encode_chunk(header, *(bytes(p) if isinstance(p, memoryview) else p
-                                              for p in body))
+                return encode_chunk(*(bytes(p) if isinstance(p, memoryview) else p
+                                      for p in file))
             if transport is _BULK:
                 assert self.bulk is not None
-                # The ticket owns what the result holds until it is sent or expires.
-                token = self.bulk.offer(_holding(itertools.chain((header,), body), planned),
-                                        size, hold.move())
+                # The ticket owns what the result holds until it is sent or expires; a
+                # same-host session has the file written straight into a segment.
+                token = self.bulk.offer(file, size, hold.move())
                 ticket = _pb.BulkTicket(port=self.bulk.port, token=token, nbytes=size,
                                         host=self.bulk.advertised_host,
                                         instance=self.bulk.instance)
@@ -409,20 +398,19 @@ class Calls:
         finally:
             hold.release()  # nothing left once a ticket took it
 
-    def whole_file(self, planned: Planned) -> tuple[Iterator[bytes | memoryview], int, Hold]:
-        """A direct request's answer (`BulkServer`): the whole file as pieces, its size, and
-        the memory it holds until sent (the caller releases it)."""
+    def whole_file(self, planned: Planned) -> tuple[WholeFile, int, Hold]:
+        """A direct request's answer (`BulkServer`): the whole file (its pieces, or written
+        into a same-host segment), its size, and the memory it holds until sent (the caller
+        releases it)."""
         hold = self.budget.hold()
         payloads = planned.execute(hold, self.config.slab_bytes)
         try:
-            body = pieces(payloads, planned.metadata, chunk_bytes=_BULK_PIECE_BYTES,
-                          slab_bytes=self.config.slab_bytes)
-            header = next(body)
+            file = WholeFile(payloads, planned.metadata, chunk_bytes=_BULK_PIECE_BYTES,
+                             slab_bytes=self.config.slab_bytes, keep=planned)
         except BaseException:
             hold.release()
             raise
-        size = len(header) + sum(p.nbytes for p in payloads)
-        return _holding(itertools.chain((header,), body), planned), size, hold
+        return file, file.nbytes, hold
 
     # ------------------------------------------------------------------ writes
     def _writable(self) -> None:

@@ -196,11 +196,12 @@ class TensorSliceService:
                 many = method in ("SliceMany", "FetchMany")
                 planned = (self.calls.planned_many(request) if many
                            else self.calls.planned(request))
-                body, size, hold = self.calls.whole_file(planned)
+                file, size, hold = self.calls.whole_file(planned)
+                body: Iterable[bytes | memoryview] = file  # written into a segment, or sent
                 if kept is not None and size <= min(self.calls.answers.max_answer,
                                                     self.config.unary_max_bytes):
                     try:  # kept for the next call of the same bytes, gRPC's or a direct one
-                        frame = encode_chunk(*[bytes(p) for p in body])
+                        frame = encode_chunk(*[bytes(p) for p in file])
                     finally:
                         hold.release()
                     self.calls.answers.put(kept, data, planned, frame)

@@ -23,6 +23,16 @@ Guarantees:
   sessions of a server (`ShmBudget`). A request that finds no free segment that fits, and
   no room for a new one once the session's free segments are dropped, is answered with the
   file on the socket instead (counted as a fallback): slower, never refused.
+- Kept segments (a request's op with `KEEP` set, what a DataLoader worker asks for: its
+  batch goes on to another process, which may hold it for as long as it likes): the file
+  is written into a fresh segment, passed with its descriptor and never written again nor
+  reused; the server unmaps and closes it at once (answered `SHM_KEPT`), so its memory
+  goes back to the system when the last process that maps it unmaps it. A kept segment
+  still counts against the session's `max_segments` and the budget's bytes until the
+  client releases it (its id and generation, once its results are gone in the client's
+  process) or the session closes: that bounds the segments one session has in hand,
+  not how long the processes it passes them on to keep them. Where the bounds leave no
+  room, the file goes into a pooled segment as for any request (or on the socket).
 - A session's pool is freed when its connection closes: the client closes it, exits or is
   killed (`kill -9`), the server stops, or it stays idle for `idle_timeout` seconds. What a
   client still has mapped stays valid (its mappings keep the memory) and goes back to the
@@ -52,15 +62,17 @@ from tensorslice.core.codec import (
     SEGMENT_SEALS,
     SHM_BYTES,
     SHM_ERROR,
+    SHM_KEPT,
     SHM_RELEASE,
     SHM_REPLY,
     SHM_REQUEST,
     SHM_SEGMENT,
 )
 from tensorslice.core.errors import InvalidSelection, Status, TensorSliceError, error_class_name
+from tensorslice.server._stream import WholeFile
 
-__all__ = ["INLINE_BYTES", "MAX_CALL_BYTES", "MAX_RELEASES", "Caller", "SegmentPool",
-           "ShmBudget", "ShmSession", "default_shm_bytes", "peer_uid"]
+__all__ = ["INLINE_BYTES", "KEEP", "MAX_CALL_BYTES", "MAX_RELEASES", "Caller",
+           "SegmentPool", "ShmBudget", "ShmSession", "default_shm_bytes", "peer_uid"]
 
 log = logging.getLogger("tensorslice.server")
 
@@ -72,6 +84,9 @@ mapping, a release later) costs more than copying the bytes twice."""
 """Most releases one request may carry (a client never has more segments lent)."""
 _GRAIN = 64 << 10  # segment sizes are multiples of this
 _OP_REDEEM, _OP_CALL = 1, 2
+KEEP = 0x80
+"""Set in a request's op: the answer goes into a kept segment (see the guarantees)."""
+_KEPT_GEN = 1  # the one generation a kept segment is lent at
 MAX_CALL_BYTES = 256 << 20
 """Largest serialized request of a call over a session (as a direct request's)."""
 _CALL_BYTES_PER_SECOND = 64 << 20  # request bytes a call's deadline grants
@@ -85,6 +100,7 @@ _libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
                        ctypes.c_int, ctypes.c_long)
 _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_POPULATE = 0x8000  # Linux: fault every page in at once
 
 Pieces = Iterable[bytes | memoryview]
 Redeemed = tuple[Pieces, int, Callable[[], None]]
@@ -123,6 +139,7 @@ class ShmBudget:
         self.segments = 0
         self.sessions = 0
         self.lent = 0  # results delivered in segments
+        self.kept = 0  # of which in kept segments
         self.fallbacks = 0  # results sent on the socket: no segment free and no room
         self.inline = 0  # small answers sent on the socket (`INLINE_BYTES`)
         self.stale = 0  # releases of a segment not lent at that generation
@@ -159,7 +176,7 @@ class ShmBudget:
 class _Segment:
     __slots__ = ("addr", "fd", "gen", "id", "lent", "map", "size")
 
-    def __init__(self, seg_id: int, size: int) -> None:
+    def __init__(self, seg_id: int, size: int, populate: bool = False) -> None:
         self.id = seg_id
         self.size = size
         self.gen = 0
@@ -169,8 +186,9 @@ class _Segment:
             os.ftruncate(self.fd, size)
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, SEGMENT_SEALS)
             # libc's mmap, not Python's: that one keeps a duplicate descriptor per mapping
-            addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
-                              self.fd, 0)
+            # A fresh segment to be written whole: its pages faulted in at once (populate).
+            addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                              mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0), self.fd, 0)
             if addr is None or addr == _MAP_FAILED:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
@@ -194,16 +212,28 @@ class SegmentPool:
         self._segments: dict[int, _Segment] = {}
         self._next_id = 1
         self._forgotten: list[int] = []
+        self._kept: dict[int, int] = {}  # kept segments not released yet: id -> size
 
     @property
     def nbytes(self) -> int:
-        return sum(s.size for s in self._segments.values())
+        """Bytes of the segments the session holds (kept ones until released)."""
+        return sum(s.size for s in self._segments.values()) + sum(self._kept.values())
 
     def __len__(self) -> int:
-        return len(self._segments)
+        return len(self._segments) + len(self._kept)
+
+    @property
+    def kept(self) -> int:
+        """Kept segments not released yet."""
+        return len(self._kept)
 
     def release(self, seg_id: int, gen: int) -> bool:
         """Free segment `seg_id` lent at `gen`; False (nothing changes) for any other."""
+        size = self._kept.get(seg_id)
+        if size is not None and gen == _KEPT_GEN:
+            del self._kept[seg_id]
+            self.budget.give(size)
+            return True
         seg = self._segments.get(seg_id)
         if seg is None or not seg.lent or seg.gen != gen:
             self.budget.count("stale")
@@ -221,22 +251,45 @@ class SegmentPool:
                 best = seg
         if best is not None:
             return best, False
+        new = self._new(nbytes, populate=False)
+        if new is None:
+            return None
+        self._segments[new.id] = new
+        return new, True
+
+    def keep(self, nbytes: int) -> _Segment | None:
+        """A fresh segment for a file of `nbytes` that is kept (see the module's
+        guarantees): the caller writes it, calls `kept_out` and closes it once it is passed on.
+        None where the bounds leave no room."""
+        return self._new(nbytes, populate=True)
+
+    def kept_out(self, seg: _Segment) -> None:
+        """`seg` (from `keep`) is the client's now: counted until released, never written."""
+        self._kept[seg.id] = seg.size
+
+    def _new(self, nbytes: int, populate: bool) -> _Segment | None:
+        """A new segment (counted in the budget), once free segments are dropped to make
+        room if need be; None where the bounds leave none."""
         size = max(-(-nbytes // _GRAIN) * _GRAIN, _GRAIN)
         free = sorted((s for s in self._segments.values() if not s.lent),
                       key=lambda s: -s.size)
-        while len(self._segments) >= self.budget.max_segments or not self.budget.take(size):
+        while len(self) >= self.budget.max_segments or not self.budget.take(size):
             if not free:
                 return None
             self._drop(free.pop(0))
         try:
-            seg = _Segment(self._next_id, size)
+            seg = _Segment(self._next_id, size, populate)
         except OSError as exc:
             self.budget.give(size)
             log.warning("cannot create a same-host segment of %d bytes: %s", size, exc)
             return None
         self._next_id += 1
-        self._segments[seg.id] = seg
-        return seg, True
+        return seg
+
+    def discard(self, seg: _Segment) -> None:
+        """Close a segment from `keep` that was never passed on (its bytes come back)."""
+        seg.close()
+        self.budget.give(seg.size)
 
     @staticmethod
     def lend(seg: _Segment) -> int:
@@ -260,6 +313,9 @@ class SegmentPool:
         for seg in list(self._segments.values()):
             self._drop(seg)
         self._forgotten.clear()
+        for size in self._kept.values():
+            self.budget.give(size)
+        self._kept.clear()
 
 
 class ShmSession:
@@ -308,6 +364,8 @@ class ShmSession:
         deadline = time.monotonic() + self._request_timeout
         reader = _Reader(sock, first, deadline)
         op, count = SHM_REQUEST.unpack(reader.take(SHM_REQUEST.size))
+        keep = bool(op & KEEP)
+        op &= ~KEEP
         if op not in (_OP_REDEEM, _OP_CALL) or count > MAX_RELEASES or (
                 op == _OP_CALL and self._call is None):
             log.info("same-host session closed: bad request (op %d, %d releases)", op, count)
@@ -316,7 +374,7 @@ class ShmSession:
         for seg_id, gen in SHM_RELEASE.iter_unpack(releases):
             self.pool.release(seg_id, gen)
         if op == _OP_CALL:
-            return self._serve_call(reader)
+            return self._serve_call(reader, keep)
         token = reader.take(_TOKEN_BYTES)
         self._busy(True)
         try:
@@ -328,14 +386,14 @@ class ShmSession:
                 return True
             pieces, nbytes, done = redeemed
             try:
-                self._deliver(pieces, nbytes)
+                self._deliver(pieces, nbytes, keep)
             finally:
                 done()
         finally:
             self._busy(False)
         return True
 
-    def _serve_call(self, reader: _Reader) -> bool:
+    def _serve_call(self, reader: _Reader, keep: bool) -> bool:
         (n,) = struct.unpack("<H", reader.take(2))
         auth = reader.take(n)
         (n,) = struct.unpack("<H", reader.take(2))
@@ -360,7 +418,7 @@ class ShmSession:
                             Status.INTERNAL)
                 return True
             try:
-                self._deliver(pieces, nbytes)
+                self._deliver(pieces, nbytes, keep)
             finally:
                 done()
         finally:
@@ -373,7 +431,7 @@ class ShmSession:
         self._reply(SHM_ERROR, (status or exc.status).value, 0, len(name),
                     name + exc.message.encode("utf-8", "replace")[:4096])
 
-    def _deliver(self, pieces: Pieces, nbytes: int) -> None:
+    def _deliver(self, pieces: Pieces, nbytes: int, keep: bool = False) -> None:
         if nbytes <= INLINE_BYTES:
             # Each piece copied as it comes (a piece may be a view of a reused buffer).
             body = b"".join([bytes(p) for p in pieces])
@@ -383,6 +441,26 @@ class ShmSession:
             self._reply(SHM_BYTES, 0, 0, 0, body)
             self._sent(nbytes, False)
             return
+        if keep:
+            kept = self.pool.keep(nbytes)
+            if kept is not None:
+                try:
+                    _write(kept, pieces, nbytes)
+                except BaseException:
+                    self.pool.discard(kept)
+                    raise
+                # Counted as the client's from here: a failed reply closes the session,
+                # which gives it back.
+                self.pool.kept_out(kept)
+                try:
+                    self.pool.budget.count("lent")
+                    self.pool.budget.count("kept")
+                    self._reply(SHM_KEPT, kept.id, _KEPT_GEN, kept.size, b"", nbytes=nbytes,
+                                fd=kept.fd)
+                finally:
+                    kept.close()  # never written again: the client's mappings keep it
+                self._sent(nbytes, True)
+                return
         found = self.pool.find(nbytes)
         if found is None:
             self.pool.budget.count("fallbacks")
@@ -398,16 +476,7 @@ class ShmSession:
             self._sent(nbytes, False)
             return
         seg, new = found
-        written = 0
-        for piece in pieces:
-            view = memoryview(piece).cast("B")
-            end = written + len(view)
-            if end > nbytes:
-                raise RuntimeError(f"pieces exceed the {nbytes}-byte file")
-            seg.map[written:end] = view
-            written = end
-        if written != nbytes:
-            raise RuntimeError(f"wrote {written} of {nbytes} bytes")
+        _write(seg, pieces, nbytes)
         gen = self.pool.lend(seg)
         self.pool.budget.count("lent")
         self._reply(SHM_SEGMENT, seg.id, gen, seg.size, b"", nbytes=nbytes,
@@ -450,6 +519,24 @@ class _Reader:
         self.pos = len(self.buf)
         return out + _recv_exact(self.sock, n - len(out),
                                  self.deadline if deadline is None else deadline)
+
+
+def _write(seg: _Segment, pieces: Pieces, nbytes: int) -> None:
+    """The file into `seg`: written in place where it can be (a `WholeFile`: a gather's
+    rows land there, no second pass), else piece by piece."""
+    if isinstance(pieces, WholeFile):
+        pieces.write_into(seg.map[:nbytes])
+        return
+    written = 0
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        end = written + len(view)
+        if end > nbytes:
+            raise RuntimeError(f"pieces exceed the {nbytes}-byte file")
+        seg.map[written:end] = view
+        written = end
+    if written != nbytes:
+        raise RuntimeError(f"wrote {written} of {nbytes} bytes")
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:

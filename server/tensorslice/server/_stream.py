@@ -1,5 +1,6 @@
-"""A result's payloads as one safetensors file: raw pieces (for the bulk data plane) or
-`SliceChunk` frames (for the gRPC stream)."""
+"""A result's payloads as one safetensors file: raw pieces (for the bulk data plane), the
+whole file written into the caller's memory (a same-host segment), or `SliceChunk` frames
+(for the gRPC stream)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from tensorslice.core.codec import encode_chunk, safetensors_header
 from tensorslice.server._payload import DEFAULT_POOL, BufferPool, Payload
 from tensorslice.server._staging import host_chunks
 
-__all__ = ["CHUNK_BYTES", "SLAB_BYTES", "file_header", "file_nbytes", "frames", "pieces"]
+__all__ = ["CHUNK_BYTES", "SLAB_BYTES", "WholeFile", "file_header", "file_nbytes", "frames",
+           "pieces"]
 
 CHUNK_BYTES = 2 << 20
 """Payload bytes per `SliceChunk` (see README, "Transport")."""
@@ -70,10 +72,54 @@ def pieces(
 ) -> Iterator[bytes | memoryview]:
     """The bytes of the file, in order: the header, then each tensor's bytes read from its
     own memory (or a reused slab buffer). A memoryview is valid until the next piece."""
-    ordered = _ordered(payloads)
-    yield _header(ordered, metadata)
-    for p in ordered:
-        yield from host_chunks(p.slabs(slab_bytes, pool), chunk_bytes)
+    return iter(WholeFile(payloads, metadata, chunk_bytes=chunk_bytes, slab_bytes=slab_bytes,
+                          pool=pool))
+
+
+class WholeFile:
+    """A result's file, produced on demand one of two ways: iterated, its pieces in order
+    (the header, then each tensor's bytes from its own memory or a reused slab buffer; a
+    memoryview is valid until the next piece), for a socket; or `write_into` memory the
+    caller gives, where a gather writes its rows straight in (no slab buffer, no second
+    pass). `nbytes` is known before any data moves. `keep` is held as long as the file is
+    (what its payloads read: a planned result's versions)."""
+
+    def __init__(self, payloads: Sequence[Payload], metadata: Mapping[str, str], *,
+                 chunk_bytes: int = CHUNK_BYTES, slab_bytes: int = SLAB_BYTES,
+                 pool: BufferPool = DEFAULT_POOL, keep: object = None) -> None:
+        self._ordered = _ordered(payloads)
+        self.header = _header(self._ordered, metadata)
+        self.nbytes = len(self.header) + sum(p.nbytes for p in self._ordered)
+        self._chunk_bytes = chunk_bytes
+        self._slab_bytes = slab_bytes
+        self._pool = pool
+        self._keep = keep
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        yield self.header
+        for p in self._ordered:
+            yield from host_chunks(p.slabs(self._slab_bytes, self._pool), self._chunk_bytes)
+
+    def write_into(self, out: memoryview) -> None:
+        """Write the whole file at the start of `out` (writable, at least `nbytes`, 8-byte
+        aligned so that every tensor's data is aligned for its dtype)."""
+        if len(out) < self.nbytes:
+            raise ValueError(f"a {len(out)}-byte buffer cannot hold a {self.nbytes}-byte file")
+        head = len(self.header)
+        out[:head] = self.header
+        dest = torch.frombuffer(out, dtype=torch.uint8, count=self.nbytes)
+        at = head
+        for p in self._ordered:
+            start, end = at, at + p.nbytes
+            if not p.write_into(dest[start:end], self._slab_bytes, self._pool):
+                for piece in host_chunks(p.slabs(self._slab_bytes, self._pool),
+                                         self._chunk_bytes):
+                    out[at : at + len(piece)] = piece
+                    at += len(piece)
+                if at != end:
+                    raise RuntimeError(f"tensor {p.name!r} gave {at - start} of {p.nbytes} "
+                                       f"bytes")
+            at = end
 
 
 def frames(

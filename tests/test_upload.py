@@ -391,6 +391,38 @@ def test_bad_uploads_store_nothing(srv: tuple[str, TensorStore], data: bytes,
 
 
 @pytest.mark.e2e
+def test_a_refused_small_upload_is_read_to_its_end_before_the_refusal(
+        srv: tuple[str, TensorStore]) -> None:
+    """A put of an existing name is refused after its first message, but the server reads
+    the rest of a small upload first: the refusal never races the client's next write (an
+    asyncio client would report that lost race as INTERNAL, not ALREADY_EXISTS)."""
+    import time
+
+    address, _ = srv
+    with Client(address, timeout=30) as c:
+        c.put("a", torch.ones(4))
+    data = _file(torch.zeros(1 << 10))
+    pulled = []
+
+    def messages() -> Iterator[pb.UploadChunk]:
+        yield pb.UploadChunk(name="a")  # refused here: the name exists
+        for i in range(0, len(data), 1024):
+            time.sleep(0.1)  # the refusal, were it sent now, would arrive before this
+            pulled.append(i)
+            yield pb.UploadChunk(data=data[i : i + 1024])
+
+    with grpc.insecure_channel(address) as ch:
+        call = ch.stream_unary(SERVICE + "Put",
+                               request_serializer=pb.UploadChunk.SerializeToString,
+                               response_deserializer=pb.TensorInfo.FromString)
+        with pytest.raises(grpc.RpcError) as exc:
+            call(messages(), timeout=30)
+    code, details = _status(exc)
+    assert code == grpc.StatusCode.ALREADY_EXISTS, details
+    assert len(pulled) == len(range(0, len(data), 1024))  # every message was sent
+
+
+@pytest.mark.e2e
 def test_upload_cut_off_mid_stream_stores_nothing(srv: tuple[str, TensorStore]) -> None:
     address, store = srv
     data = _file(torch.randn(1 << 18))

@@ -78,6 +78,7 @@ def plan_to_proto(p: Plan) -> _pb.SlicePlan:
 
 
 _MESSAGE_CHARS = 1000  # an error message never echoes more than this back
+_DRAIN_BYTES = 8 << 20  # what is left of a refused upload read before its refusal is sent
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
@@ -488,17 +489,36 @@ def _upload(
     """A client-streaming handler (an upload), counted against `max_calls`."""
 
     def handler(request_iterator: Any, context: grpc.ServicerContext) -> T:
+        requests = _requests(request_iterator, context, watchdog)
         try:
             gate.enter()
             try:
-                return fn(_requests(request_iterator, context, watchdog), context)
+                return fn(requests, context)
             finally:
                 gate.leave()
         except Exception as exc:
+            if isinstance(exc, TensorSliceError) and not isinstance(exc, ServerUnavailable):
+                _drain(requests)
             _abort(context, exc)
             raise  # unreachable: abort raises
 
     return handler
+
+
+def _drain(requests: Iterator[Any]) -> None:
+    """Read what is left of a refused upload, up to `_DRAIN_BYTES`, before the refusal is
+    sent: a client still writing when the status comes may lose the status to its failed
+    write (grpc.aio reports INTERNAL, "Internal error from Core", in place of the server's
+    code), so a small upload is read to its end first; a larger one is refused where it
+    stands. A client that stops sending is cut off by the stream watchdog as in any upload."""
+    drained = 0
+    try:
+        for message in requests:
+            drained += message.ByteSize()
+            if drained > _DRAIN_BYTES:
+                return
+    except Exception:  # the stream broke or was cut off: nothing more to wait for
+        return
 
 
 def _once(fn: Callable[[], object]) -> Callable[[], None]:

@@ -143,6 +143,7 @@ class ShmBudget:
         self.fallbacks = 0  # results sent on the socket: no segment free and no room
         self.inline = 0  # small answers sent on the socket (`INLINE_BYTES`)
         self.stale = 0  # releases of a segment not lent at that generation
+        self.broken = 0  # sessions closed for a bad or incomplete request, or a failed send
 
     def take(self, n: int) -> bool:
         with self._lock:
@@ -346,6 +347,9 @@ class ShmSession:
         try:
             while self._serve_one():
                 pass
+        except BaseException:
+            self.pool.budget.count("broken")
+            raise
         finally:
             self.pool.close()
 
@@ -369,6 +373,7 @@ class ShmSession:
         if op not in (_OP_REDEEM, _OP_CALL) or count > MAX_RELEASES or (
                 op == _OP_CALL and self._call is None):
             log.info("same-host session closed: bad request (op %d, %d releases)", op, count)
+            self.pool.budget.count("broken")
             return False
         releases = reader.take(count * SHM_RELEASE.size)
         for seg_id, gen in SHM_RELEASE.iter_unpack(releases):
@@ -402,6 +407,8 @@ class ShmSession:
         if n > MAX_CALL_BYTES:
             self._error(InvalidSelection(
                 f"request of {n} bytes exceeds the limit of {MAX_CALL_BYTES} bytes"))
+            log.info("same-host session closed: a call of %d bytes", n)
+            self.pool.budget.count("broken")
             return False  # the request's bytes are not read: the session cannot go on
         request = reader.take(n, reader.deadline + n / _CALL_BYTES_PER_SECOND)
         assert self._call is not None

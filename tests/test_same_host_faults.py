@@ -5,6 +5,7 @@ and restarted servers, and clients that cannot reach the session socket."""
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import hashlib
 import logging
@@ -14,6 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -21,14 +23,17 @@ import pytest
 import torch
 from _output import OutputLines
 
-from tensorslice.client import Client
+from tensorslice.client import Client, ServerUnavailable, TensorSliceError
 from tensorslice.core.codec import (
+    SEGMENT_SEALS,
     SESSION_MAGIC,
+    SHM_BYTES,
     SHM_ERROR,
     SHM_HELLO,
     SHM_RELEASE,
     SHM_REPLY,
     SHM_REQUEST,
+    SHM_SEGMENT,
     same_host_socket,
 )
 from tensorslice.core.errors import Status
@@ -36,7 +41,7 @@ from tensorslice.server import ServerConfig, TensorStore, create_server
 from tensorslice.server._shm import MAX_CALL_BYTES, MAX_RELEASES
 
 X = torch.randn(64, 32, 16, 16, generator=torch.Generator().manual_seed(13))  # 2 MiB
-ROW = X[0].numel() * 4  # 32 KiB a row
+ROWS = [3, 2, 1] * 12  # 36 rows of 32 KiB
 
 
 def _server(port: int = 0, **config: object) -> tuple[object, str]:
@@ -418,5 +423,373 @@ def test_a_client_killed_mid_transfer_leaves_nothing_on_the_server() -> None:
         assert _rss_shmem() <= shared_before + 1024
         with Client(address, timeout=30) as c:  # and it serves on
             assert c.tensor("x")[0:40].equal(X[0:40]) and c.last_transport == "shared_memory"
+    finally:
+        _stop(srv)
+
+
+# ------------------------------------------------------------------------ replies that do not fit
+
+
+def _reply(conn: socket.socket, kind: int, seg: int, gen: int, size: int, nbytes: int,
+           fd: int | None = None, forgotten: int = 0) -> None:
+    head = SHM_REPLY.pack(kind, seg, gen, size, nbytes, forgotten)
+    if fd is None:
+        conn.sendall(head)
+    else:
+        socket.send_fds(conn, [head], [fd])
+
+
+def _memfd(data: bytes, size: int) -> int:
+    fd = os.memfd_create("impostor", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    os.pwrite(fd, data, 0)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEGMENT_SEALS)
+    return fd
+
+
+def _grain(n: int) -> int:
+    return -(-n // (64 << 10)) * (64 << 10)
+
+
+Step = Callable[[socket.socket, bytes], None]
+
+
+def _good(seg: int, gen: int) -> Step:
+    """Lend the file in a new sealed segment `seg` at `gen`, as a server would."""
+    def step(conn: socket.socket, data: bytes) -> None:
+        fd = _memfd(data, _grain(len(data)))
+        try:
+            _reply(conn, SHM_SEGMENT, seg, gen, _grain(len(data)), len(data), fd)
+        finally:
+            os.close(fd)
+    return step
+
+
+def _again(seg: int, gen: int) -> Step:
+    """Name segment `seg` at `gen` again, with no descriptor (its content rewritten)."""
+    return lambda conn, data: _reply(conn, SHM_SEGMENT, seg, gen, _grain(len(data)),
+                                     len(data))
+
+
+def _with_fd(kind: int, make: Callable[[bytes], int], size: Callable[[bytes], int],
+             nbytes: Callable[[bytes], int] = len) -> Step:
+    def step(conn: socket.socket, data: bytes) -> None:
+        fd = make(data)
+        try:
+            _reply(conn, kind, 1, 1, size(data), nbytes(data), fd)
+        finally:
+            os.close(fd)
+    return step
+
+
+def _plain_file(data: bytes) -> int:
+    fd = os.open("/tmp", os.O_TMPFILE | os.O_RDWR)
+    os.ftruncate(fd, _grain(len(data)))
+    os.pwrite(fd, data, 0)
+    return fd
+
+
+def _pipe(data: bytes) -> int:
+    r, w = os.pipe()
+    os.close(w)
+    return r
+
+
+def _cut_short(conn: socket.socket, data: bytes) -> None:
+    _reply(conn, SHM_BYTES, 0, 0, 0, len(data))
+    conn.sendall(data[: len(data) // 2])
+    conn.shutdown(socket.SHUT_RDWR)
+
+
+# name: (the first result is kept, what the impostor answers to each request, the error)
+REPLIES: dict[str, tuple[bool, list[Step], str]] = {
+    "a segment still lent": (True, [_good(1, 1), _again(1, 2)],
+                             r"segment 1 .* is still in use or stale here"),
+    "an older generation": (False, [_good(1, 5), _again(1, 5)],
+                            r"segment 1 \(generation 5.* stale here \(generation 5"),
+    "a segment passed again": (False, [_good(1, 1), _good(1, 2)], r"segment 1 passed again"),
+    "another file size": (False, [_with_fd(SHM_SEGMENT, lambda d: _memfd(d, _grain(len(d))),
+                                           lambda d: _grain(len(d)), lambda d: len(d) + 1)],
+                          r"reply announces \d+ bytes, the ticket \d+"),
+    "a file beyond its segment": (False, [_with_fd(SHM_SEGMENT, lambda d: _memfd(b"", 1 << 16),
+                                                   lambda d: 1 << 16)],
+                                  r"segment 1 of 65536 bytes cannot hold a \d+-byte file"),
+    "a plain file": (False, [_with_fd(SHM_SEGMENT, _plain_file, lambda d: _grain(len(d)))],
+                     r"segment 1 is not a sealable memory file"),
+    "a pipe": (False, [_with_fd(SHM_SEGMENT, _pipe, lambda d: _grain(len(d)))],
+               r"segment 1 of 0 bytes announced as"),
+    "bytes with a descriptor": (False, [_with_fd(SHM_BYTES, lambda d: _memfd(d, 1 << 16),
+                                                 lambda d: 0)],
+                                r"reply passes a descriptor it does not use"),
+    "an unknown kind": (False, [lambda c, d: _reply(c, 9, 1, 1, 1 << 16, len(d))],
+                        r"reply of unknown kind 9"),
+    "millions forgotten": (False, [lambda c, d: _reply(c, SHM_SEGMENT, 1, 1, 1 << 16, len(d),
+                                                       forgotten=1 << 24)],
+                           r"reply forgets 16777216 segments"),
+}
+
+
+class _Impostor:
+    """A listener at the same-host name of a server that offers no sessions: it redeems
+    each request's ticket over TCP and answers as `script` says, one step a request."""
+
+    def __init__(self, port: int, script: list[Step]) -> None:
+        self.port = port
+        self.script = script
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(same_host_socket(port))
+        self.listener.listen(4)
+        self.listener.settimeout(30)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                conn, _ = self.listener.accept()
+                with conn:
+                    conn.settimeout(30)
+                    self._session(conn)
+        except OSError:
+            return
+
+    def _session(self, conn: socket.socket) -> None:
+        if conn.recv(16, socket.MSG_WAITALL) != SESSION_MAGIC:
+            return
+        conn.sendall(SHM_HELLO)
+        for step in self.script:
+            head = conn.recv(SHM_REQUEST.size, socket.MSG_WAITALL)
+            if len(head) < SHM_REQUEST.size:
+                return
+            _, count = SHM_REQUEST.unpack(head)
+            conn.recv(count * SHM_RELEASE.size, socket.MSG_WAITALL)
+            token = conn.recv(16, socket.MSG_WAITALL)
+            data = b""
+            with socket.create_connection(("127.0.0.1", self.port), timeout=30) as tcp:
+                tcp.sendall(token)
+                while part := tcp.recv(1 << 20):
+                    data += part
+            step(conn, data)
+        conn.recv(1)  # until the client closes
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes its accept (Linux)
+        self.listener.close()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+
+
+def _impostor_fds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:impostor")
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", list(REPLIES), ids=list(REPLIES))
+def test_a_reply_that_does_not_fit_is_refused_never_used(case: str) -> None:
+    keep, script, why = REPLIES[case]
+    srv, address = _server(same_host=False)  # its name is free: the impostor takes it
+    impostor = _Impostor(srv.bulk.port, script)  # type: ignore[attr-defined]
+    try:
+        with Client(address, timeout=30) as c:
+            first = [c.tensor("x")[0:40]] if len(script) == 2 else []
+            assert all(t.equal(X[0:40]) for t in first)
+            assert c.transports["shared_memory"] == len(first)
+            if not keep:
+                first.clear()
+                gc.collect()
+            with pytest.raises(TensorSliceError, match=f"same-host {why}.*: refused"):
+                c.tensor("x")[1:41]
+            assert all(t.equal(X[0:40]) for t in first)  # its segment never rewritten
+            first.clear()
+    finally:
+        impostor.close()
+        _stop(srv)
+    gc.collect()
+    assert _impostor_fds() == 0  # the client closed every descriptor it was passed
+
+
+@pytest.mark.e2e
+def test_a_reply_cut_short_raises_and_never_gives_a_short_result() -> None:
+    srv, address = _server(same_host=False)
+    impostor = _Impostor(srv.bulk.port, [_cut_short])  # type: ignore[attr-defined]
+    try:
+        with Client(address, timeout=30) as c, pytest.raises(
+                ServerUnavailable, match=r"same-host .*closed by the server after \d+ of"):
+            c.tensor("x")[0:40]
+    finally:
+        impostor.close()
+        _stop(srv)
+
+
+# ------------------------------------------------------------------------ a server process
+
+
+def _serve(path: str, *args: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tensorslice.server._cli", "serve", "--tensor", f"x={path}", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        return proc, OutputLines(proc).wait_for(r"serving 1 tensor\(s\) on (\S+)", 120)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def _first_answer(call: Callable[[], torch.Tensor], seconds: float = 60) -> torch.Tensor:
+    """`call`'s answer once the client's channel has reconnected (after a failed call gRPC
+    waits a backoff's time before it tries the address again)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except ServerUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _segment_fds(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(
+                "/memfd:tensorslice-segment")
+        except OSError:
+            pass
+    return count
+
+
+def _maps(pid: int, name: str) -> list[str]:
+    """The mappings of a process whose file's name contains `name`."""
+    with open(f"/proc/{pid}/maps") as f:
+        return [line for line in f if name in line]
+
+
+def _dev_shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.mark.e2e
+def test_a_server_process_killed_and_restarted_under_held_results(tmp_path: object) -> None:
+    from safetensors.torch import save_file
+
+    path = f"{tmp_path}/x.safetensors"
+    save_file({"x": X}, path)
+    named_before = _dev_shm()
+    first, address = _serve(path, "--port", "0", "--ticket-timeout", "1")
+    procs = [first]
+    try:
+        shared_before = _rss_shmem(first.pid)
+        # a client killed mid-transfer, holding results: the server's pool goes
+        child = subprocess.Popen([sys.executable, "-c", _FETCHER, address],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert int(OutputLines(child).wait_for(r"fetched (\d+)")) >= 8
+            assert _segment_fds(first.pid) >= 4
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=30)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert _until(lambda: _segment_fds(first.pid) == 0, 30)
+        assert _until(lambda: _rss_shmem(first.pid) <= shared_before + 1024, 30)
+        with Client(address, timeout=30) as c:
+            held = c.tensor("x")[ROWS]  # over 1 MiB: not inline
+            view = c.tensor("x")[10:50][5:9]
+            assert c.transports["shared_memory"] == 2 and _segment_fds(first.pid) == 2
+            assert len(_maps(first.pid, "/memfd:tensorslice-segment")) == 2
+            # anonymous: nothing named in /dev/shm (a deleted semaphore of Python's may be)
+            assert not [m for m in _maps(first.pid, "/dev/shm/") if "(deleted)" not in m]
+            port = address.rsplit(":", 1)[1]
+            bulk_port = c._data_port
+            assert bulk_port is not None
+            first.kill()  # kill -9 while this client maps two of its segments
+            first.wait(timeout=30)
+            assert held.equal(X[ROWS]) and view.equal(X[15:19])
+            with pytest.raises(ServerUnavailable):
+                c.tensor("x")[0:40]
+            second, _ = _serve(path, "--port", port, "--bulk-port", str(bulk_port))
+            procs.append(second)
+            got = _first_answer(lambda: c.tensor("x")[0:40])  # a new session, new server
+            assert got.equal(X[0:40]) and c.last_transport == "shared_memory"
+            assert c.transports["shared_memory"] == 3 and _segment_fds(second.pid) == 1
+            assert held.equal(X[ROWS]) and view.equal(X[15:19])
+            del got
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=120) == 0
+            assert held.equal(X[ROWS]) and view.equal(X[15:19])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert not _dev_shm() - named_before  # the servers named nothing there
+
+
+# ------------------------------------------------------------------------ other namespaces
+
+
+_REMOTE_CLIENT = """
+import hashlib, sys
+from tensorslice.client import Client
+with Client(sys.argv[1], timeout=30) as c:
+    t = c.tensor("x")[0:40]
+    print("result", c.last_transport, c._shm.available,
+          hashlib.sha256(t.numpy().tobytes()).hexdigest(), flush=True)
+"""
+
+
+def _namespaced(cmd: list[str], address: str) -> list[str]:
+    """Run the client above under `cmd` (an `unshare` command line); its answer."""
+    out = subprocess.run([*cmd, sys.executable, "-c", _REMOTE_CLIENT, address],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split("result ", 1)[1].split()
+
+
+def _can_unshare(*flags: str) -> bool:
+    try:
+        return subprocess.run(["unshare", *flags, "true"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+EXPECTED = hashlib.sha256(X[0:40].numpy().tobytes()).hexdigest()
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not _can_unshare("--net"), reason="needs `unshare --net` (root)")
+def test_a_client_in_another_network_namespace_falls_back_by_itself(tmp_path: object) -> None:
+    path = f"{tmp_path}/grpc.sock"
+    srv, _ = _server(unix_socket=path)
+    try:  # gRPC reaches it over the Unix socket's path; loopback and abstract names do not
+        transport, available, digest = _namespaced(["unshare", "--net"], f"unix:{path}")
+        assert (transport, available, digest) == ("stream", "False", EXPECTED)
+        assert srv.bulk.shm.lent == 0 and srv.bulk.sessions == 0  # type: ignore[attr-defined]
+    finally:
+        _stop(srv)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not _can_unshare("--mount"), reason="needs `unshare --mount` (root)")
+def test_a_client_without_a_dev_shm_mount_still_gets_segments() -> None:
+    srv, address = _server()
+    try:  # segments are memfds: no mount is needed, only the same network namespace
+        hide = "mount -t tmpfs -o ro,size=4k none /dev/shm && exec \"$@\""
+        transport, available, digest = _namespaced(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", hide, "sh"],
+            address)
+        assert (transport, available, digest) == ("shared_memory", "True", EXPECTED)
+        assert srv.bulk.shm.lent == 1  # type: ignore[attr-defined]
     finally:
         _stop(srv)

@@ -363,10 +363,14 @@ def _check_segment(seg_id: int, fd: int, size: int) -> None:
     """A passed descriptor must be a segment of the announced size, sealed against
     resizing (no mapping of it can fault past its end)."""
     real = os.fstat(fd).st_size
-    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     if real != size:
         raise TensorSliceError(
             f"same-host segment {seg_id} of {real} bytes announced as {size}: refused")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:  # not a memfd (a file, a pipe): it cannot carry seals
+        raise TensorSliceError(
+            f"same-host segment {seg_id} is not a sealable memory file: refused") from None
     if seals & SEGMENT_SEALS != SEGMENT_SEALS:
         raise TensorSliceError(
             f"same-host segment {seg_id} not sealed against resizing (seals {seals:#x}): "

@@ -24,6 +24,7 @@ import torch
 from _output import OutputLines
 
 from tensorslice.client import Client, ServerUnavailable, TensorSliceError
+from tensorslice.core import codec
 from tensorslice.core.codec import (
     SEGMENT_SEALS,
     SESSION_MAGIC,
@@ -42,6 +43,7 @@ from tensorslice.server._shm import MAX_CALL_BYTES, MAX_RELEASES
 
 X = torch.randn(64, 32, 16, 16, generator=torch.Generator().manual_seed(13))  # 2 MiB
 ROWS = [3, 2, 1] * 12  # 36 rows of 32 KiB
+_INSTANCE = getattr(codec, "INSTANCE_BYTES", 0)  # the server's id after its greeting
 
 
 def _server(port: int = 0, **config: object) -> tuple[object, str]:
@@ -77,7 +79,8 @@ def _session(port: int) -> socket.socket:
     sock.settimeout(10)
     sock.connect(same_host_socket(port))
     sock.sendall(SESSION_MAGIC)
-    assert sock.recv(len(SHM_HELLO), socket.MSG_WAITALL) == SHM_HELLO
+    greeting = sock.recv(len(SHM_HELLO) + _INSTANCE, socket.MSG_WAITALL)
+    assert greeting[: len(SHM_HELLO)] == SHM_HELLO
     return sock
 
 
@@ -143,6 +146,23 @@ def test_anything_built_on_a_result_keeps_its_segment_lent(
         assert all(t.equal(X[i : i + 8]) for i, t in enumerate(held))
 
 
+@pytest.mark.e2e
+def test_a_session_closed_as_idle_leaves_held_results_and_is_replaced(
+    served: tuple[object, str],
+) -> None:
+    srv, address = served
+    bulk = srv.bulk  # type: ignore[attr-defined]
+    bulk.shm.idle_timeout = 0.3  # 300 s by default
+    with Client(address, timeout=30) as c:
+        held = c.tensor("x")[0:40]
+        assert c.last_transport == "shared_memory"
+        # the server closes the idle session and drops its pool, the lent segment too
+        assert _until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0)
+        assert held.equal(X[0:40])  # the client's mapping keeps the memory
+        assert c.tensor("x")[1:41].equal(X[1:41]) and c.last_transport == "shared_memory"
+        assert held.equal(X[0:40]) and bulk.shm.lent == 2 and bulk.shm.broken == 0
+
+
 # ------------------------------------------------------------------------ bounds
 
 
@@ -153,16 +173,17 @@ def test_a_session_holds_16_segments_then_results_come_on_its_socket(
     srv, address = served
     shm = srv.bulk.shm  # type: ignore[attr-defined]
     with Client(address, timeout=30) as c:
-        held = [c.tensor("x")[i : i + 2] for i in range(16)]
+        held = [c.tensor("x")[i : i + 8] for i in range(16)]
         assert c.transports["shared_memory"] == 16 and shm.segments == 16
-        more = [c.tensor("x")[i : i + 3] for i in range(3)]  # no segment free, none new
-        assert c.transports["bulk"] == 3 and shm.fallbacks == 3 and shm.segments == 16
+        more = [c.tensor("x")[i : i + 9] for i in range(3)]  # no segment free, none new
+        assert c.transports["shared_memory"] == 16 and c.last_transport != "shared_memory"
+        assert shm.fallbacks == 3 and shm.segments == 16
         assert srv.bulk.sessions == 1  # type: ignore[attr-defined]  # still the same one
-        assert all(t.equal(X[i : i + 2]) for i, t in enumerate(held))
-        assert all(t.equal(X[i : i + 3]) for i, t in enumerate(more))
+        assert all(t.equal(X[i : i + 8]) for i, t in enumerate(held))
+        assert all(t.equal(X[i : i + 9]) for i, t in enumerate(more))
         del held[0]
         gc.collect()
-        assert c.tensor("x")[40:42].equal(X[40:42])  # the released one is lent again
+        assert c.tensor("x")[40:48].equal(X[40:48])  # the released one is lent again
         assert c.last_transport == "shared_memory" and shm.segments == 16
 
 
@@ -174,17 +195,18 @@ def test_the_byte_bound_drops_free_segments_then_falls_back() -> None:
     try:
         with Client(address, timeout=30) as c, Client(address, timeout=30) as other:
             assert c.tensor("x")[:].equal(X)  # one segment of the whole budget, then free
-            session = c._shm._idle[srv.bulk.port][0]  # type: ignore[attr-defined, union-attr]
+            (idle,) = c._shm._idle.values()  # type: ignore[union-attr]
+            session = idle[0]
             (big,) = session.maps
             small = c.tensor("x")[0:8]  # too small for the free big one: it is dropped
             assert c.transports["shared_memory"] == 2 and shm.fallbacks == 0
             assert shm.segments == 1 and shm.bytes < X.nbytes
             assert big not in session.maps  # the reply said the server forgot it
             assert c.tensor("x")[:].equal(X)  # `small` is lent: no room for a whole X
-            assert c.last_transport == "bulk" and shm.fallbacks == 1
+            assert c.last_transport != "shared_memory" and shm.fallbacks == 1
             # the bound is the server's: another session finds no room either
             assert other.tensor("x")[0:60].equal(X[0:60])
-            assert other.last_transport == "bulk" and shm.fallbacks == 2
+            assert other.last_transport != "shared_memory" and shm.fallbacks == 2
             assert small.equal(X[0:8])
             del small
             gc.collect()
@@ -205,7 +227,7 @@ def test_beyond_64_sessions_a_client_falls_back_to_tcp(served: tuple[object, str
         assert _until(lambda: bulk.sessions == 64)
         with Client(address, timeout=30) as c:
             assert c.tensor("x")[0:40].equal(X[0:40])
-            assert c.transports["bulk"] == 1 and c.transports["shared_memory"] == 0
+            assert c.transports["shared_memory"] == 0
         assert bulk.sessions == 64 and bulk.shm.lent == 0
     finally:
         for s in socks:
@@ -533,11 +555,13 @@ class _Impostor:
     """A listener at the same-host name of a server that offers no sessions: it redeems
     each request's ticket over TCP and answers as `script` says, one step a request."""
 
-    def __init__(self, port: int, script: list[Step]) -> None:
-        self.port = port
+    def __init__(self, bulk: object, script: list[Step]) -> None:
+        self.port: int = bulk.port  # type: ignore[attr-defined]
+        # the instance id the server announces, where its greeting carries one
+        self.instance: bytes = getattr(bulk, "instance", b"")
         self.script = script
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(same_host_socket(port))
+        self.listener.bind(same_host_socket(self.port))
         self.listener.listen(4)
         self.listener.settimeout(30)
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -556,7 +580,7 @@ class _Impostor:
     def _session(self, conn: socket.socket) -> None:
         if conn.recv(16, socket.MSG_WAITALL) != SESSION_MAGIC:
             return
-        conn.sendall(SHM_HELLO)
+        conn.sendall(SHM_HELLO + self.instance)
         for step in self.script:
             head = conn.recv(SHM_REQUEST.size, socket.MSG_WAITALL)
             if len(head) < SHM_REQUEST.size:
@@ -594,7 +618,7 @@ def _impostor_fds() -> int:
 def test_a_reply_that_does_not_fit_is_refused_never_used(case: str) -> None:
     keep, script, why = REPLIES[case]
     srv, address = _server(same_host=False)  # its name is free: the impostor takes it
-    impostor = _Impostor(srv.bulk.port, script)  # type: ignore[attr-defined]
+    impostor = _Impostor(srv.bulk, script)  # type: ignore[attr-defined]
     try:
         with Client(address, timeout=30) as c:
             first = [c.tensor("x")[0:40]] if len(script) == 2 else []
@@ -617,7 +641,7 @@ def test_a_reply_that_does_not_fit_is_refused_never_used(case: str) -> None:
 @pytest.mark.e2e
 def test_a_reply_cut_short_raises_and_never_gives_a_short_result() -> None:
     srv, address = _server(same_host=False)
-    impostor = _Impostor(srv.bulk.port, [_cut_short])  # type: ignore[attr-defined]
+    impostor = _Impostor(srv.bulk, [_cut_short])  # type: ignore[attr-defined]
     try:
         with Client(address, timeout=30) as c, pytest.raises(
                 ServerUnavailable, match=r"same-host .*closed by the server after \d+ of"):
@@ -754,6 +778,33 @@ def _namespaced(cmd: list[str], address: str) -> list[str]:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.split("result ", 1)[1].split()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("off", ["option", "environment"])
+def test_a_client_with_same_host_off_never_opens_a_session(
+    off: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    srv, address = _server(same_host=False)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # counts who connects
+    probe.bind(same_host_socket(srv.bulk.port))  # type: ignore[attr-defined]
+    probe.listen(8)
+    probe.setblocking(False)
+    try:
+        if off == "environment":
+            monkeypatch.setenv("TENSORSLICE_SAME_HOST", "0")
+        with Client(address, timeout=30, **({"same_host": False} if off == "option"
+                                            else {})) as c:  # type: ignore[arg-type]
+            assert c.tensor("x")[0:40].equal(X[0:40]) and c.last_transport == "bulk"
+            assert [t.name for t in c.list_tensors()] == ["x"]
+        with pytest.raises(BlockingIOError):
+            probe.accept()  # nobody connected
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as knock:
+            knock.connect(same_host_socket(srv.bulk.port))  # type: ignore[attr-defined]
+            probe.accept()[0].close()  # where one does, the probe sees it
+    finally:
+        probe.close()
+        _stop(srv)
 
 
 def _can_unshare(*flags: str) -> bool:

@@ -26,6 +26,7 @@ from _output import OutputLines
 from tensorslice.client import Client, ServerUnavailable, TensorSliceError
 from tensorslice.core import codec
 from tensorslice.core.codec import (
+    DIRECT_MAGIC,
     SEGMENT_SEALS,
     SESSION_MAGIC,
     SHM_BYTES,
@@ -79,9 +80,18 @@ def _session(port: int) -> socket.socket:
     sock.settimeout(10)
     sock.connect(same_host_socket(port))
     sock.sendall(SESSION_MAGIC)
-    greeting = sock.recv(len(SHM_HELLO) + _INSTANCE, socket.MSG_WAITALL)
+    greeting = _exact(sock, len(SHM_HELLO) + _INSTANCE)
     assert greeting[: len(SHM_HELLO)] == SHM_HELLO
     return sock
+
+
+def _exact(sock: socket.socket, n: int) -> bytes:
+    """`n` bytes from `sock`, or fewer where it closes first (`MSG_WAITALL` is no help: a
+    socket with a timeout is non-blocking underneath)."""
+    out = b""
+    while len(out) < n and (part := sock.recv(n - len(out))):
+        out += part
+    return out
 
 
 def _closed_by_server(sock: socket.socket) -> bytes:
@@ -316,9 +326,9 @@ def test_thousands_of_releases_and_bad_calls_leave_a_session_open(
             releases = b"".join(SHM_RELEASE.pack(i, 7) for i in range(MAX_RELEASES))
             sock.sendall(_head(1, MAX_RELEASES) + releases + b"\0" * 16)
             kind, status, _, _, length, forgotten = SHM_REPLY.unpack(
-                sock.recv(SHM_REPLY.size, socket.MSG_WAITALL))
+                _exact(sock, SHM_REPLY.size))
             assert (kind, status, forgotten) == (SHM_ERROR, Status.UNAVAILABLE.value, 0)
-            assert b"unknown or expired" in sock.recv(length, socket.MSG_WAITALL)
+            assert b"unknown or expired" in _exact(sock, length)
         assert bulk.shm.stale == 3 * MAX_RELEASES
         for method, request, why in [
                 (b"NoSuchMethod", b"", "unknown method 'NoSuchMethod'"),
@@ -327,8 +337,8 @@ def test_thousands_of_releases_and_bad_calls_leave_a_session_open(
                 (b"Fetch", b"\xff" * 64, "malformed tensorslice.v1.SliceRequest (64 bytes)")]:
             sock.sendall(_call(method, request))
             kind, status, _, _, length, _ = SHM_REPLY.unpack(
-                sock.recv(SHM_REPLY.size, socket.MSG_WAITALL))
-            message = sock.recv(length, socket.MSG_WAITALL).decode()
+                _exact(sock, SHM_REPLY.size))
+            message = _exact(sock, length).decode()
             assert (kind, Status(status)) == (SHM_ERROR, Status.INVALID_ARGUMENT)
             assert why in message
         assert bulk.sessions == 1 and bulk.shm.broken == 0
@@ -476,12 +486,15 @@ def _grain(n: int) -> int:
 Step = Callable[[socket.socket, bytes], None]
 
 
+SEGMENT = 4 << 20  # the impostor's segments: larger than any file here
+
+
 def _good(seg: int, gen: int) -> Step:
     """Lend the file in a new sealed segment `seg` at `gen`, as a server would."""
     def step(conn: socket.socket, data: bytes) -> None:
-        fd = _memfd(data, _grain(len(data)))
+        fd = _memfd(data, SEGMENT)
         try:
-            _reply(conn, SHM_SEGMENT, seg, gen, _grain(len(data)), len(data), fd)
+            _reply(conn, SHM_SEGMENT, seg, gen, SEGMENT, len(data), fd)
         finally:
             os.close(fd)
     return step
@@ -489,8 +502,7 @@ def _good(seg: int, gen: int) -> Step:
 
 def _again(seg: int, gen: int) -> Step:
     """Name segment `seg` at `gen` again, with no descriptor (its content rewritten)."""
-    return lambda conn, data: _reply(conn, SHM_SEGMENT, seg, gen, _grain(len(data)),
-                                     len(data))
+    return lambda conn, data: _reply(conn, SHM_SEGMENT, seg, gen, SEGMENT, len(data))
 
 
 def _with_fd(kind: int, make: Callable[[bytes], int], size: Callable[[bytes], int],
@@ -532,7 +544,8 @@ REPLIES: dict[str, tuple[bool, list[Step], str]] = {
     "a segment passed again": (False, [_good(1, 1), _good(1, 2)], r"segment 1 passed again"),
     "another file size": (False, [_with_fd(SHM_SEGMENT, lambda d: _memfd(d, _grain(len(d))),
                                            lambda d: _grain(len(d)), lambda d: len(d) + 1)],
-                          r"reply announces \d+ bytes, the ticket \d+"),
+                          r"(same-host reply announces \d+ bytes, the ticket \d+: refused|"
+                          r"segment of \d+ bytes, its header announces \d+)"),
     "a file beyond its segment": (False, [_with_fd(SHM_SEGMENT, lambda d: _memfd(b"", 1 << 16),
                                                    lambda d: 1 << 16)],
                                   r"segment 1 of 65536 bytes cannot hold a \d+-byte file"),
@@ -578,29 +591,58 @@ class _Impostor:
             return
 
     def _session(self, conn: socket.socket) -> None:
-        if conn.recv(16, socket.MSG_WAITALL) != SESSION_MAGIC:
+        if _exact(conn, 16) != SESSION_MAGIC:
             return
         conn.sendall(SHM_HELLO + self.instance)
-        for step in self.script:
-            head = conn.recv(SHM_REQUEST.size, socket.MSG_WAITALL)
+        script = iter(self.script)
+        while True:
+            head = _exact(conn, SHM_REQUEST.size)
             if len(head) < SHM_REQUEST.size:
                 return
-            _, count = SHM_REQUEST.unpack(head)
-            conn.recv(count * SHM_RELEASE.size, socket.MSG_WAITALL)
-            token = conn.recv(16, socket.MSG_WAITALL)
-            data = b""
+            op, count = SHM_REQUEST.unpack(head)
+            _exact(conn, count * SHM_RELEASE.size)
             with socket.create_connection(("127.0.0.1", self.port), timeout=30) as tcp:
-                tcp.sendall(token)
-                while part := tcp.recv(1 << 20):
-                    data += part
+                if op == 1:  # a ticket: its file
+                    tcp.sendall(_exact(conn, 16))
+                    data = _recv_all(tcp)
+                else:  # a whole call: sent on as a direct request, its answer's file
+                    call = b""
+                    for size in (2, 2):
+                        call += (n := _exact(conn, size))
+                        call += _exact(conn, struct.unpack("<H", n)[0])
+                    call += (n := _exact(conn, 8))
+                    call += _exact(conn, struct.unpack("<Q", n)[0])
+                    tcp.sendall(DIRECT_MAGIC + call)
+                    status, length = struct.unpack("<BQ", _exact(tcp, 9))
+                    data = _exact(tcp, length)
+                    assert status == 0, data
+                    if _method(call) not in (b"Fetch", b"Slice", b"FetchMany", b"SliceMany"):
+                        _reply(conn, SHM_BYTES, 0, 0, 0, len(data))  # no file: as it is
+                        conn.sendall(data)
+                        continue
+            step = next(script, None)
+            if step is None:
+                return
             step(conn, data)
-        conn.recv(1)  # until the client closes
 
     def close(self) -> None:
         self.listener.shutdown(socket.SHUT_RDWR)  # wakes its accept (Linux)
         self.listener.close()
         self.thread.join(timeout=30)
         assert not self.thread.is_alive()
+
+
+def _method(call: bytes) -> bytes:
+    (n,) = struct.unpack_from("<H", call)
+    (m,) = struct.unpack_from("<H", call, 2 + n)
+    return call[4 + n : 4 + n + m]
+
+
+def _recv_all(sock: socket.socket) -> bytes:
+    data = b""
+    while part := sock.recv(1 << 20):
+        data += part
+    return data
 
 
 def _impostor_fds() -> int:
@@ -627,7 +669,8 @@ def test_a_reply_that_does_not_fit_is_refused_never_used(case: str) -> None:
             if not keep:
                 first.clear()
                 gc.collect()
-            with pytest.raises(TensorSliceError, match=f"same-host {why}.*: refused"):
+            with pytest.raises(TensorSliceError, match=(
+                    why if why.startswith("(") else f"same-host {why}.*: refused")):
                 c.tensor("x")[1:41]
             assert all(t.equal(X[0:40]) for t in first)  # its segment never rewritten
             first.clear()
@@ -844,3 +887,26 @@ def test_a_client_without_a_dev_shm_mount_still_gets_segments() -> None:
         assert srv.bulk.shm.lent == 1  # type: ignore[attr-defined]
     finally:
         _stop(srv)
+
+
+@pytest.mark.e2e
+def test_another_server_at_the_session_name_is_never_used() -> None:
+    """Two servers on this host with bulk planes on the same port number (127.0.0.1 and
+    127.0.0.2): the name belongs to the first; a client of the second never uses it."""
+    first, _ = _server()
+    store = TensorStore(device="cpu")
+    store.add("x", X * 2)
+    second, port = create_server(store, "127.0.0.2:0", ServerConfig(
+        unary_max_bytes=1024, bulk_port=first.bulk.port))  # type: ignore[attr-defined]
+    second.start()
+    try:
+        assert second.bulk.shm is None  # the name is taken: it offers no sessions
+        with Client(f"127.0.0.2:{port}", timeout=30) as c:
+            for i in range(3):
+                assert c.tensor("x")[i : i + 40].equal(X[i : i + 40] * 2)
+            assert c.transports["shared_memory"] == 0
+        shm = first.bulk.shm  # type: ignore[attr-defined]
+        assert shm.lent == 0 and _until(lambda: shm.sessions == 0)  # greeted, then left
+    finally:
+        _stop(second)
+        _stop(first)

@@ -181,7 +181,7 @@ def test_iterable_covers_every_row_once_across_ranks_and_workers(address: str) -
 def test_server_killed_mid_epoch_raises_within_timeout(method: str) -> None:
     proc, addr = _start_server()
     try:
-        ds = RemoteTensorDataset(Client(addr, timeout=3), ["x", "y"])
+        ds = RemoteTensorDataset(Client(addr, timeout=10), ["x", "y"])
         loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=2,
                             collate_fn=ds.collate, multiprocessing_context=method,
                             timeout=LOADER_TIMEOUT)

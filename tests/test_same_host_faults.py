@@ -333,7 +333,7 @@ def test_thousands_of_releases_and_bad_calls_leave_a_session_open(
         for method, request, why in [
                 (b"NoSuchMethod", b"", "unknown method 'NoSuchMethod'"),
                 (b"\xff\xfe", b"", "unknown method"),
-                (b"Put", b"", "unknown method 'Put'"),  # writes go over gRPC only
+                (b"Put", b"", "'Put' is a write: writes go over gRPC only"),
                 (b"Fetch", b"\xff" * 64, "malformed tensorslice.v1.SliceRequest (64 bytes)")]:
             sock.sendall(_call(method, request))
             kind, status, _, _, length, _ = SHM_REPLY.unpack(

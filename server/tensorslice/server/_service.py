@@ -175,7 +175,10 @@ class TensorSliceService:
             if why is not None:
                 raise Unauthenticated(why)
         spec = _METHODS.get(method)
-        if spec is None or method in WRITE_METHODS:  # writes go over gRPC only
+        if method in WRITE_METHODS or method in _UPLOADS:
+            raise InvalidSelection(f"{method!r} is a write: writes go over gRPC only, not "
+                                   "as direct or same-host session calls")
+        if spec is None:
             raise InvalidSelection(f"unknown method {shorten(method, 64)!r}")
         _, counted, request_cls, _ = spec
         kept = _KEPT_AS.get(method)

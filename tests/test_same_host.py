@@ -13,16 +13,15 @@ import struct
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
 from _output import OutputLines
+from samehost import X, session, start, until
 
 from tensorslice.client import AsyncClient, Client, TensorSliceError
 from tensorslice.core.codec import (
-    SESSION_MAGIC,
     SHM_HELLO,
     SHM_RELEASE,
     SHM_REPLY,
@@ -30,19 +29,13 @@ from tensorslice.core.codec import (
     SHM_SEGMENT,
     same_host_socket,
 )
-from tensorslice.server import ServerConfig, TensorStore, create_server
 
-X = torch.randn(64, 32, 16, 16, generator=torch.Generator().manual_seed(13))  # 2 MiB
 SEGMENT = "memfd:tensorslice-segment"
 
 
 def _server(port: int = 0, **config: object) -> tuple[object, str]:
-    store = TensorStore(device="cuda" if torch.cuda.is_available() else "cpu")
-    store.add("x", X)
-    srv, port = create_server(store, f"127.0.0.1:{port}",
-                              ServerConfig(unary_max_bytes=1024, **config))  # type: ignore[arg-type]
-    srv.start()
-    return srv, f"127.0.0.1:{port}"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return start(port, device=device, **({"unary_max_bytes": 1024} | config))
 
 
 @pytest.fixture()
@@ -65,14 +58,6 @@ def _open_segments() -> int:
         except OSError:
             pass
     return count
-
-
-def _until(check: Callable[[], bool], seconds: float = 10) -> bool:
-    """Poll `check` (the server's threads notice a closed connection asynchronously)."""
-    deadline = time.monotonic() + seconds
-    while not check() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return check()
 
 
 @pytest.mark.e2e
@@ -101,7 +86,7 @@ def test_segments_are_pooled_and_reused_only_once_released(
         data = c.slice_bytes("x", (slice(2, 50),))  # bytes: copied out of the segment
         assert isinstance(data, bytes) and c.transports["shared_memory"] == 15
     # closing the client closes its session: the server drops its segments
-    assert _until(lambda: shm.segments == 0 and shm.bytes == 0 and shm.sessions == 0)
+    assert until(lambda: shm.segments == 0 and shm.bytes == 0 and shm.sessions == 0)
     gc.collect()
     assert _open_segments() == 0 and _mapped() == 0
 
@@ -180,15 +165,6 @@ def test_server_without_same_host_falls_back_to_tcp_once() -> None:
         srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]
 
 
-def _session(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(30)
-    sock.connect(same_host_socket(port))
-    sock.sendall(SESSION_MAGIC)
-    assert sock.recv(len(SHM_HELLO) + 16, socket.MSG_WAITALL)[:len(SHM_HELLO)] == SHM_HELLO
-    return sock
-
-
 def _redeem(sock: socket.socket, token: bytes, releases: list[tuple[int, int]]
             ) -> tuple[tuple[int, ...], int | None]:
     rel = b"".join(SHM_RELEASE.pack(i, g) for i, g in releases)
@@ -213,7 +189,7 @@ def test_a_segment_is_written_only_after_its_exact_release(
         token: bytes = bulk.offer([bytes([fill]) * len(payload)], len(payload))
         return token
 
-    with _session(bulk.port) as sock:
+    with session(bulk.port) as sock:
         (kind, seg, gen, size, nbytes, _), fd = _redeem(sock, ticket(1), [(999, 1)])
         assert kind == SHM_SEGMENT and fd is not None and nbytes == len(payload)
         with pytest.raises(PermissionError):  # sealed: nobody can shrink it
@@ -341,7 +317,7 @@ def test_a_client_killed_holding_segments_leaves_nothing_on_the_server(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert _until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0)
+    assert until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0)
     assert bulk.shm.bytes == 0 and bulk.pending == 0 and bulk.held_bytes == 0
     assert _open_segments() == 0 and _mapped() == 0
     assert _rss_kib() <= shared_before + 1024  # the segments' pages are gone from the server
@@ -417,7 +393,7 @@ def test_a_forked_client_calls_over_a_session(same_host: bool) -> None:
         # a kept segment (counted until the child goes)
         assert ((shm.lent >= 5 and shm.inline >= 2 and shm.kept == 1 and shm.segments <= 3)
                 if same_host else shm.lent == 0)
-        assert _until(lambda: shm.sessions == 0 and shm.segments == 0 and shm.bytes == 0)
+        assert until(lambda: shm.sessions == 0 and shm.segments == 0 and shm.bytes == 0)
         child = ctx.Process(target=_forked_worker,
                             args=(address, port, instance, True, "wrong", out))
         child.start()
@@ -448,8 +424,8 @@ def test_dataloader_batches_reach_the_main_process_in_kept_segments_without_a_co
             assert batch.equal(X[4 * i : 4 * i + 4]) and batch.untyped_storage().is_shared()
         # each batch is on its own segment's mapping: torch passed the descriptor on and
         # copied nothing; the server keeps none of them (it unmaps each once it is sent)
-        assert _until(lambda: _mapped() == mapped + 16)
-        assert _until(lambda: shm.sessions == 0 and shm.segments == 0 and shm.bytes == 0)
+        assert until(lambda: _mapped() == mapped + 16)
+        assert until(lambda: shm.sessions == 0 and shm.segments == 0 and shm.bytes == 0)
         del held, loader, batch
         gc.collect()
         # the last mapping (and torch's descriptor) gone: the memory is the system's
@@ -484,7 +460,7 @@ def test_kept_segments_are_bounded_and_a_killed_client_leaves_nothing_on_the_ser
         assert bulk.shm.kept == 3 and bulk.shm.segments == 3 and bulk.sessions == 1
         assert bulk.shm.bytes >= 3 * 40 * X[0].numel() * 4
         # the server closes its side once the reply is sent (its thread, just after)
-        assert _until(lambda: _open_segments() == 0 and _mapped() == 0)
+        assert until(lambda: _open_segments() == 0 and _mapped() == 0)
         assert _rss_kib() <= shared_before + 1024
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -492,7 +468,7 @@ def test_kept_segments_are_bounded_and_a_killed_client_leaves_nothing_on_the_ser
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert _until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0)
+    assert until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0)
     assert bulk.shm.bytes == 0 and bulk.pending == 0 and bulk.held_bytes == 0
     srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]
 
@@ -517,6 +493,6 @@ def test_kept_segments_beyond_the_sessions_bound_come_pooled_and_are_released() 
             again = fetch(4)  # the release went with this request: room for a kept one
             assert again.equal(X[4:44]) and shm.kept == 4 and shm.segments == 3
             assert all(t.equal(X[i + 1 : i + 41]) for i, t in enumerate(held))
-        assert _until(lambda: shm.segments == 0 and shm.bytes == 0)
+        assert until(lambda: shm.segments == 0 and shm.bytes == 0)
     finally:
         srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]

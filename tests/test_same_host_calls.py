@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from samehost import start
 
 from tensorslice.client import (
     AsyncClient,
@@ -34,7 +35,6 @@ from tensorslice.core.codec import (
     SHM_REQUEST,
     same_host_socket,
 )
-from tensorslice.server import ServerConfig, TensorStore, create_server
 
 X = torch.randn(64, 32, 16, 16, generator=torch.Generator().manual_seed(31))  # 2 MiB
 ROW = 32 * 16 * 16 * 4  # 32 KiB: a row is a small result, 40 rows a large one
@@ -42,11 +42,7 @@ TOKEN = "same-host-calls"
 
 
 def _server(**config: Any) -> tuple[Any, str]:
-    store = TensorStore(device="cpu")
-    store.add("x", X)
-    srv, port = create_server(store, "127.0.0.1:0", ServerConfig(**config))
-    srv.start()
-    return srv, f"127.0.0.1:{port}"
+    return start(tensor=X, **config)
 
 
 @pytest.fixture()

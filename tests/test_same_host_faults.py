@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 from _output import OutputLines
+from samehost import X, exact, session, start, until
 
 from tensorslice.client import Client, ServerUnavailable, TensorSliceError
-from tensorslice.core import codec
 from tensorslice.core.codec import (
     DIRECT_MAGIC,
     SEGMENT_SEALS,
@@ -42,18 +42,11 @@ from tensorslice.core.errors import Status
 from tensorslice.server import ServerConfig, TensorStore, create_server
 from tensorslice.server._shm import MAX_CALL_BYTES, MAX_RELEASES
 
-X = torch.randn(64, 32, 16, 16, generator=torch.Generator().manual_seed(13))  # 2 MiB
 ROWS = [3, 2, 1] * 12  # 36 rows of 32 KiB
-_INSTANCE = getattr(codec, "INSTANCE_BYTES", 0)  # the server's id after its greeting
 
 
 def _server(port: int = 0, **config: object) -> tuple[object, str]:
-    store = TensorStore(device="cpu")
-    store.add("x", X)
-    srv, port = create_server(store, f"127.0.0.1:{port}",
-                              ServerConfig(unary_max_bytes=1024, **config))  # type: ignore[arg-type]
-    srv.start()
-    return srv, f"127.0.0.1:{port}"
+    return start(port, **({"unary_max_bytes": 1024} | config))
 
 
 def _stop(srv: object) -> None:
@@ -65,33 +58,6 @@ def served() -> Iterator[tuple[object, str]]:
     srv, address = _server(handshake_timeout=0.5, send_timeout=0.5)
     yield srv, address
     _stop(srv)
-
-
-def _until(check: Callable[[], bool], seconds: float = 10) -> bool:
-    """Poll `check` (the server's threads notice a closed connection asynchronously)."""
-    deadline = time.monotonic() + seconds
-    while not check() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return check()
-
-
-def _session(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(same_host_socket(port))
-    sock.sendall(SESSION_MAGIC)
-    greeting = _exact(sock, len(SHM_HELLO) + _INSTANCE)
-    assert greeting[: len(SHM_HELLO)] == SHM_HELLO
-    return sock
-
-
-def _exact(sock: socket.socket, n: int) -> bytes:
-    """`n` bytes from `sock`, or fewer where it closes first (`MSG_WAITALL` is no help: a
-    socket with a timeout is non-blocking underneath)."""
-    out = b""
-    while len(out) < n and (part := sock.recv(n - len(out))):
-        out += part
-    return out
 
 
 def _closed_by_server(sock: socket.socket) -> bytes:
@@ -167,7 +133,7 @@ def test_a_session_closed_as_idle_leaves_held_results_and_is_replaced(
         held = c.tensor("x")[0:40]
         assert c.last_transport == "shared_memory"
         # the server closes the idle session and drops its pool, the lent segment too
-        assert _until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0)
+        assert until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0)
         assert held.equal(X[0:40])  # the client's mapping keeps the memory
         assert c.tensor("x")[1:41].equal(X[1:41]) and c.last_transport == "shared_memory"
         assert held.equal(X[0:40]) and bulk.shm.lent == 2 and bulk.shm.broken == 0
@@ -222,7 +188,7 @@ def test_the_byte_bound_drops_free_segments_then_falls_back() -> None:
             gc.collect()
             assert c.tensor("x")[:].equal(X)  # the free small one is dropped for it
             assert c.last_transport == "shared_memory" and shm.segments == 1
-        assert _until(lambda: shm.sessions == 0 and shm.bytes == 0)
+        assert until(lambda: shm.sessions == 0 and shm.bytes == 0)
     finally:
         _stop(srv)
 
@@ -232,9 +198,9 @@ def test_beyond_64_sessions_a_client_falls_back_to_tcp(served: tuple[object, str
     srv, address = served
     bulk = srv.bulk  # type: ignore[attr-defined]
     assert bulk.shm.max_sessions == 64  # max_bulk_connections' default
-    socks = [_session(bulk.port) for _ in range(64)]
+    socks = [session(bulk.port) for _ in range(64)]
     try:
-        assert _until(lambda: bulk.sessions == 64)
+        assert until(lambda: bulk.sessions == 64)
         with Client(address, timeout=30) as c:
             assert c.tensor("x")[0:40].equal(X[0:40])
             assert c.transports["shared_memory"] == 0
@@ -242,7 +208,7 @@ def test_beyond_64_sessions_a_client_falls_back_to_tcp(served: tuple[object, str
     finally:
         for s in socks:
             s.close()
-    assert _until(lambda: bulk.sessions == 0)
+    assert until(lambda: bulk.sessions == 0)
     with Client(address, timeout=30) as c:  # room again
         assert c.tensor("x")[0:40].equal(X[0:40]) and c.last_transport == "shared_memory"
 
@@ -282,8 +248,8 @@ def test_a_hostile_session_is_closed_and_others_are_served(
     with Client(address, timeout=30) as c, caplog.at_level(logging.INFO, "tensorslice.server"):
         assert c.tensor("x")[0:8].equal(X[0:8])  # a good session, kept
         broken = bulk.shm.broken
-        with _session(bulk.port) as bad:
-            assert _until(lambda: bulk.sessions == 2)
+        with session(bulk.port) as bad:
+            assert until(lambda: bulk.sessions == 2)
             bad.sendall(HOSTILE[sent])
             # meanwhile the good session is served, on a thread of its own
             assert c.tensor("x")[1:9].equal(X[1:9]) and c.last_transport == "shared_memory"
@@ -292,11 +258,11 @@ def test_a_hostile_session_is_closed_and_others_are_served(
             kind, status, *_ = SHM_REPLY.unpack(answer[: SHM_REPLY.size])
             assert kind == SHM_ERROR and status == Status.INVALID_ARGUMENT.value
             assert b"exceeds the limit of 268435456 bytes" in answer[SHM_REPLY.size :]
-        assert _until(lambda: bulk.sessions == 1)
+        assert until(lambda: bulk.sessions == 1)
         assert bulk.shm.broken == broken + 1  # counted
         assert "same-host session closed" in caplog.text  # and logged
         assert c.tensor("x")[2:10].equal(X[2:10]) and c.transports["shared_memory"] == 3
-    assert _until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0)
+    assert until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0)
 
 
 @pytest.mark.e2e
@@ -321,14 +287,14 @@ def test_thousands_of_releases_and_bad_calls_leave_a_session_open(
 ) -> None:
     srv, _ = served
     bulk = srv.bulk  # type: ignore[attr-defined]
-    with _session(bulk.port) as sock:
+    with session(bulk.port) as sock:
         for _ in range(3):  # the most one request may carry, each stale: counted, ignored
             releases = b"".join(SHM_RELEASE.pack(i, 7) for i in range(MAX_RELEASES))
             sock.sendall(_head(1, MAX_RELEASES) + releases + b"\0" * 16)
             kind, status, _, _, length, forgotten = SHM_REPLY.unpack(
-                _exact(sock, SHM_REPLY.size))
+                exact(sock, SHM_REPLY.size))
             assert (kind, status, forgotten) == (SHM_ERROR, Status.UNAVAILABLE.value, 0)
-            assert b"unknown or expired" in _exact(sock, length)
+            assert b"unknown or expired" in exact(sock, length)
         assert bulk.shm.stale == 3 * MAX_RELEASES
         for method, request, why in [
                 (b"NoSuchMethod", b"", "unknown method 'NoSuchMethod'"),
@@ -337,8 +303,8 @@ def test_thousands_of_releases_and_bad_calls_leave_a_session_open(
                 (b"Fetch", b"\xff" * 64, "malformed tensorslice.v1.SliceRequest (64 bytes)")]:
             sock.sendall(_call(method, request))
             kind, status, _, _, length, _ = SHM_REPLY.unpack(
-                _exact(sock, SHM_REPLY.size))
-            message = _exact(sock, length).decode()
+                exact(sock, SHM_REPLY.size))
+            message = exact(sock, length).decode()
             assert (kind, Status(status)) == (SHM_ERROR, Status.INVALID_ARGUMENT)
             assert why in message
         assert bulk.sessions == 1 and bulk.shm.broken == 0
@@ -353,11 +319,11 @@ def test_a_session_that_stops_reading_is_closed_at_the_send_timeout(
     bulk.shm.max_bytes = 0  # every result on the socket
     payload = b"\x5a" * (16 << 20)  # far more than a socket buffer holds
     token = bulk.offer([payload], len(payload))
-    with _session(bulk.port) as sock:
+    with session(bulk.port) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.sendall(_head(1, 0) + token)
         # the reader never reads: the server gives up on it within its send timeout
-        assert _until(lambda: bulk.sessions == 0)
+        assert until(lambda: bulk.sessions == 0)
     assert bulk.shm.broken == 1 and bulk.shm.fallbacks == 1
     assert bulk.pending == 0 and bulk.sending == 0 and bulk.shm.segments == 0
 
@@ -448,10 +414,10 @@ def test_a_client_killed_mid_transfer_leaves_nothing_on_the_server() -> None:
                 proc.kill()
                 proc.wait()
         # its sessions close, its segments go, an unredeemed ticket expires (1 s here)
-        assert _until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0
+        assert until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0
                       and bulk.pending == 0 and bulk.sending == 0, 30)
         assert bulk.shm.bytes == 0 and bulk.held_bytes == 0
-        assert _until(lambda: srv.service.calls.budget.used == 0)  # type: ignore[attr-defined]
+        assert until(lambda: srv.service.calls.budget.used == 0)  # type: ignore[attr-defined]
         assert _rss_shmem() <= shared_before + 1024
         with Client(address, timeout=30) as c:  # and it serves on
             assert c.tensor("x")[0:40].equal(X[0:40]) and c.last_transport == "shared_memory"
@@ -586,35 +552,35 @@ class _Impostor:
                 conn, _ = self.listener.accept()
                 with conn:
                     conn.settimeout(30)
-                    self._session(conn)
+                    self.session(conn)
         except OSError:
             return
 
-    def _session(self, conn: socket.socket) -> None:
-        if _exact(conn, 16) != SESSION_MAGIC:
+    def session(self, conn: socket.socket) -> None:
+        if exact(conn, 16) != SESSION_MAGIC:
             return
         conn.sendall(SHM_HELLO + self.instance)
         script = iter(self.script)
         while True:
-            head = _exact(conn, SHM_REQUEST.size)
+            head = exact(conn, SHM_REQUEST.size)
             if len(head) < SHM_REQUEST.size:
                 return
             op, count = SHM_REQUEST.unpack(head)
-            _exact(conn, count * SHM_RELEASE.size)
+            exact(conn, count * SHM_RELEASE.size)
             with socket.create_connection(("127.0.0.1", self.port), timeout=30) as tcp:
                 if op == 1:  # a ticket: its file
-                    tcp.sendall(_exact(conn, 16))
+                    tcp.sendall(exact(conn, 16))
                     data = _recv_all(tcp)
                 else:  # a whole call: sent on as a direct request, its answer's file
                     call = b""
                     for size in (2, 2):
-                        call += (n := _exact(conn, size))
-                        call += _exact(conn, struct.unpack("<H", n)[0])
-                    call += (n := _exact(conn, 8))
-                    call += _exact(conn, struct.unpack("<Q", n)[0])
+                        call += (n := exact(conn, size))
+                        call += exact(conn, struct.unpack("<H", n)[0])
+                    call += (n := exact(conn, 8))
+                    call += exact(conn, struct.unpack("<Q", n)[0])
                     tcp.sendall(DIRECT_MAGIC + call)
-                    status, length = struct.unpack("<BQ", _exact(tcp, 9))
-                    data = _exact(tcp, length)
+                    status, length = struct.unpack("<BQ", exact(tcp, 9))
+                    data = exact(tcp, length)
                     assert status == 0, data
                     if _method(call) not in (b"Fetch", b"Slice", b"FetchMany", b"SliceMany"):
                         _reply(conn, SHM_BYTES, 0, 0, 0, len(data))  # no file: as it is
@@ -767,8 +733,8 @@ def test_a_server_process_killed_and_restarted_under_held_results(tmp_path: obje
             if child.poll() is None:
                 child.kill()
                 child.wait()
-        assert _until(lambda: _segment_fds(first.pid) == 0, 30)
-        assert _until(lambda: _rss_shmem(first.pid) <= shared_before + 1024, 30)
+        assert until(lambda: _segment_fds(first.pid) == 0, 30)
+        assert until(lambda: _rss_shmem(first.pid) <= shared_before + 1024, 30)
         with Client(address, timeout=30) as c:
             held = c.tensor("x")[ROWS]  # over 1 MiB: not inline
             view = c.tensor("x")[10:50][5:9]
@@ -906,7 +872,7 @@ def test_another_server_at_the_session_name_is_never_used() -> None:
                 assert c.tensor("x")[i : i + 40].equal(X[i : i + 40] * 2)
             assert c.transports["shared_memory"] == 0
         shm = first.bulk.shm  # type: ignore[attr-defined]
-        assert shm.lent == 0 and _until(lambda: shm.sessions == 0)  # greeted, then left
+        assert shm.lent == 0 and until(lambda: shm.sessions == 0)  # greeted, then left
     finally:
         _stop(second)
         _stop(first)

@@ -389,11 +389,7 @@ class ShmSession:
                 self._reply(SHM_ERROR, Status.UNAVAILABLE.value, 0, 0,
                             b"bulk ticket unknown or expired; retry the call")
                 return True
-            pieces, nbytes, done = redeemed
-            try:
-                self._deliver(pieces, nbytes, keep)
-            finally:
-                done()
+            self._answer(redeemed, keep)
         finally:
             self._busy(False)
         return True
@@ -415,7 +411,7 @@ class ShmSession:
         self._busy(True)
         try:
             try:
-                pieces, nbytes, done = self._call(method, auth, request)
+                answer = self._call(method, auth, request)
             except TensorSliceError as exc:
                 self._error(exc)
                 return True
@@ -424,13 +420,18 @@ class ShmSession:
                 self._error(TensorSliceError("internal error; the server log has the details"),
                             Status.INTERNAL)
                 return True
-            try:
-                self._deliver(pieces, nbytes, keep)
-            finally:
-                done()
+            self._answer(answer, keep)
         finally:
             self._busy(False)
         return True
+
+    def _answer(self, answer: Redeemed, keep: bool) -> None:
+        """Deliver a redeemed ticket's or a call's file, then let its source go."""
+        pieces, nbytes, done = answer
+        try:
+            self._deliver(pieces, nbytes, keep)
+        finally:
+            done()
 
     def _error(self, exc: TensorSliceError, status: Status | None = None) -> None:
         self.sock.settimeout(self._send_timeout or None)

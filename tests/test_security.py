@@ -264,8 +264,10 @@ def test_tls_bulk_plane_is_no_hole(tls_server: tuple[Any, str], certs: Certs) ->
     creds = grpc.ssl_channel_credentials(certs.ca.read_bytes())
     ticket = _ticket(address, (("authorization", f"Bearer {TOKEN}"),), creds)
     assert len(ticket.token) == TOKEN_BYTES
-    # The token in clear gets nothing: the listener speaks TLS only.
-    assert _redeem(ticket.port, ticket.token, None) == b""
+    # The token in clear gets nothing: the listener speaks TLS only (at most a TLS alert
+    # record, content type 21, comes back before it closes: never a byte of the file).
+    clear = _redeem(ticket.port, ticket.token, None)
+    assert clear == b"" or (clear[:1] == b"\x15" and len(clear) <= 7), clear
     context = ssl.create_default_context(cafile=str(certs.ca))
     data = _redeem(ticket.port, ticket.token, context)
     assert len(data) == ticket.nbytes

@@ -442,7 +442,7 @@ class ShmSession:
     def _deliver(self, pieces: Pieces, nbytes: int, keep: bool = False) -> None:
         if nbytes <= INLINE_BYTES:
             # Each piece copied as it comes (a piece may be a view of a reused buffer).
-            body = b"".join([bytes(p) for p in pieces])
+            body = b"".join([memoryview(p).cast("B") for p in pieces])  # one copy
             if len(body) != nbytes:
                 raise RuntimeError(f"made {len(body)} of {nbytes} bytes")
             self.pool.budget.count("inline")

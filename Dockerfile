@@ -40,9 +40,11 @@ RUN set -eu; \
      || adduser --system --uid 10001 --group --no-create-home tensorslice); \
     mkdir -p /data
 # pip compiled the environment at install time; it is read-only at run time.
+# Two malloc arenas: more keep freed memory per thread (see the README's soak).
 ENV PATH=/opt/tensorslice/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    MALLOC_ARENA_MAX=2
 USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]

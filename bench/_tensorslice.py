@@ -55,6 +55,9 @@ def _build_server(tensors: dict[str, torch.Tensor], tls: tuple[str, str] | None 
 def _server_main(ctrl: multiprocessing.connection.Connection, specs: dict[str, TensorSpec],
                  tls: tuple[str, str] | None = None,
                  max_result_bytes: int | None = None) -> None:
+    from tensorslice.server._hostmem import return_large_frees
+
+    return_large_frees()  # as `tensorslice serve` does
     try:
         tensors = {
             name: pattern_tensor(s.shape, getattr(torch, s.dtype)) for name, s in specs.items()

@@ -277,9 +277,11 @@ def _start(
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from tensorslice.server._auth import StartupError
+    from tensorslice.server._hostmem import return_large_frees
     from tensorslice.server._server import AddressInUse
     from tensorslice.server._store import DEMO_NAME
 
+    return_large_frees()  # the process is the server's: its freed memory goes back
     try:
         server, port, store, token, tls = _start(args)
         server.start()

@@ -55,7 +55,9 @@ class ShardServer:
 
     def __init__(self, args: list[str], host: str | None) -> None:
         from tensorslice.server._cli import _start, build_parser
+        from tensorslice.server._hostmem import return_large_frees
 
+        return_large_frees()  # the actor's process is the server's, as under `serve`
         self.host = host or ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         ns = build_parser().parse_args(["serve", *_serve_args(args, self.host)])
         self.server, port, self.store, _, _ = _start(ns)

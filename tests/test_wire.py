@@ -35,7 +35,7 @@ from tensorslice.server._stream import WholeFile, frames
 from tensorslice.v1 import tensorslice_pb2 as pb
 
 ITEM_SIZES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
-              "U8": 1, "I8": 1, "BOOL": 1}
+              "U8": 1, "I8": 1, "BOOL": 1, "C64": 8, "U16": 2, "F8_E4M3FNUZ": 1}
 SIZES = [0, 1, 127, 128, 300, 16383, 16384, 2**20 + 3]
 
 
@@ -109,6 +109,9 @@ def test_mixed_dtypes_load_with_safetensors(tmp_path: Path) -> None:
         "i64": torch.arange(-5, 6),
         "scalar": torch.tensor(2.5),
         "empty": torch.empty(0, 4),
+        "c64": torch.complex(torch.randn(3, generator=g), torch.randn(3, generator=g)),
+        "f8": torch.randn(4, generator=g).to(torch.float8_e4m3fnuz),
+        "u16": torch.arange(6).to(torch.uint16),
     }
     payloads: list[Payload] = [ContiguousPayload(k, v) for k, v in tensors.items()]
     data, fr = _file_of(payloads, chunk_bytes=16, slab_bytes=32)
@@ -122,11 +125,15 @@ def test_mixed_dtypes_load_with_safetensors(tmp_path: Path) -> None:
         assert f.metadata() == {"k": "v"}
         assert set(f.keys()) == set(tensors)
         for k, v in tensors.items():
-            assert torch.equal(f.get_tensor(k), v)
-            assert f.get_tensor(k).dtype == v.dtype
+            assert _same(f.get_tensor(k), v)
     for k, v in tensors.items():
-        assert loaded[k].dtype == v.dtype
-        assert torch.equal(loaded[k], v)
+        assert _same(loaded[k], v)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (float8 has no `torch.equal`)."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
 
 
 @pytest.mark.unit

@@ -121,6 +121,9 @@ for _name, _code in (
     ("uint64", "U64"),
     ("float8_e4m3fn", "F8_E4M3"),
     ("float8_e5m2", "F8_E5M2"),
+    ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
+    ("complex64", "C64"),
 ):
     if hasattr(torch, _name):
         _ST_CODES[getattr(torch, _name)] = _code

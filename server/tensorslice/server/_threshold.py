@@ -46,6 +46,11 @@ def check(
     spec = thr.spec
     d = thr.dim
     ndim = len(meta.shape)
+    if meta.dtype.is_complex:
+        raise InvalidSelection(
+            f"a threshold compares real statistics; tensor {meta.name!r} is "
+            f"{dtype_name(meta.dtype)} (select its values and compare their abs() instead)"
+        )
     if any(isinstance(b, (NewDim, Flag)) for b in bound):
         raise InvalidSelection(
             "a threshold cannot be combined with new axes (None) or 0-dimensional masks"

@@ -92,6 +92,9 @@ def test_store_file_rules(tmp_path: Path) -> None:
         store.load_file(tmp_path / "multi.safetensors")
     with pytest.raises(TensorNotFound, match="holds no tensor 'c'; it holds: a, b"):
         store.load_file(tmp_path / "multi.safetensors", "c")
+    save_file({}, str(tmp_path / "none.safetensors"), metadata={"only": "metadata"})
+    with pytest.raises(InvalidSelection, match=r"none\.safetensors holds no tensors$"):
+        store.load_file(tmp_path / "none.safetensors")
     e = store.load_file(tmp_path / "multi.safetensors", "b", "bee")
     assert torch.equal(e.tensor, a * 2) and e.meta.name == "bee"
     e = store.load_file(tmp_path / "one.safetensors")

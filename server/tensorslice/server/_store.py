@@ -486,6 +486,8 @@ class TensorStore:
         with _open(path) as f:
             keys = list(f.keys())
             if key is None:
+                if not keys:
+                    raise InvalidSelection(f"{path} holds no tensors")
                 if len(keys) != 1:
                     raise InvalidSelection(
                         f"{path} holds {len(keys)} tensors ({', '.join(keys[:10])}); "

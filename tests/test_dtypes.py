@@ -93,3 +93,20 @@ def test_a_threshold_on_complex_values_is_refused(address: str) -> None:
         c.tensor("c64").where(dim=1, stat="mean", op=">", value=0.0)
     assert "tensor 'c64' is complex64" in str(err.value)
     assert "abs()" in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint32, torch.int64, torch.uint64])
+def test_a_threshold_on_wide_integers_is_exact(dtype: torch.dtype) -> None:
+    # 2**24 + 1 is no float32: its statistic in float32 would equal 2**24 and fail "> 2**24".
+    x = torch.tensor([[1 << 24, (1 << 24) + 1, 3]]).to(dtype)
+    store = TensorStore()
+    store.add("x", x)
+    srv, port = create_server(store, "127.0.0.1:0", ServerConfig())
+    srv.start()
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            r = c.tensor("x").where(dim=1, stat="max", op=">", value=float(1 << 24))
+            assert r.indices.tolist() == [1]
+            assert r.values.dtype == dtype and r.values.tolist() == [[(1 << 24) + 1]]
+    finally:
+        srv.stop(grace=None)

@@ -245,12 +245,18 @@ _OP_FNS = {
 }
 
 
+_WIDE = frozenset({torch.float64, torch.int64, torch.int32}
+                  | {getattr(torch, n) for n in ("uint32", "uint64") if hasattr(torch, n)})
+"""Sources whose values float32 cannot hold exactly (integers past 2**24): their statistic
+is float64."""
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype in (torch.float64, torch.int64) else torch.float32
+    return torch.float64 if dtype in _WIDE else torch.float32
 
 
 def _statistic(w: torch.Tensor, stat: str, reduce_dims: Sequence[int]) -> torch.Tensor:
-    """The statistic of `w` over `reduce_dims` (float32, float64 for 64-bit sources)."""
+    """The statistic of `w` over `reduce_dims` (float32; float64 for `_WIDE` sources)."""
     x = w.to(_acc_dtype(w.dtype))
     if not reduce_dims:
         return x

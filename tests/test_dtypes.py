@@ -110,3 +110,14 @@ def test_a_threshold_on_wide_integers_is_exact(dtype: torch.dtype) -> None:
             assert r.values.dtype == dtype and r.values.tolist() == [[(1 << 24) + 1]]
     finally:
         srv.stop(grace=None)
+
+
+@pytest.mark.parametrize("name", list(TENSORS))
+def test_a_handle_describes_itself_as_torch_does(address: str, name: str) -> None:
+    local = TENSORS[name]
+    with Client(address) as c:
+        r = c.tensor(name)
+        assert (r.shape, r.size(), r.size(-1), r.ndim, r.dim(), len(r)) == (
+            local.shape, local.size(), local.size(-1), local.ndim, local.dim(), len(local))
+        assert (r.dtype, r.numel(), r.element_size(), r.nbytes) == (
+            local.dtype, local.numel(), local.element_size(), local.nbytes)

@@ -1054,9 +1054,20 @@ class BaseRemoteTensor(Generic[C]):
     def ndim(self) -> int:
         return len(self.info.shape)
 
-    @property
     def numel(self) -> int:
+        """Elements in the whole tensor (as `torch.Tensor.numel`)."""
         return math.prod(self.info.shape)
+
+    def dim(self) -> int:
+        return len(self.info.shape)
+
+    def element_size(self) -> int:
+        return self.info.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole tensor on the server."""
+        return self.numel() * self.info.dtype.itemsize
 
     def size(self, dim: int | None = None) -> Any:
         return self.shape if dim is None else self.shape[dim]

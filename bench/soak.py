@@ -11,10 +11,11 @@ Prints the server's memory over time (RSS: its own anonymous and file pages, and
 shared-memory segments of its same-host sessions), errors, and the normal clients'
 p50/p99. Exits 1 on any error; when the server's own memory (RSS less the segments) over
 the last quarter of the run, as a median, exceeds its peak during the warm-up (the first
-20% of the run, at least 30 s) by 5% and 32 MiB or more; or when the segments' RSS exceeds the bound
-on them (`ServerConfig.shm_max_bytes`): segments are pooled per session and kept for
-reuse, so they fill towards what the load needs for minutes, within that bound. A median
-and not a peak: single samples catch transient results in flight, a leak lifts them all.
+20% of the run, at least 30 s) by 5% and 32 MiB or more; or when the segments' RSS
+exceeds the bound on them (`ServerConfig.shm_max_bytes`): segments are pooled per
+session and kept for reuse, so they fill towards what the load needs for minutes, within
+that bound. A median and not a peak: single samples catch transient results in flight, a
+leak lifts them all.
 The server runs with ``MALLOC_ARENA_MAX=2``: glibc's per-thread arenas otherwise keep
 freed memory in as many as eight arenas per core, and RSS then says more about the
 allocator than about what the server holds (`serve` itself has large blocks mapped on

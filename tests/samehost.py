@@ -1,14 +1,19 @@
-"""Helpers of the same-host tests: a server holding one tensor, polling, and a raw session
-on a server's abstract Unix socket."""
+"""Helpers of the same-host tests: a server holding one tensor, polling, a raw session on a
+server's abstract Unix socket, and a client process to kill."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from _output import OutputLines
 
 from tensorslice.core.codec import INSTANCE_BYTES, SESSION_MAGIC, SHM_HELLO, same_host_socket
 from tensorslice.server import ServerConfig, TensorStore, create_server
@@ -52,3 +57,19 @@ def session(port: int, timeout: float = 10) -> socket.socket:
     greeting = exact(sock, len(SHM_HELLO) + INSTANCE_BYTES)
     assert greeting[: len(SHM_HELLO)] == SHM_HELLO
     return sock
+
+
+@contextlib.contextmanager
+def child(program: str, address: str, fetched: int) -> Iterator[subprocess.Popen[str]]:
+    """A Python process running `program` against `address`, once it has printed
+    "fetched N" with N at least `fetched`; killed with SIGKILL (and reaped) when the block
+    ends, whatever happens in it."""
+    proc = subprocess.Popen([sys.executable, "-c", program, address], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert int(OutputLines(proc).wait_for(r"fetched (\d+)")) >= fetched
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)

@@ -7,18 +7,14 @@ import asyncio
 import gc
 import mmap
 import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
 import pytest
 import torch
-from _output import OutputLines
-from samehost import X, session, start, until
+from samehost import X, child, session, start, until
 
 from tensorslice.client import AsyncClient, Client, TensorSliceError
 from tensorslice.core.codec import (
@@ -305,18 +301,9 @@ def test_a_client_killed_holding_segments_leaves_nothing_on_the_server(
     srv, address = served
     bulk = srv.bulk  # type: ignore[attr-defined]
     shared_before = _rss_kib()
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, address], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        assert OutputLines(proc).wait_for(r"fetched (\d+)") == "3"
+    with child(_CHILD, address, 3):
         assert bulk.shm.segments == 3 and bulk.sessions == 1
         assert _open_segments() == 3
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0)
     assert bulk.shm.bytes == 0 and bulk.pending == 0 and bulk.held_bytes == 0
     assert _open_segments() == 0 and _mapped() == 0
@@ -452,22 +439,13 @@ def test_kept_segments_are_bounded_and_a_killed_client_leaves_nothing_on_the_ser
     srv, address = _server()
     bulk = srv.bulk  # type: ignore[attr-defined]
     shared_before = _rss_kib()
-    proc = subprocess.Popen([sys.executable, "-c", _KEEPER, address], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        assert OutputLines(proc).wait_for(r"fetched (\d+)") == "3"
+    with child(_KEEPER, address, 3):
         # counted against the session until released, held by the client alone
         assert bulk.shm.kept == 3 and bulk.shm.segments == 3 and bulk.sessions == 1
         assert bulk.shm.bytes >= 3 * 40 * X[0].numel() * 4
         # the server closes its side once the reply is sent (its thread, just after)
         assert until(lambda: _open_segments() == 0 and _mapped() == 0)
         assert _rss_kib() <= shared_before + 1024
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0)
     assert bulk.shm.bytes == 0 and bulk.pending == 0 and bulk.held_bytes == 0
     srv.stop(grace=None).wait(10)  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 from _output import OutputLines
-from samehost import X, exact, session, start, until
+from samehost import X, child, exact, session, start, until
 
 from tensorslice.client import Client, ServerUnavailable, TensorSliceError
 from tensorslice.core.codec import (
@@ -402,17 +402,8 @@ def test_a_client_killed_mid_transfer_leaves_nothing_on_the_server() -> None:
     bulk = srv.bulk  # type: ignore[attr-defined]
     try:
         shared_before = _rss_shmem()
-        proc = subprocess.Popen([sys.executable, "-c", _FETCHER, address],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            assert int(OutputLines(proc).wait_for(r"fetched (\d+)")) >= 8
+        with child(_FETCHER, address, 8):  # killed while its threads fetch
             assert bulk.sessions >= 1 and bulk.shm.segments >= 4
-            proc.send_signal(signal.SIGKILL)  # while its threads fetch
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         # its sessions close, its segments go, an unredeemed ticket expires (1 s here)
         assert until(lambda: bulk.sessions == 0 and bulk.shm.segments == 0
                       and bulk.pending == 0 and bulk.sending == 0, 30)
@@ -722,17 +713,8 @@ def test_a_server_process_killed_and_restarted_under_held_results(tmp_path: obje
     try:
         shared_before = _rss_shmem(first.pid)
         # a client killed mid-transfer, holding results: the server's pool goes
-        child = subprocess.Popen([sys.executable, "-c", _FETCHER, address],
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            assert int(OutputLines(child).wait_for(r"fetched (\d+)")) >= 8
+        with child(_FETCHER, address, 8):
             assert _segment_fds(first.pid) >= 4
-            child.send_signal(signal.SIGKILL)
-            child.wait(timeout=30)
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
         assert until(lambda: _segment_fds(first.pid) == 0, 30)
         assert until(lambda: _rss_shmem(first.pid) <= shared_before + 1024, 30)
         with Client(address, timeout=30) as c:

@@ -69,6 +69,7 @@ from tensorslice.core.selection import (
     Selection,
     Selector,
     Threshold,
+    is_plain,
     outer_selectors,
     selection_to_proto,
     selectors_from_index,
@@ -1181,14 +1182,11 @@ _READS_KEPT = 64  # indexes whose operations a handle keeps
 
 
 def _key_item(item: object) -> object:
-    if item is None or item is Ellipsis or type(item) is int:
-        return item
+    if not is_plain(item):
+        return _NO_KEY
     if type(item) is slice:
-        start, stop, step = item.start, item.stop, item.step
-        if ((start is None or type(start) is int) and (stop is None or type(stop) is int)
-                and (step is None or type(step) is int)):
-            return ("slice", start, stop, step)
-    return _NO_KEY
+        return ("slice", item.start, item.stop, item.step)
+    return item
 
 
 _NO_KEY = object()

@@ -50,10 +50,11 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 
+from tensorslice.client._receive import Assembler, recv_exact
 from tensorslice.core.codec import (
     INSTANCE_BYTES,
     SEGMENT_SEALS,
@@ -75,9 +76,6 @@ from tensorslice.core.errors import (
     TensorSliceError,
     error_from_status,
 )
-
-if TYPE_CHECKING:
-    from tensorslice.client._receive import Assembler
 
 __all__ = ["MAX_SESSIONS", "RETRY_SECONDS", "Session", "Sessions"]
 
@@ -551,7 +549,7 @@ class _Reader:
             self.pos = end
             return out
         out = self.rest()
-        return out + _recv_exact(self.sock, n - len(out), self.deadline)
+        return out + recv_exact(self.sock, n - len(out), self.deadline)
 
 
 def _recv_upto(sock: socket.socket, n: int) -> bytes:
@@ -565,13 +563,3 @@ def _recv_upto(sock: socket.socket, n: int) -> bytes:
     return out
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        _settle(sock, deadline)
-        part = sock.recv(n - len(out))
-        if not part:
-            raise ServerUnavailable(
-                f"same-host session closed by the server after {len(out)} of {n} bytes")
-        out += part
-    return bytes(out)

@@ -41,6 +41,7 @@ __all__ = [
     "Threshold",
     "bind",
     "consumed",
+    "is_plain",
     "selection_from_proto",
     "selection_to_proto",
     "selectors_from_index",
@@ -376,7 +377,7 @@ def selectors_from_index(
     return tuple(_one(item) for item in items)
 
 
-def _is_plain(item: object) -> bool:
+def is_plain(item: object) -> bool:
     """An int (not a bool), a slice of ints and None, None or ``...``."""
     t = type(item)
     if t is slice:
@@ -390,7 +391,7 @@ def _plain(index: object, tensor: tuple[str, int] | None) -> tuple[Selector, ...
     tuple: what most reads are), read straight, as `selectors_from_index` reads them (too
     many indices in a tuple reported first); None for any other index."""
     if type(index) is tuple:
-        if not all(_is_plain(item) for item in index):
+        if not all(is_plain(item) for item in index):
             return None
         if tensor is not None:
             name, ndim = tensor
@@ -401,7 +402,7 @@ def _plain(index: object, tensor: tuple[str, int] | None) -> tuple[Selector, ...
                     f"{count} dimensions indexed"
                 )
         items: tuple[object, ...] = index
-    elif _is_plain(index):
+    elif is_plain(index):
         items = (index,)
     else:
         return None

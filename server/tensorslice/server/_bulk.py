@@ -78,7 +78,14 @@ from tensorslice.core.codec import (
 )
 from tensorslice.core.errors import InvalidSelection, ServerUnavailable, Status, TensorSliceError
 from tensorslice.server._limits import Hold, machine_memory
-from tensorslice.server._shm import Redeemed, ShmBudget, ShmSession, default_shm_bytes, peer_uid
+from tensorslice.server._shm import (
+    Redeemed,
+    ShmBudget,
+    ShmSession,
+    default_shm_bytes,
+    peer_uid,
+    recv_exact,
+)
 
 __all__ = ["DIRECT_IDLE_SECONDS", "MAX_DIRECT_REQUEST_BYTES", "TOKEN_BYTES", "BulkServer",
            "DirectAnswer", "DirectHandler", "UploadReceiver"]
@@ -717,7 +724,7 @@ class BulkServer:
             first = sock.recv(len(DIRECT_MAGIC))
             if not first:
                 return False
-            magic = first + _recv_exact(sock, len(DIRECT_MAGIC) - len(first),
+            magic = first + recv_exact(sock, len(DIRECT_MAGIC) - len(first),
                                         time.monotonic() + self.handshake_timeout)
         except (OSError, ConnectionError):  # the idle time out, or the connection cut
             return False
@@ -739,11 +746,11 @@ class BulkServer:
         read = False  # the whole request: the next one may follow on the connection
         try:
             try:
-                (auth_len,) = struct.unpack("<H", _recv_exact(sock, 2, deadline))
-                auth = _recv_exact(sock, auth_len, deadline)
-                (name_len,) = struct.unpack("<H", _recv_exact(sock, 2, deadline))
-                method = _recv_exact(sock, name_len, deadline).decode("ascii", "replace")
-                (req_len,) = struct.unpack("<Q", _recv_exact(sock, 8, deadline))
+                (auth_len,) = struct.unpack("<H", recv_exact(sock, 2, deadline))
+                auth = recv_exact(sock, auth_len, deadline)
+                (name_len,) = struct.unpack("<H", recv_exact(sock, 2, deadline))
+                method = recv_exact(sock, name_len, deadline).decode("ascii", "replace")
+                (req_len,) = struct.unpack("<Q", recv_exact(sock, 8, deadline))
                 if req_len > MAX_DIRECT_REQUEST_BYTES:
                     raise InvalidSelection(
                         f"request of {req_len} bytes exceeds the limit of "
@@ -753,7 +760,7 @@ class BulkServer:
                     stopping = self._stopping
                 if stopping:
                     raise ServerUnavailable("the server is shutting down; retry shortly")
-                request = _recv_exact(sock, req_len,
+                request = recv_exact(sock, req_len,
                                       deadline + req_len / _DIRECT_BYTES_PER_SECOND)
                 read = True
                 pieces, nbytes, release = handler(method, auth, request)
@@ -799,17 +806,3 @@ def _answer_error(sock: socket.socket, status: Status, message: str) -> None:
     sock.sendall(struct.pack("<BQ", status.value, len(data)) + data)
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
-    """Exactly n bytes, all before `deadline` (monotonic), not per read."""
-    out = bytearray()
-    while len(out) < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise ConnectionError(f"request incomplete at its deadline ({len(out)} of {n} "
-                                  f"bytes)")
-        sock.settimeout(left)
-        part = sock.recv(min(n - len(out), 1 << 20))
-        if not part:
-            raise ConnectionError(f"closed after {len(out)} of {n} bytes")
-        out += part
-    return bytes(out)

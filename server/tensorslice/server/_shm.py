@@ -72,7 +72,8 @@ from tensorslice.core.errors import InvalidSelection, Status, TensorSliceError, 
 from tensorslice.server._stream import WholeFile
 
 __all__ = ["INLINE_BYTES", "KEEP", "MAX_CALL_BYTES", "MAX_RELEASES", "Caller",
-           "SegmentPool", "ShmBudget", "ShmSession", "default_shm_bytes", "peer_uid"]
+           "SegmentPool", "ShmBudget", "ShmSession", "default_shm_bytes", "peer_uid",
+           "recv_exact"]
 
 log = logging.getLogger("tensorslice.server")
 
@@ -525,7 +526,7 @@ class _Reader:
             return out
         out = self.buf[self.pos :]
         self.pos = len(self.buf)
-        return out + _recv_exact(self.sock, n - len(out),
+        return out + recv_exact(self.sock, n - len(out),
                                  self.deadline if deadline is None else deadline)
 
 
@@ -547,16 +548,19 @@ def _write(seg: _Segment, pieces: Pieces, nbytes: int) -> None:
         raise RuntimeError(f"wrote {written} of {nbytes} bytes")
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
-    out = bytearray()
-    while len(out) < n:
+def recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """Exactly n bytes, all before `deadline` (monotonic), not per read; received into one
+    buffer of n bytes."""
+    out = bytearray(n)
+    view = memoryview(out)
+    got = 0
+    while got < n:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise ConnectionError(f"request incomplete at its deadline ({len(out)} of {n} "
-                                  f"bytes)")
+            raise ConnectionError(f"request incomplete at its deadline ({got} of {n} bytes)")
         sock.settimeout(left)
-        part = sock.recv(n - len(out))
+        part = sock.recv_into(view[got:], min(n - got, 1 << 20))
         if not part:
-            raise ConnectionError(f"closed after {len(out)} of {n} bytes")
-        out += part
+            raise ConnectionError(f"closed after {got} of {n} bytes")
+        got += part
     return bytes(out)
